@@ -1,0 +1,181 @@
+"""Files: atomic writes, output-path checks, and readers/writers for ``fields.h5`` and ``obs.h5``.
+
+Every output is written to a temporary name in the destination directory and renamed into place, so a crash
+never leaves a half-written file under the final name. HDF5 attributes holding structures are JSON strings,
+parsed with ``json.loads`` and never evaluated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import GanflowError
+
+__all__ = [
+    "atomic_path",
+    "atomic_h5",
+    "check_output_path",
+    "open_h5",
+    "read_json_attr",
+    "Observation",
+    "read_obs",
+    "write_obs",
+]
+
+
+def check_output_path(path: str | os.PathLike, force: bool = False, what: str = "output") -> str:
+    """An output path must be in an existing directory; an existing file needs ``force``."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise GanflowError(f"{what} directory does not exist: {parent}")
+    if os.path.isdir(path):
+        raise GanflowError(f"{what} path is a directory: {path}")
+    if os.path.exists(path) and not force:
+        raise GanflowError(f"{what} file exists: {path} (use --force to overwrite)")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, on error delete it."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """An ``h5py.File`` open for writing under a temporary name, renamed into place on success."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            yield f
+
+
+def open_h5(path: str | os.PathLike, what: str = "file") -> h5py.File:
+    """Open an HDF5 file for reading with a clear error for missing, empty or corrupt files."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise GanflowError(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise GanflowError(f"{what} is a directory: {path}")
+    if os.path.getsize(path) == 0:
+        raise GanflowError(f"{what} is empty: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise GanflowError(f"{what} {path} is not a readable HDF5 file ({str(e).splitlines()[0]})") from None
+
+
+def read_json_attr(f: h5py.File | h5py.Group, name: str, default=None, where: str = ""):
+    if name not in f.attrs:
+        return default
+    raw = f.attrs[name]
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    try:
+        return json.loads(str(raw))
+    except json.JSONDecodeError:
+        raise GanflowError(f"{where}: attribute '{name}' is not valid JSON") from None
+
+
+def _read_dataset(f: h5py.File, name: str, path: str) -> np.ndarray:
+    if name not in f:
+        raise GanflowError(f"{path}: missing dataset /{name}")
+    ds = f[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise GanflowError(f"{path}: /{name} is not a dataset")
+    try:
+        arr = ds[()]
+    except (OSError, TypeError, ValueError) as e:
+        raise GanflowError(f"{path}: cannot read /{name} ({e})") from None
+    arr = np.asarray(arr)
+    if not np.issubdtype(arr.dtype, np.number):
+        raise GanflowError(f"{path}: /{name} is not numeric (dtype {arr.dtype})")
+    return arr
+
+
+@dataclass
+class Observation:
+    """The contents of an ``obs.h5`` file."""
+
+    y: torch.Tensor
+    noise_sigma: float
+    problem: str | None = None
+    operator_kwargs: dict | None = None
+    problem_kwargs: dict | None = None
+    x_true: torch.Tensor | None = None
+    z_true: torch.Tensor | None = None
+    prior: str | None = None
+    path: str | None = None
+
+
+def read_obs(path: str | os.PathLike) -> Observation:
+    """Read and validate ``obs.h5`` (``/y`` finite, ``noise_sigma`` finite and > 0)."""
+    path = os.fspath(path)
+    with open_h5(path, "observation file") as f:
+        y = _read_dataset(f, "y", path)
+        if "noise_sigma" not in f.attrs:
+            raise GanflowError(f"{path}: missing attribute noise_sigma")
+        try:
+            sigma = float(f.attrs["noise_sigma"])
+        except (TypeError, ValueError):
+            raise GanflowError(f"{path}: attribute noise_sigma is not a number") from None
+        if not np.isfinite(sigma) or sigma <= 0:
+            raise GanflowError(f"{path}: noise_sigma must be finite and > 0, got {sigma}")
+        if y.size == 0:
+            raise GanflowError(f"{path}: /y is empty")
+        if not np.isfinite(y).all():
+            raise GanflowError(f"{path}: /y has {int((~np.isfinite(y)).sum())} non-finite value(s)")
+        problem = f.attrs.get("problem")
+        problem = problem.decode() if isinstance(problem, bytes) else (str(problem) if problem is not None else None)
+        prior = f.attrs.get("prior")
+        prior = str(prior) if prior is not None else None
+        x_true = torch.from_numpy(_read_dataset(f, "x_true", path)).float() if "x_true" in f else None
+        z_true = torch.from_numpy(_read_dataset(f, "z_true", path)).float() if "z_true" in f else None
+        return Observation(
+            y=torch.from_numpy(np.ascontiguousarray(y)).float(),
+            noise_sigma=sigma,
+            problem=problem or None,
+            operator_kwargs=read_json_attr(f, "operator_kwargs", {}, path),
+            problem_kwargs=read_json_attr(f, "problem_kwargs", {}, path),
+            x_true=x_true,
+            z_true=z_true,
+            prior=prior,
+            path=path,
+        )
+
+
+def write_obs(path: str | os.PathLike, obs: Observation) -> None:
+    """Write ``obs.h5`` atomically (DESIGN.md schema)."""
+    with atomic_h5(path) as f:
+        f.create_dataset("y", data=obs.y.detach().cpu().numpy().astype(np.float32))
+        f.attrs["noise_sigma"] = float(obs.noise_sigma)
+        f.attrs["problem"] = obs.problem or ""
+        f.attrs["operator_kwargs"] = json.dumps(obs.operator_kwargs or {})
+        f.attrs["problem_kwargs"] = json.dumps(obs.problem_kwargs or {})
+        if obs.prior:
+            f.attrs["prior"] = obs.prior
+        if obs.x_true is not None:
+            f.create_dataset("x_true", data=obs.x_true.detach().cpu().numpy().astype(np.float32))
+        if obs.z_true is not None:
+            f.create_dataset("z_true", data=obs.z_true.detach().cpu().numpy().astype(np.float32))

@@ -1,0 +1,219 @@
+"""Spec strings: the one place where names, modules and files become problems, operators and generators.
+
+A spec is one of
+
+- a registered name (``linear_gaussian``, ``elliptic``, ``phase_retrieval``), looked up in the entry-point
+  group ``ganflow.problems``;
+- ``package.module:attr`` (``attr`` may be dotted);
+- ``path/to/file.py:attr``.
+
+``attr`` is an object or a zero-argument factory (a class or function); keyword arguments from a config
+table are passed to the factory. Code is imported only from specs the user gave explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from .errors import GanflowError
+from .operators import check_generator, check_operator, check_problem
+
+__all__ = [
+    "resolve_spec",
+    "registered_problems",
+    "load_problem",
+    "load_operator",
+    "load_generator_spec",
+    "instantiate",
+    "normalize_spec",
+]
+
+PROBLEM_GROUP = "ganflow.problems"
+
+# Built-ins, used when the package metadata (entry points) is not installed, e.g. running from a source tree.
+_BUILTIN_PROBLEMS = {
+    "linear_gaussian": "problems.linear_gaussian:LinearGaussianProblem",
+    "elliptic": "problems.elliptic:EllipticProblem",
+    "phase_retrieval": "problems.phase_retrieval:PhaseRetrievalProblem",
+}
+
+
+def registered_problems() -> dict[str, str]:
+    """Registered problem names -> ``module:attr`` targets (entry points override built-ins)."""
+    found = dict(_BUILTIN_PROBLEMS)
+    for ep in entry_points(group=PROBLEM_GROUP):
+        found[ep.name] = ep.value
+    # Only list built-ins whose module is present.
+    out = {}
+    for name, target in sorted(found.items()):
+        mod = target.split(":")[0]
+        if importlib.util.find_spec(mod.split(".")[0]) is None:
+            continue
+        try:
+            if importlib.util.find_spec(mod) is None:
+                continue
+        except ModuleNotFoundError:
+            continue
+        out[name] = target
+    return out
+
+
+def _is_file_spec(module_part: str) -> bool:
+    return module_part.endswith(".py") or os.sep in module_part or "/" in module_part
+
+
+def normalize_spec(spec: str) -> str:
+    """A spec that stays valid from another working directory (file paths made absolute)."""
+    if ":" in spec:
+        module_part, attr = spec.rsplit(":", 1)
+        if _is_file_spec(module_part):
+            return f"{os.path.abspath(module_part)}:{attr}"
+    return spec
+
+
+def _import_file(path: str):
+    if not os.path.isfile(path):
+        raise GanflowError(f"spec file not found: {path}")
+    path = os.path.abspath(path)
+    name = "ganflow_user_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise GanflowError(f"cannot import {path} as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except GanflowError:
+        del sys.modules[name]
+        raise
+    except Exception as e:  # the user's file failed to import: report it as their error, in one line
+        del sys.modules[name]
+        raise GanflowError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+    return module
+
+
+def _import_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise GanflowError(f"cannot import module '{name}': {e}") from e
+    except GanflowError:
+        raise
+    except Exception as e:
+        raise GanflowError(f"importing module '{name}' failed: {type(e).__name__}: {e}") from e
+
+
+def resolve_spec(spec: str, group: str = PROBLEM_GROUP) -> Any:
+    """Resolve a spec string to the object it names (not yet instantiated)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise GanflowError(f"empty or invalid spec string: {spec!r}")
+    spec = spec.strip()
+    if ":" not in spec:
+        registry = registered_problems() if group == PROBLEM_GROUP else {}
+        if spec not in registry:
+            known = ", ".join(sorted(registry)) or "none"
+            raise GanflowError(
+                f"unknown name '{spec}' (registered: {known}; or use package.module:attr or path/file.py:attr)"
+            )
+        spec = registry[spec]
+    module_part, attr = spec.rsplit(":", 1)
+    if not module_part or not attr:
+        raise GanflowError(f"spec '{spec}' must look like package.module:attr or path/file.py:attr")
+    module = _import_file(module_part) if _is_file_spec(module_part) else _import_module(module_part)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise GanflowError(f"spec '{spec}': '{module_part}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    return obj
+
+
+def instantiate(obj: Any, kwargs: dict | None, is_instance: Callable[[Any], bool], what: str) -> Any:
+    """Return ``obj`` if it already is the wanted kind of object, else call it as a factory with ``kwargs``.
+
+    Unknown keyword arguments are an error (no silent ``**kwargs``).
+    """
+    kwargs = dict(kwargs or {})
+    if is_instance(obj) and not inspect.isclass(obj):
+        if kwargs:
+            raise GanflowError(f"{what} is an object, not a factory: it takes no options ({', '.join(kwargs)})")
+        return obj
+    if not callable(obj):
+        raise GanflowError(f"{what} spec names a {type(obj).__name__}, which is neither the object nor a factory")
+    try:
+        sig = inspect.signature(obj)
+        params = sig.parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            allowed = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            unknown = sorted(set(kwargs) - allowed)
+            if unknown:
+                raise GanflowError(
+                    f"unknown option(s) for {what}: {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})"
+                )
+    except (TypeError, ValueError):
+        pass
+    try:
+        return obj(**kwargs)
+    except GanflowError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise GanflowError(f"creating {what} failed: {e}") from e
+
+
+def _looks_like_problem(o) -> bool:
+    return all(hasattr(o, a) for a in ("make_operator", "sample_fields", "field_shape"))
+
+
+def _looks_like_operator(o) -> bool:
+    return hasattr(o, "obs_shape") and hasattr(o, "field_shape") and callable(o)
+
+
+def _looks_like_generator(o) -> bool:
+    return hasattr(o, "latent_dim") and hasattr(o, "field_shape") and callable(o)
+
+
+def load_problem(spec: str, **kwargs):
+    """A problem from a spec string; ``kwargs`` go to its factory (e.g. ``n=32``)."""
+    problem = instantiate(resolve_spec(spec), kwargs, _looks_like_problem, f"problem '{spec}'")
+    return check_problem(problem)
+
+
+def load_operator(spec: str | None = None, *, problem=None, problem_kwargs=None, **kwargs):
+    """A forward operator from an operator spec, or from a problem (spec or object) via ``make_operator``."""
+    if spec is not None:
+        obj = resolve_spec(spec)
+        if _looks_like_problem(obj) and not inspect.isclass(obj):
+            op = obj.make_operator(**kwargs)
+        else:
+            op = instantiate(obj, kwargs, _looks_like_operator, f"operator '{spec}'")
+    else:
+        if problem is None:
+            raise GanflowError("an operator needs --operator SPEC or --problem P")
+        if isinstance(problem, str):
+            problem = load_problem(problem, **(problem_kwargs or {}))
+        try:
+            op = problem.make_operator(**kwargs)
+        except GanflowError:
+            raise
+        except TypeError as e:
+            raise GanflowError(f"operator options for problem '{problem.name}': {e}") from e
+    op = check_operator(op)
+    op.eval()
+    return op
+
+
+def load_generator_spec(spec: str, **kwargs):
+    """A user's generator from a spec string (checkpoints are loaded by ``ganflow.load_prior``)."""
+    gen = instantiate(resolve_spec(spec), kwargs, _looks_like_generator, f"generator '{spec}'")
+    gen = check_generator(gen)
+    gen.eval()
+    return gen
