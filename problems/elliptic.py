@@ -1,0 +1,479 @@
+"""The elliptic inverse problem: infer the log-conductivity ``m`` from sparse noisy pressure.
+
+PDE on the unit square Omega = (0, 1)^2:
+
+    -div(exp(m) grad u) = f.
+
+Boundary conditions (``bc``):
+
+- ``"hippylib"`` (default, as in hIPPYlib's Poisson tutorial): ``f = 0``, ``u = 0`` on the bottom edge ``y = 0``,
+  ``u = 1`` on the top edge ``y = 1``, no flux ``exp(m) du/dx = 0`` through the sides ``x = 0`` and ``x = 1``;
+- ``"darcy"``: ``f = 1``, ``u = 0`` on the whole boundary.
+
+Grid convention: a field is ``[n, n]``; entry ``[i, j]`` is the cell of side ``h = 1/n`` whose centre is
+``x = (j + 1/2) h``, ``y = (i + 1/2) h``; row 0 touches the bottom edge ``y = 0``.
+
+Discretisation (second-order cell-centred finite volumes): with ``kappa = exp(m)`` per cell, the flux through the
+face between neighbouring cells P and Q (face length h, centre distance h) is ``T_PQ (u_P - u_Q)`` with the
+transmissibility ``T_PQ = 2 kappa_P kappa_Q / (kappa_P + kappa_Q)`` (harmonic mean); through a Dirichlet face (half-cell
+distance h/2 to the boundary value g) it is ``2 kappa_P (u_P - g)``; no-flux faces contribute nothing. Balancing the
+fluxes out of each cell against ``f_P h^2`` gives ``K(m) u = b(m)`` with K symmetric positive definite.
+``K`` is assembled with scipy.sparse and factorised per sample with SuperLU (`scipy.sparse.linalg.splu`);
+the backward pass solves the adjoint system ``K^T lam = dl/du`` with the same factors and returns
+``dl/dm = -lam^T (dK/dm u - db/dm)``, with ``dT_PQ/dm_P = 2 kappa_P kappa_Q^2 / (kappa_P + kappa_Q)^2``.
+
+Observations (``sensors``): bilinear interpolation of the cell-centre solution, extended to the boundary
+(Dirichlet sides take the boundary value; no-flux sides take the adjacent cell value, i.e. zero normal derivative),
+so every point of the closed unit square can be observed:
+
+- ``"grid:K"`` (default ``"grid:8"``): the K x K points ``((b + 1)/(K + 1), (a + 1)/(K + 1))``, ``a`` (row, y) slow;
+- ``"random:N"``: N points uniform on the unit square, drawn with ``sensor_seed``;
+- ``"hippylib"``: 50 points uniform on [0.1, 0.9] x [0.1, 0.5] (hIPPYlib's Poisson example), drawn with
+  ``sensor_seed``;
+- ``"full"``: u at every cell centre, ``obs_shape = (n, n)``;
+- a list of ``[x, y]`` pairs inside the closed unit square.
+
+Example fields (the prior's training data): FFT spectral synthesis of a Gaussian random field with a
+squared-exponential covariance ``exp(-(dx/lx)^2/2 - (dy/ly)^2/2)`` on a periodic ``2n x 2n`` grid, cropped to ``n x n``.
+``prior="channels"`` thresholds it at 0 into a binary medium of conductivity 12 or 3 (``m = log 12`` or
+``log 3``) with channels running along y (``corr_length = (0.06, 0.3)``); ``prior="grf"`` is
+``m = mean + std * g`` with ``corr_length = 0.2``.
+
+Quantities of interest: ``"pressure"`` (u, ``[B, n, n]``) and ``"flux_top"``: ``int_{y=1} exp(m) du/dy dx``, the
+total flux through the top edge; with the hippylib BCs it is the effective conductivity of the square (for
+layers ``m(y)`` the harmonic mean, for layers ``m(x)`` the arithmetic mean).
+
+Example:
+    >>> import torch
+    >>> p = EllipticProblem(n=16)
+    >>> A = p.make_operator(sensors="grid:4")
+    >>> m = p.sample_fields(2, torch.Generator().manual_seed(0))
+    >>> A(m).shape, A(torch.zeros(1, 16, 16))[0, ::4]  # constant conductivity: u = y
+    (torch.Size([2, 16]), tensor([0.2000, 0.4000, 0.6000, 0.8000]))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+from torch import Tensor, nn
+
+from ganflow import GanflowError
+
+__all__ = [
+    "EllipticProblem",
+    "EllipticOperator",
+    "FiniteVolumeSolver",
+    "bilinear_interpolation",
+    "sensor_points",
+    "BOUNDARY_CONDITIONS",
+]
+
+SIDES = ("bottom", "top", "left", "right")
+
+# bc name -> (Dirichlet values per side; sides not listed have no flux, constant source f)
+BOUNDARY_CONDITIONS = {
+    "hippylib": ({"bottom": 0.0, "top": 1.0}, 0.0),
+    "darcy": ({"bottom": 0.0, "top": 0.0, "left": 0.0, "right": 0.0}, 1.0),
+}
+
+
+def _n_workers(batch: int) -> int:
+    # SuperLU releases the GIL while factorising, so threads overlap; respect OMP_NUM_THREADS / torch's setting.
+    return max(1, min(batch, torch.get_num_threads(), os.cpu_count() or 1))
+
+
+class FiniteVolumeSolver:
+    """Cell-centred finite volumes for ``-div(exp(m) grad u) = f`` on the unit square, batched over ``m``.
+
+    Args:
+        n: cells per side; fields are ``[n, n]`` (see the module docstring for the grid convention).
+        dirichlet: side name (``bottom``, ``top``, ``left``, ``right``) -> boundary value, a number or an array
+            ``[n]`` of values at the face midpoints (along x for bottom/top, along y for left/right).
+            Sides not listed have no flux.
+        source: f, a number or an array ``[n, n]`` of cell-centre values (midpoint rule).
+
+    ``solve(m)`` takes ``m`` ``[B, n, n]`` (float64 numpy) and returns ``u`` ``[B, n, n]`` and the list of SuperLU
+    factors; ``gradient(m, u, factors, grad_u)`` returns ``dl/dm`` for ``grad_u = dl/du`` (one adjoint solve each).
+    """
+
+    def __init__(self, n: int, dirichlet: dict, source: float | np.ndarray = 0.0):
+        n = int(n)
+        if n < 2:
+            raise GanflowError(f"elliptic: need n >= 2 cells per side, got {n}")
+        unknown = sorted(set(dirichlet) - set(SIDES))
+        if unknown:
+            raise GanflowError(f"elliptic: unknown boundary side(s) {', '.join(unknown)} (known: {', '.join(SIDES)})")
+        self.n, self.h, N = n, 1.0 / n, n * n
+        idx = np.arange(N).reshape(n, n)
+        # Interior faces: x-neighbours then y-neighbours; P is the left/lower cell, Q the right/upper one.
+        self.face_p = np.concatenate([idx[:, :-1].ravel(), idx[:-1, :].ravel()])
+        self.face_q = np.concatenate([idx[:, 1:].ravel(), idx[1:, :].ravel()])
+        side_cells = {"bottom": idx[0, :], "top": idx[-1, :], "left": idx[:, 0], "right": idx[:, -1]}
+        self.dirichlet = {}
+        cells, values = [], []
+        for side in SIDES:
+            if side not in dirichlet:
+                continue
+            g = np.broadcast_to(np.asarray(dirichlet[side], dtype=np.float64), (n,)).copy()
+            if not np.isfinite(g).all():
+                raise GanflowError(f"elliptic: Dirichlet values on the {side} side must be finite")
+            self.dirichlet[side] = g
+            cells.append(side_cells[side])
+            values.append(g)
+        self.dir_cell = np.concatenate(cells) if cells else np.zeros(0, dtype=np.int64)
+        self.dir_value = np.concatenate(values) if values else np.zeros(0)
+        f = np.broadcast_to(np.asarray(source, dtype=np.float64), (n, n))
+        self.rhs_source = (f * self.h**2).ravel().copy()
+
+        # COO pattern of K: per interior face (P,P), (Q,Q), (P,Q), (Q,P); per Dirichlet face (P,P).
+        p, q, d = self.face_p, self.face_q, self.dir_cell
+        rows = np.concatenate([p, q, p, q, d])
+        cols = np.concatenate([p, q, q, p, d])
+        # CSC structure once; per sample only the values change: data = scatter @ coo_values.
+        key, inverse = np.unique(cols * N + rows, return_inverse=True)
+        self.indices = (key % N).astype(np.int32)
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(key // N, minlength=N))]).astype(np.int32)
+        n_coo = rows.size
+        self._scatter = sp.csr_matrix((np.ones(n_coo), (inverse, np.arange(n_coo))), shape=(key.size, n_coo))
+        n_face, n_dir = p.size, d.size
+        self._face_to_p = sp.csr_matrix((np.ones(n_face), (p, np.arange(n_face))), shape=(N, n_face))
+        self._face_to_q = sp.csr_matrix((np.ones(n_face), (q, np.arange(n_face))), shape=(N, n_face))
+        self._dir_to_cell = sp.csr_matrix((np.ones(n_dir), (d, np.arange(n_dir))), shape=(N, n_dir))
+
+    def _transmissibilities(self, kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        kp, kq = kappa[:, self.face_p], kappa[:, self.face_q]
+        return 2.0 * kp * kq / (kp + kq), 2.0 * kappa[:, self.dir_cell]
+
+    def assemble(self, m: np.ndarray) -> tuple[list[sp.csc_matrix], np.ndarray]:
+        """``m`` ``[B, n, n]`` -> the matrices ``K(m_b)`` (CSC) and right-hand sides ``b(m)`` ``[B, n*n]``."""
+        kappa = np.exp(m.reshape(m.shape[0], -1))
+        t_face, t_dir = self._transmissibilities(kappa)
+        coo = np.concatenate([t_face, t_face, -t_face, -t_face, t_dir], axis=1)
+        data = np.ascontiguousarray((self._scatter @ coo.T).T)
+        N = self.n * self.n
+        mats = [sp.csc_matrix((row, self.indices, self.indptr), shape=(N, N)) for row in data]
+        rhs = self.rhs_source[None, :] + (self._dir_to_cell @ (t_dir * self.dir_value).T).T
+        return mats, rhs
+
+    def solve(self, m: np.ndarray) -> tuple[np.ndarray, list]:
+        """``m`` ``[B, n, n]`` float64 -> ``u`` ``[B, n, n]`` and the SuperLU factors (for `gradient`)."""
+        mats, rhs = self.assemble(m)
+
+        def one(b: int):
+            # K is SPD: symmetric ordering and no pivoting keep the factorisation cheap and stable.
+            lu = spla.splu(mats[b], permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                           options={"SymmetricMode": True})
+            return lu, lu.solve(rhs[b])
+
+        results = self._map(one, len(mats))
+        u = np.stack([r[1] for r in results]).reshape(m.shape)
+        return u, [r[0] for r in results]
+
+    def gradient(self, m: np.ndarray, u: np.ndarray, factors: list, grad_u: np.ndarray) -> np.ndarray:
+        """``dl/dm`` ``[B, n, n]`` from ``dl/du`` ``[B, n, n]`` via one adjoint solve per sample."""
+        B = m.shape[0]
+        g = grad_u.reshape(B, -1)
+        lam = np.stack(self._map(lambda b: factors[b].solve(g[b], trans="T"), B))
+        kappa = np.exp(m.reshape(B, -1))
+        uf = u.reshape(B, -1)
+        p, q, d = self.face_p, self.face_q, self.dir_cell
+        kp, kq = kappa[:, p], kappa[:, q]
+        s2 = (kp + kq) ** 2
+        jump = (uf[:, p] - uf[:, q]) * (lam[:, p] - lam[:, q])
+        # dT/dm_P = kappa_P dT/dkappa_P = 2 kappa_P kappa_Q^2 / (kappa_P + kappa_Q)^2, and symmetrically for Q.
+        grad = -(self._face_to_p @ (2.0 * kp * kq**2 / s2 * jump).T).T
+        grad -= (self._face_to_q @ (2.0 * kq * kp**2 / s2 * jump).T).T
+        # Dirichlet face: residual 2 kappa_P (u_P - g), derivative in m_P is the residual itself.
+        grad -= (self._dir_to_cell @ (2.0 * kappa[:, d] * lam[:, d] * (uf[:, d] - self.dir_value)).T).T
+        return grad.reshape(m.shape)
+
+    @staticmethod
+    def _map(fn, count: int) -> list:
+        workers = _n_workers(count)
+        if workers == 1:
+            return [fn(b) for b in range(count)]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(fn, range(count)))
+
+
+class _SolveFunction(torch.autograd.Function):
+    """``u = K(m)^{-1} b(m)`` with the adjoint-state gradient; float64 numpy inside."""
+
+    @staticmethod
+    def forward(ctx, m: Tensor, solver: FiniteVolumeSolver) -> Tensor:
+        m_np = m.detach().cpu().to(torch.float64).numpy()
+        u, factors = solver.solve(m_np)
+        ctx.solver, ctx.factors, ctx.m_np, ctx.u_np = solver, factors, m_np, u
+        return torch.from_numpy(u).to(device=m.device)
+
+    @staticmethod
+    def backward(ctx, grad_u: Tensor):
+        g = grad_u.detach().cpu().to(torch.float64).numpy()
+        grad_m = ctx.solver.gradient(ctx.m_np, ctx.u_np, ctx.factors, g)
+        return torch.from_numpy(grad_m).to(device=grad_u.device), None
+
+
+def sensor_points(sensors, sensor_seed: int = 0) -> np.ndarray | None:
+    """The sensor layout as ``[n_obs, 2]`` (x, y) coordinates, or None for ``"full"``."""
+    if isinstance(sensors, str):
+        name, _, arg = sensors.strip().partition(":")
+        if name == "full" and not arg:
+            return None
+        if name == "hippylib" and not arg:
+            gen = torch.Generator().manual_seed(int(sensor_seed))
+            pts = torch.rand(50, 2, generator=gen, dtype=torch.float64).numpy()
+            return np.stack([0.1 + 0.8 * pts[:, 0], 0.1 + 0.4 * pts[:, 1]], 1)
+        if name in ("grid", "random"):
+            try:
+                count = int(arg) if arg else (8 if name == "grid" else -1)
+            except ValueError:
+                count = -1
+            if count < 1:
+                raise GanflowError(f"elliptic: sensors '{sensors}' needs a positive integer count, e.g. '{name}:8'")
+            if name == "grid":
+                t = np.arange(1, count + 1) / (count + 1)
+                yy, xx = np.meshgrid(t, t, indexing="ij")
+                return np.stack([xx.ravel(), yy.ravel()], 1)
+            gen = torch.Generator().manual_seed(int(sensor_seed))
+            return torch.rand(count, 2, generator=gen, dtype=torch.float64).numpy()
+        raise GanflowError(
+            f"elliptic: unknown sensors '{sensors}' (use grid:K, random:N, hippylib, full, or a list of [x, y])"
+        )
+    try:
+        pts = np.asarray(sensors, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise GanflowError("elliptic: sensors must be a layout name or a list of [x, y] pairs") from None
+    if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] == 0:
+        raise GanflowError(f"elliptic: sensor coordinates must be a non-empty [N, 2] list, got shape {pts.shape}")
+    if not np.isfinite(pts).all() or (pts < 0).any() or (pts > 1).any():
+        bad = int((~np.isfinite(pts).all(1) | (pts < 0).any(1) | (pts > 1).any(1)).sum())
+        raise GanflowError(f"elliptic: {bad} sensor(s) outside the unit square [0, 1]^2")
+    return pts
+
+
+def bilinear_interpolation(n: int, points: np.ndarray, dirichlet: dict) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Bilinear interpolation of a cell-centre field, extended to the boundary: ``u(points) = P u + c``.
+
+    The cell-centre lattice is extended by nodes on the walls x, y in {0, 1}. A wall node takes the Dirichlet value of
+    its side (the mean of both sides at a corner; the value at the nearest face midpoint), or, on a no-flux side,
+    the value of the adjacent cell (zero normal derivative). Exact for fields that are linear in x and y inside the
+    hull of the cell centres, and for boundary data consistent with them.
+
+    Args:
+        n: cells per side. points: ``[n_obs, 2]`` (x, y) in the closed unit square.
+        dirichlet: side -> value (number or ``[n]`` array), as in `FiniteVolumeSolver`.
+
+    Returns: ``P`` (scipy CSR ``[n_obs, n*n]``, 4 entries per row at most) and ``c`` ``[n_obs]``.
+    """
+    h = 1.0 / n
+    nodes = np.concatenate([[0.0], (np.arange(n) + 0.5) * h, [1.0]])  # n + 2 extended node coordinates
+    g = {s: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)) for s, v in dirichlet.items()}
+    x, y = points[:, 0], points[:, 1]
+    ax = np.clip(np.searchsorted(nodes, x, side="right") - 1, 0, n)
+    ay = np.clip(np.searchsorted(nodes, y, side="right") - 1, 0, n)
+    wx = (x - nodes[ax]) / (nodes[ax + 1] - nodes[ax])
+    wy = (y - nodes[ay]) / (nodes[ay + 1] - nodes[ay])
+    rows, cols, vals = [], [], []
+    const = np.zeros(len(points))
+    for dr, dc, w in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx), (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+        r, c = ay + dr, ax + dc  # extended indices, 0..n+1
+        walls = [(r == 0, "bottom", c), (r == n + 1, "top", c), (c == 0, "left", r), (c == n + 1, "right", r)]
+        total, count = np.zeros(len(points)), np.zeros(len(points))
+        for on_wall, side, along in walls:
+            if side in g:
+                hit = on_wall
+                total += np.where(hit, g[side][np.clip(along - 1, 0, n - 1)], 0.0)
+                count += hit
+        is_dir = count > 0
+        const += np.where(is_dir, w * total / np.maximum(count, 1), 0.0)
+        # Interior nodes and no-flux wall nodes read the nearest cell.
+        cell = np.clip(r - 1, 0, n - 1) * n + np.clip(c - 1, 0, n - 1)
+        keep = ~is_dir
+        rows.append(np.nonzero(keep)[0])
+        cols.append(cell[keep])
+        vals.append(w[keep])
+    P = sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(points), n * n)
+    )
+    return P, const
+
+
+class EllipticOperator(nn.Module):
+    """The forward operator ``m [B, n, n] -> u(sensors) [B, *obs_shape]`` (see the module docstring).
+
+    Args:
+        n: cells per side; ``field_shape = (n, n)``.
+        bc: ``"hippylib"`` (u = 0 bottom, u = 1 top, no-flux sides, f = 0) or ``"darcy"`` (u = 0, f = 1).
+        sensors: ``"grid:K"``, ``"random:N"``, ``"hippylib"``, ``"full"`` or a list of ``[x, y]`` pairs.
+        sensor_seed: seed of the random layouts (``random:N``, ``hippylib``).
+
+    Buffers: ``sensor_xy`` ``[n_obs, 2]`` (empty for ``full``) and the interpolation matrix in ELL form,
+    ``interp_index`` / ``interp_weight`` ``[n_obs, 4]`` and ``interp_offset`` ``[n_obs]``.
+    Accepts float32 or float64 and returns the input dtype; solves in float64.
+
+    Example:
+        >>> A = EllipticOperator(n=8, sensors=[[0.5, 0.25]])
+        >>> A(torch.zeros(1, 8, 8, dtype=torch.float64))
+        tensor([[0.2500]], dtype=torch.float64)
+    """
+
+    def __init__(self, n: int = 32, bc: str = "hippylib", sensors: str | Sequence = "grid:8", sensor_seed: int = 0):
+        super().__init__()
+        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+            raise GanflowError(f"elliptic: n must be an integer >= 2, got {n!r}")
+        if bc not in BOUNDARY_CONDITIONS:
+            raise GanflowError(f"elliptic: unknown bc '{bc}' (known: {', '.join(BOUNDARY_CONDITIONS)})")
+        dirichlet, source = BOUNDARY_CONDITIONS[bc]
+        self.n, self.bc = n, bc
+        self.sensors = sensors if isinstance(sensors, str) else "points"
+        self.field_shape = (n, n)
+        self.solver = FiniteVolumeSolver(n, dirichlet, source)
+        pts = sensor_points(sensors, sensor_seed)
+        if pts is None:
+            self.obs_shape = (n, n)
+            self.register_buffer("sensor_xy", torch.zeros(0, 2, dtype=torch.float64))
+            index, weight, offset = np.zeros((0, 4), np.int64), np.zeros((0, 4)), np.zeros(0)
+        else:
+            self.obs_shape = (len(pts),)
+            self.register_buffer("sensor_xy", torch.from_numpy(pts.copy()))
+            P, offset = bilinear_interpolation(n, pts, dirichlet)
+            index, weight = np.zeros((len(pts), 4), np.int64), np.zeros((len(pts), 4))
+            P = P.tocsr()
+            P.sum_duplicates()
+            for r in range(len(pts)):  # at most 4 entries per row; a few hundred rows at most
+                lo, hi = P.indptr[r], P.indptr[r + 1]
+                index[r, : hi - lo], weight[r, : hi - lo] = P.indices[lo:hi], P.data[lo:hi]
+        self.register_buffer("interp_index", torch.from_numpy(index))
+        self.register_buffer("interp_weight", torch.from_numpy(weight))
+        self.register_buffer("interp_offset", torch.from_numpy(np.asarray(offset, dtype=np.float64)))
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, bc={self.bc!r}, sensors={self.sensors!r}, obs_shape={self.obs_shape}"
+
+    def _check(self, m: Tensor) -> None:
+        if not isinstance(m, Tensor) or m.ndim != 3 or tuple(m.shape[1:]) != self.field_shape:
+            shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise GanflowError(f"elliptic: expected log-conductivity [B, {self.n}, {self.n}], got {shape}")
+        if not m.is_floating_point():
+            raise GanflowError(f"elliptic: log-conductivity must be a float tensor, got {m.dtype}")
+        if not torch.isfinite(m).all():
+            raise GanflowError(f"elliptic: log-conductivity has {int((~torch.isfinite(m)).sum())} non-finite value(s)")
+        if m.detach().abs().max() > 300:  # exp(m) would overflow the face means in float64
+            raise GanflowError("elliptic: |log-conductivity| > 300 would overflow exp(m)")
+
+    def solve(self, m: Tensor) -> Tensor:
+        """The pressure ``u`` at the cell centres, ``[B, n, n]`` float64 (differentiable)."""
+        self._check(m)
+        return _SolveFunction.apply(m, self.solver)
+
+    def observe(self, u: Tensor) -> Tensor:
+        """``u`` ``[B, n, n]`` -> ``[B, *obs_shape]`` (bilinear interpolation at the sensors)."""
+        if self.sensor_xy.shape[0] == 0:
+            return u
+        flat = u.reshape(u.shape[0], -1)
+        return (flat[:, self.interp_index] * self.interp_weight.to(u.dtype)).sum(-1) + self.interp_offset.to(u.dtype)
+
+    def forward(self, m: Tensor) -> Tensor:
+        return self.observe(self.solve(m)).to(m.dtype)
+
+    def flux_top(self, m: Tensor) -> Tensor:
+        """``int_{y=1} exp(m) du/dy dx`` ``[B]`` = sum over top faces of ``2 kappa_P (g - u_P)`` (input dtype)."""
+        u = self.solve(m)
+        kappa_top = torch.exp(m[:, -1, :].to(torch.float64))
+        g_top = torch.as_tensor(self.solver.dirichlet["top"], device=u.device)
+        return (2.0 * kappa_top * (g_top - u[:, -1, :])).sum(-1).to(m.dtype)
+
+
+def _grf(n_samples: int, n: int, corr_length: tuple[float, float], generator: torch.Generator) -> Tensor:
+    """``[N, n, n]`` unit-variance GRF, squared-exponential covariance, FFT synthesis on a periodic 2n grid."""
+    M = 2 * n  # padding keeps the periodic wrap-around far from the cropped square
+    k = torch.fft.fftfreq(M, d=1.0 / n, dtype=torch.float64)  # cycles per unit length
+    lx, ly = corr_length
+    # Spectral density of exp(-r^2 / (2 l^2)) is proportional to exp(-2 pi^2 l^2 k^2), per axis.
+    amp = torch.exp(-math.pi**2 * ((ly * k[:, None]) ** 2 + (lx * k[None, :]) ** 2))
+    amp = amp / torch.sqrt((amp**2).mean())  # unit marginal variance
+    noise = torch.randn(n_samples, M, M, generator=generator, dtype=torch.float64)
+    field = torch.fft.ifft2(torch.fft.fft2(noise) * amp).real
+    return field[:, :n, :n]
+
+
+class EllipticProblem:
+    """The elliptic problem (registered as ``elliptic``): log-conductivity from pressure (module docstring).
+
+    Args:
+        n: cells per side; ``field_shape = (n, n)``.
+        prior: ``"channels"`` (binary medium, conductivity 12 or 3) or ``"grf"`` (smooth Gaussian log-conductivity).
+        bc: boundary conditions used by `make_operator` and the QoIs by default (``"hippylib"`` or ``"darcy"``).
+        corr_length: GRF correlation length, a number or ``[lx, ly]``; default ``[0.06, 0.3]`` for channels
+            (channels along y), ``0.2`` for grf.
+        mean, std: of ``m`` for ``prior="grf"`` (default 0 and 1).
+        conductivities: ``[high, low]`` for ``prior="channels"`` (default ``[12, 3]``).
+
+    Example:
+        >>> p = EllipticProblem(n=16, prior="grf", std=0.5)
+        >>> p.sample_fields(3, torch.Generator().manual_seed(1)).shape
+        torch.Size([3, 16, 16])
+    """
+
+    name = "elliptic"
+
+    def __init__(self, n: int = 32, prior: str = "channels", bc: str = "hippylib",
+                 corr_length: float | Sequence[float] | None = None, mean: float | None = None,
+                 std: float | None = None, conductivities: Sequence[float] | None = None):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+            raise GanflowError(f"elliptic: n must be an integer >= 2, got {n!r}")
+        if prior not in ("channels", "grf"):
+            raise GanflowError(f"elliptic: unknown prior '{prior}' (known: channels, grf)")
+        if bc not in BOUNDARY_CONDITIONS:
+            raise GanflowError(f"elliptic: unknown bc '{bc}' (known: {', '.join(BOUNDARY_CONDITIONS)})")
+        if prior == "channels" and (mean is not None or std is not None):
+            raise GanflowError("elliptic: mean and std apply to prior='grf' only")
+        if prior == "grf" and conductivities is not None:
+            raise GanflowError("elliptic: conductivities apply to prior='channels' only")
+        self.n, self.prior, self.bc = n, prior, bc
+        self.field_shape = (n, n)
+        if corr_length is None:
+            corr_length = (0.06, 0.3) if prior == "channels" else 0.2
+        lengths = np.broadcast_to(np.asarray(corr_length, dtype=np.float64), (2,)) if np.ndim(corr_length) < 2 else None
+        if lengths is None or np.size(corr_length) not in (1, 2) or not (np.isfinite(lengths) & (lengths > 0)).all():
+            raise GanflowError(f"elliptic: corr_length must be a positive number or [lx, ly], got {corr_length!r}")
+        self.corr_length = (float(lengths[0]), float(lengths[1]))
+        self.mean = 0.0 if mean is None else float(mean)
+        self.std = 1.0 if std is None else float(std)
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std >= 0):
+            raise GanflowError(f"elliptic: need a finite mean and std >= 0, got {self.mean}, {self.std}")
+        cond = (12.0, 3.0) if conductivities is None else tuple(float(c) for c in conductivities)
+        if len(cond) != 2 or not all(math.isfinite(c) and c > 0 for c in cond):
+            raise GanflowError(f"elliptic: conductivities must be two positive numbers, got {conductivities!r}")
+        self.conductivities = cond
+        self._qoi_operator = None
+
+    def make_operator(self, n: int | None = None, bc: str | None = None, sensors: str | Sequence = "grid:8",
+                      sensor_seed: int = 0) -> EllipticOperator:
+        """An `EllipticOperator`; ``n`` and ``bc`` default to the problem's."""
+        return EllipticOperator(self.n if n is None else n, self.bc if bc is None else bc, sensors, sensor_seed)
+
+    def sample_fields(self, n_samples: int, generator: torch.Generator) -> Tensor:
+        """``[n_samples, n, n]`` float32 log-conductivity fields from the example prior."""
+        g = _grf(int(n_samples), self.n, self.corr_length, generator)
+        if self.prior == "channels":
+            high, low = (math.log(c) for c in self.conductivities)
+            m = torch.where(g > 0, torch.full_like(g, high), torch.full_like(g, low))
+        else:
+            m = self.mean + self.std * g
+        return m.float()
+
+    def qois(self) -> dict:
+        """``pressure``: ``m [B, n, n] -> u [B, n, n]``; ``flux_top``: ``m [B, n, n] -> [B]`` (problem's bc)."""
+        if self._qoi_operator is None:
+            self._qoi_operator = EllipticOperator(self.n, self.bc, "full")
+        op = self._qoi_operator
+        return {"pressure": lambda m: op.solve(m).to(m.dtype), "flux_top": op.flux_top}
