@@ -1,0 +1,101 @@
+"""Prior checkpoints (``prior.pt``): plain tensors and Python types only, loaded with ``weights_only=True``.
+
+Keys (``FORMAT_VERSION`` 1):
+
+=================  ==========================================================================================
+``format_version`` int, 1
+``kind``           ``"ganflow.prior"``
+``ganflow_version`` str
+``arch``           dict: the architecture (see `ganflow.prior.nets.default_arch`), rebuilt without code defaults
+``latent_dim``     int;  ``field_shape``: list of int
+``normalization``  dict: ``mean`` and ``std`` scalar tensors, ``kind`` = ``"scalar"``
+``settings``       dict: the `TrainSettings` used (``betas`` a list)
+``data``           dict: ``path``, ``problem``, ``seed``, ``generator_kwargs`` (JSON), ``n``, ``n_train``,
+                   ``n_val``, ``field_shape``, ``sha1`` (of the float32 field bytes)
+``seed``           int: the training seed;   ``device``: str;   ``step``: generator steps done
+``G``, ``D``, ``G_ema``  state dicts of the generator net, critic and EMA generator net (normalised units)
+``opt_G``, ``opt_D``     Adam state dicts
+``rng``            dict: ``torch_cpu`` (uint8 tensor, global CPU state), ``noise`` (the latent/penalty
+                   generator's state), ``data`` (the batch-order generator's state), ``cuda`` (list, if used)
+``history``        dict: ``step`` int64 tensor, ``wasserstein`` and ``loss_g`` float tensors (logged steps)
+``wall_time_s``    float: training time so far
+=================  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import torch
+
+from ..errors import GanflowError
+from ..io import atomic_path
+from .nets import PriorGenerator, build_generator_net, check_arch
+
+__all__ = ["FORMAT_VERSION", "REQUIRED_KEYS", "save_checkpoint", "load_checkpoint", "generator_from_checkpoint"]
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "kind", "arch", "latent_dim", "field_shape", "normalization", "settings", "data",
+                 "seed", "step", "G", "D", "G_ema", "opt_G", "opt_D", "rng")
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
+    """Write ``ckpt`` atomically (temporary file renamed into place)."""
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load and validate a prior checkpoint with ``weights_only=True`` (a pickle payload is refused, never run).
+
+    A missing, empty, corrupt or truncated file, another format version or a missing key is a one-line
+    `GanflowError`.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise GanflowError(f"prior checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise GanflowError(f"prior checkpoint is a directory: {path}")
+    if os.path.getsize(path) == 0:
+        raise GanflowError(f"prior checkpoint is empty: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refused a global (a pickle payload or a foreign object); nothing was executed.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
+        raise GanflowError(f"prior checkpoint {path} holds objects other than tensors and plain types "
+                           f"(refused by weights_only: {first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
+            TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GanflowError(f"prior checkpoint {path} is corrupt or truncated ({first[:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ganflow.prior":
+        raise GanflowError(f"{path} is not a ganflow prior checkpoint")
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise GanflowError(f"prior checkpoint {path} has format_version {version!r}; this ganflow reads "
+                           f"{FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise GanflowError(f"prior checkpoint {path} lacks key(s): {', '.join(missing)}")
+    check_arch(ckpt["arch"])
+    return ckpt
+
+
+def generator_from_checkpoint(ckpt: dict, which: str = "G_ema") -> PriorGenerator:
+    """Rebuild the generator (EMA weights by default) from a loaded checkpoint, in eval mode, in physical units."""
+    arch = ckpt["arch"]
+    net = build_generator_net(arch)
+    try:
+        net.load_state_dict(ckpt[which])
+        norm = ckpt["normalization"]
+        gen = PriorGenerator(net, arch, norm["mean"], norm["std"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise GanflowError(f"prior checkpoint weights do not fit its recorded architecture ({first[:160]})") from None
+    gen.eval()
+    for p in gen.parameters():
+        p.requires_grad_(False)
+    return gen

@@ -1,0 +1,409 @@
+"""Stage one: a WGAN-GP prior trained on example fields, resumable bit-exactly.
+
+Objective (Gulrajani et al., "Improved training of Wasserstein GANs", 2017), on normalised fields
+``u = (x - mu) / s`` (``mu`` and ``s`` the scalar mean and std of all training-split values):
+
+    critic:     min_D  E_z[D(g(z))] - E_u[D(u)] + lambda E_uhat[(||grad D(uhat)||_2 - 1)^2],
+                uhat = eps u + (1 - eps) g(z),  eps ~ U[0, 1] per sample
+    generator:  min_g  -E_z[D(g(z))],   z ~ N(0, I_k)
+
+with ``n_critic`` critic steps per generator step, Adam(lr, betas=(0, 0.9)). The critic's Wasserstein estimate
+``E[D(u)] - E[D(g(z))]`` is shown on the progress bar. The prior is the exponential moving average (EMA) of the
+generator weights, ``theta_ema <- d theta_ema + (1 - d) theta`` with ``d = min(ema_decay, (1 + t) / (10 + t))``
+at generator step ``t`` (the warm-up keeps short runs from being dominated by the initial weights).
+
+Normalisation choice: one scalar mean and one scalar std per dataset. They put the values on the unit scale the
+initialisation and learning rates expect, while every spatial structure (the mean map, where the field varies
+more or less) stays for the generator to learn; per-pixel statistics would divide by near-zero stds at pinned
+boundaries and would hand the generator a mean map it never had to learn.
+
+Randomness: two private ``torch.Generator`` objects, ``noise`` (latents, penalty mixing weights; on the
+training device) and ``data`` (batch indices, CPU), plus the split/initialisation streams derived from the seed.
+All their states are stored in the checkpoint, so an interrupted run resumed with ``resume=True`` ends with
+exactly the same weights as an uninterrupted one (on CPU).
+
+Example:
+    >>> s = TrainSettings(steps=2, batch_size=8)
+    >>> s.validate() is None
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..config import Config
+from ..data import FieldData, load_fields
+from ..errors import GanflowError
+from ..io import check_output_path
+from .checkpoint import FORMAT_VERSION, generator_from_checkpoint, load_checkpoint, save_checkpoint
+from .nets import PriorGenerator, build_critic, build_generator_net, default_arch
+
+__all__ = ["TrainSettings", "TrainResult", "train_prior", "load_train_settings", "split_indices"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """WGAN-GP training settings (the ``[train]`` config table).
+
+    Args:
+        latent_dim: latent dimension ``k``.
+        steps: generator steps (each preceded by ``n_critic`` critic steps).
+        batch_size: fields per batch.
+        n_critic: critic steps per generator step.
+        gp_weight: gradient-penalty weight ``lambda``.
+        lr_g, lr_d: Adam learning rates of the generator and the critic.
+        betas: Adam ``(beta1, beta2)`` for both.
+        ema_decay: EMA decay of the generator weights (the prior uses the EMA weights).
+        val_fraction: held-out fraction of the fields (for the report; never trained on).
+        checkpoint_every_s: save a checkpoint after this many seconds of training (and at the end).
+        base_channels: channels of the finest conv layer (2-D fields).
+        mlp_hidden, mlp_depth: width and number of hidden layers of the MLP pair (1-D fields).
+        log_every: record the Wasserstein estimate every this many generator steps.
+    """
+
+    latent_dim: int = 64
+    steps: int = 2000
+    batch_size: int = 64
+    n_critic: int = 5
+    gp_weight: float = 10.0
+    lr_g: float = 1e-4
+    lr_d: float = 1e-4
+    betas: tuple[float, float] = (0.0, 0.9)
+    ema_decay: float = 0.999
+    val_fraction: float = 0.1
+    checkpoint_every_s: float = 300.0
+    base_channels: int = 16
+    mlp_hidden: int = 256
+    mlp_depth: int = 3
+    log_every: int = 10
+
+    def validate(self) -> None:
+        """Raise `GanflowError` naming the first bad setting."""
+        checks = [
+            ("latent_dim", self.latent_dim >= 1, ">= 1"),
+            ("steps", self.steps >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("n_critic", self.n_critic >= 1, ">= 1"),
+            ("gp_weight", self.gp_weight >= 0, ">= 0"),
+            ("lr_g", self.lr_g > 0, "> 0"),
+            ("lr_d", self.lr_d > 0, "> 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("val_fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
+            ("checkpoint_every_s", self.checkpoint_every_s > 0, "> 0"),
+            ("base_channels", self.base_channels >= 1, ">= 1"),
+            ("mlp_hidden", self.mlp_hidden >= 1, ">= 1"),
+            ("mlp_depth", self.mlp_depth >= 1, ">= 1"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise GanflowError(f"train.{name} must be {want}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainSettings":
+        from ..config import parse_settings
+
+        return parse_settings(cls, d, "train")
+
+
+def load_train_settings(config_path: str | None, steps: int | None = None) -> TrainSettings:
+    """`TrainSettings` from a config's ``[train]`` table (unknown keys are errors), ``steps`` overriding."""
+    # One config file serves every command of a problem, so tables of other commands are allowed.
+    s = Config.from_file(config_path).section(TrainSettings, "train")
+    if steps is not None:
+        s = dataclasses.replace(s, steps=int(steps))
+        s.validate()
+    return s
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded random split of ``range(n)`` into (train, val) index tensors; ``val`` gets ``round(f n)``."""
+    n_val = int(round(val_fraction * n))
+    if n - n_val < 1:
+        raise GanflowError(f"no training fields left after holding out {n_val} of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_substream(seed, 1)))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def _substream(seed: int, k: int) -> int:
+    # Independent, reproducible streams from one user seed (split, init, noise, data order).
+    return (int(seed) * 1_000_003 + 7919 * k) % (2**63 - 1)
+
+
+@dataclass
+class TrainResult:
+    """What `train_prior` returns: the checkpoint path, the EMA generator, and training statistics."""
+
+    path: str
+    generator: PriorGenerator
+    step: int
+    steps_run: int
+    wall_time_s: float
+    steps_per_s: float
+    wasserstein: float
+    report: dict | None = None
+    history: dict = field(default_factory=dict)
+
+
+def _gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, noise: torch.Generator) -> Tensor:
+    """``E[(||grad_u D(uhat)||_2 - 1)^2]`` on per-sample random interpolates ``uhat`` of ``real`` and ``fake``."""
+    eps = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), generator=noise, device=real.device)
+    mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p, 1.0 - decay)
+
+
+def _settings_mismatch(a: dict, b: dict) -> list[str]:
+    # steps and checkpoint_every_s may change on resume; everything else shapes the computation.
+    free = {"steps", "checkpoint_every_s"}
+    return sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+
+
+def train_prior(
+    data: str | os.PathLike | FieldData,
+    out: str | os.PathLike,
+    settings: TrainSettings | None = None,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    resume: bool = False,
+    force: bool = False,
+    steps: int | None = None,
+    progress: bool = False,
+    report: bool = True,
+) -> TrainResult:
+    """Train a WGAN-GP prior on ``data`` (a ``fields.h5`` path) and write the checkpoint ``out``.
+
+    Args:
+        data: ``fields.h5`` path (or a loaded `FieldData`), ``/fields`` ``[N, *field_shape]``.
+        out: checkpoint path (``prior.pt``); the report goes to ``<stem>_report.h5`` / ``.png`` beside it.
+        settings: `TrainSettings` (defaults if None). With ``resume`` the checkpoint's settings are used and
+            any given ``settings`` must agree with them except ``steps`` and ``checkpoint_every_s``.
+        seed: training seed (ignored on resume: the checkpoint's seed and RNG states continue).
+        device: ``"cpu"`` or ``"cuda"``.
+        resume: continue from the checkpoint at ``out`` up to ``steps`` generator steps.
+        force: overwrite an existing ``out`` when not resuming.
+        steps: overrides ``settings.steps``.
+        progress: show a tqdm bar (Wasserstein estimate in the postfix).
+        report: write the prior-quality report at the end.
+
+    Returns:
+        `TrainResult` with the EMA generator (eval mode, physical units).
+    """
+    out = os.fspath(out)
+    if resume:
+        if not os.path.exists(out):
+            raise GanflowError(f"--resume: no checkpoint at {out}")
+    else:
+        check_output_path(out, force, "prior checkpoint")
+    if device not in ("cpu", "cuda"):
+        raise GanflowError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GanflowError("--device cuda: no CUDA device is available")
+    dev = torch.device(device)
+
+    fd = data if isinstance(data, FieldData) else load_fields(data)
+    ckpt = load_checkpoint(out, map_location="cpu") if resume else None
+    if ckpt is not None:
+        saved = ckpt["settings"]
+        if settings is not None:
+            bad = _settings_mismatch(settings.to_dict(), saved)
+            if bad:
+                raise GanflowError(f"--resume: settings differ from the checkpoint's: {', '.join(bad)}")
+        settings = TrainSettings.from_dict({**saved, **({"steps": settings.steps} if settings else {})})
+        seed = int(ckpt["seed"])
+        if ckpt["data"].get("sha1") != fd.sha1:
+            raise GanflowError(f"--resume: {fd.path} is not the data the checkpoint was trained on")
+    settings = settings or TrainSettings()
+    if steps is not None:
+        settings = dataclasses.replace(settings, steps=int(steps))
+    settings.validate()
+
+    arch = default_arch(fd.field_shape, settings.latent_dim, settings.base_channels, settings.mlp_hidden,
+                        settings.mlp_depth) if ckpt is None else ckpt["arch"]
+    if ckpt is not None and list(fd.field_shape) != list(arch["field_shape"]):
+        raise GanflowError(f"--resume: data field_shape {fd.field_shape} != checkpoint's {arch['field_shape']}")
+    start = int(ckpt["step"]) if ckpt else 0
+    if ckpt is not None and settings.steps <= start:
+        raise GanflowError(f"--resume: checkpoint is already at step {start}; ask for more --steps")
+
+    train_idx, val_idx = split_indices(fd.fields.shape[0], settings.val_fraction, seed)
+    x_train = fd.fields[train_idx]
+    if ckpt is None:
+        mean = x_train.double().mean().float()
+        std = x_train.double().std().float() if x_train.numel() > 1 else torch.tensor(0.0)
+        if not torch.isfinite(std) or std <= 1e-12 * (1 + mean.abs().max()):
+            raise GanflowError(f"{fd.path}: the training fields do not vary (std {float(std):.3g}); nothing to learn")
+    else:
+        mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+    u_train = ((x_train - mean) / std).to(dev)
+
+    # Networks: initialised from a seeded stream under fork_rng so the global RNG is left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_substream(seed, 2))
+        G, D = build_generator_net(arch), build_critic(arch)
+        G_ema = build_generator_net(arch)
+    G_ema.load_state_dict(G.state_dict())
+    G, D, G_ema = G.to(dev), D.to(dev), G_ema.to(dev)
+    for p in G_ema.parameters():
+        p.requires_grad_(False)
+    opt_g = torch.optim.Adam(G.parameters(), lr=settings.lr_g, betas=tuple(settings.betas))
+    opt_d = torch.optim.Adam(D.parameters(), lr=settings.lr_d, betas=tuple(settings.betas))
+    noise = torch.Generator(device=dev).manual_seed(_substream(seed, 3))
+    order = torch.Generator().manual_seed(_substream(seed, 4))
+    history = {"step": [], "wasserstein": [], "loss_g": []}
+    wall0 = 0.0
+    if ckpt is not None:
+        G.load_state_dict(ckpt["G"])
+        D.load_state_dict(ckpt["D"])
+        G_ema.load_state_dict(ckpt["G_ema"])
+        opt_g.load_state_dict(ckpt["opt_G"])
+        opt_d.load_state_dict(ckpt["opt_D"])
+        rng = ckpt["rng"]
+        noise.set_state(rng["noise"])
+        order.set_state(rng["data"])
+        torch.set_rng_state(rng["torch_cpu"])
+        if device == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+        h = ckpt.get("history", {})
+        history = {k: [v.item() for v in h[k]] if k in h else [] for k in history}
+        wall0 = float(ckpt.get("wall_time_s", 0.0))
+
+    provenance = fd.provenance()
+    provenance.update(n_train=int(train_idx.numel()), n_val=int(val_idx.numel()))
+
+    def make_checkpoint(step: int, wall: float) -> dict:
+        rng = {"torch_cpu": torch.get_rng_state(), "noise": noise.get_state(), "data": order.get_state()}
+        if device == "cuda":
+            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+        cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "ganflow.prior",
+            "ganflow_version": __version__,
+            "arch": dict(arch),
+            "latent_dim": int(arch["latent_dim"]),
+            "field_shape": list(arch["field_shape"]),
+            "normalization": {"kind": "scalar", "mean": mean.clone(), "std": std.clone()},
+            "settings": settings.to_dict(),
+            "data": provenance,
+            "seed": int(seed),
+            "device": device,
+            "step": int(step),
+            "G": cpu(G.state_dict()),
+            "D": cpu(D.state_dict()),
+            "G_ema": cpu(G_ema.state_dict()),
+            "opt_G": _optimizer_state_cpu(opt_g),
+            "opt_D": _optimizer_state_cpu(opt_d),
+            "rng": rng,
+            "history": {"step": torch.tensor(history["step"], dtype=torch.int64),
+                        "wasserstein": torch.tensor(history["wasserstein"], dtype=torch.float64),
+                        "loss_g": torch.tensor(history["loss_g"], dtype=torch.float64)},
+            "wall_time_s": float(wall),
+        }
+
+    from tqdm.auto import tqdm
+
+    n_train, B = u_train.shape[0], settings.batch_size
+    bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train-prior", unit="step",
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    t_last_save = t_start
+    w_est, loss_g_val = float("nan"), float("nan")
+    step = start
+    G.train()
+    D.train()
+    try:
+        for step in range(start + 1, settings.steps + 1):
+            for _ in range(settings.n_critic):
+                idx = torch.randint(n_train, (B,), generator=order)
+                real = u_train[idx.to(dev)]
+                z = torch.randn(B, arch["latent_dim"], generator=noise, device=dev)
+                with torch.no_grad():
+                    fake = G(z)
+                d_real, d_fake = D(real).mean(), D(fake).mean()
+                loss_d = d_fake - d_real
+                if settings.gp_weight > 0:
+                    loss_d = loss_d + settings.gp_weight * _gradient_penalty(D, real, fake, noise)
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+            z = torch.randn(B, arch["latent_dim"], generator=noise, device=dev)
+            loss_g = -D(G(z)).mean()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            _ema_update(G_ema, G, min(settings.ema_decay, (1.0 + step) / (10.0 + step)))
+
+            if step % settings.log_every == 0 or step == settings.steps:
+                w_est, loss_g_val = float((d_real - d_fake).detach()), float(loss_g.detach())
+                if not (math.isfinite(w_est) and math.isfinite(loss_g_val)):
+                    raise GanflowError(f"training diverged at step {step} (non-finite loss); try smaller lr_g/lr_d")
+                history["step"].append(step)
+                history["wasserstein"].append(w_est)
+                history["loss_g"].append(loss_g_val)
+                bar.set_postfix(W=f"{w_est:.3f}")
+            bar.update(1)
+            now = time.perf_counter()
+            if now - t_last_save >= settings.checkpoint_every_s and step < settings.steps:
+                save_checkpoint(out, make_checkpoint(step, wall0 + now - t_start))
+                t_last_save = now
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    save_checkpoint(out, make_checkpoint(step, wall0 + elapsed))
+
+    generator = generator_from_checkpoint({"arch": arch, "G_ema": {k: v.cpu() for k, v in G_ema.state_dict().items()},
+                                           "normalization": {"mean": mean, "std": std}})
+    result = TrainResult(
+        path=out,
+        generator=generator,
+        step=step,
+        steps_run=step - start,
+        wall_time_s=elapsed,
+        steps_per_s=(step - start) / max(elapsed, 1e-9),
+        wasserstein=w_est,
+        history=history,
+    )
+    if report:
+        from .report import prior_report
+
+        result.report = prior_report(generator, fd.fields[val_idx] if val_idx.numel() >= 4 else fd.fields,
+                                     prefix=report_prefix(out), seed=seed)
+    return result
+
+
+def report_prefix(checkpoint_path: str | os.PathLike) -> str:
+    """``dir/prior.pt`` -> ``dir/prior_report`` (the report files get ``.h5`` and ``.png``)."""
+    root, _ = os.path.splitext(os.fspath(checkpoint_path))
+    return root + "_report"
+
+
+def _optimizer_state_cpu(opt: torch.optim.Optimizer) -> dict:
+    sd = opt.state_dict()
+    return {
+        "state": {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+                  for k, s in sd["state"].items()},
+        "param_groups": [dict(g) for g in sd["param_groups"]],
+    }
