@@ -289,18 +289,17 @@ def _search_step_size(target: LatentTarget, settings: LangevinSettings, entropy:
     noise = torch.randn(K, N, k, generator=generator, dtype=dtype)
     curve: dict[float, dict] = {}
 
-    def objective(log_s: float) -> float:
-        s = math.exp(log_s)
+    def objective(s: float) -> float:
         if s not in curve:
             curve[s] = langevin_kl_estimate(target, s, z0, noise, settings.step_decay, entropy, init is None)
         return curve[s]["kl"]
 
     if settings.step_size is not None:
-        objective(math.log(settings.step_size))
+        objective(settings.step_size)
         chosen = settings.step_size
     else:
         grid = np.linspace(math.log(settings.search_min), math.log(settings.search_max), settings.search_grid)
-        values = [objective(float(x)) for x in grid]
+        values = [objective(math.exp(x)) for x in grid]
         if not any(math.isfinite(v) for v in values):
             t = min(c["failed_step"] for c in curve.values() if c["failed_step"] is not None)
             raise GanflowError(
@@ -317,7 +316,7 @@ def _search_step_size(target: LatentTarget, settings: LangevinSettings, entropy:
             )
         lo, hi = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, len(grid) - 1)])
         if settings.search_refine > 0:
-            _golden_section(objective, lo, hi, settings.search_refine)
+            _golden_section(lambda log_s: objective(math.exp(log_s)), lo, hi, settings.search_refine)
         chosen = min(curve, key=lambda s: curve[s]["kl"])
     ordered = sorted(curve)
     info = {
