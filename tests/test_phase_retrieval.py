@@ -199,3 +199,19 @@ def test_smoke_256():
     assert tuple(y.shape) == (2, op.obs_shape[0]) and op.obs_shape[0] == round(0.5 * (512 * 512 + 4) / 2)
     assert x.grad.shape == (2, 256, 256) and torch.isfinite(x.grad).all()
     print(f"n=256 batch 2 forward+backward: {elapsed:.3f} s")
+
+
+@pytest.mark.parametrize("name", ["phase_retrieval_demo.toml", "phase_retrieval_256.toml"])
+def test_configs_build_problem_and_operator(name):
+    import pathlib
+    import tomllib
+
+    cfg = tomllib.loads((pathlib.Path(__file__).parents[1] / "configs" / name).read_text())
+    problem = load_problem("phase_retrieval", **cfg["problem"])
+    op = load_operator(problem=problem, **cfg["operator"])
+    assert op.field_shape == problem.field_shape
+    trainer = pytest.importorskip("ganflow.prior.trainer")
+    from ganflow.config import parse_settings
+
+    settings = parse_settings(trainer.TrainSettings, cfg["train"], "train")
+    assert 16 <= settings.latent_dim <= 128
