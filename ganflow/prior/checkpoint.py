@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 
 import torch
@@ -61,12 +62,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if os.path.getsize(path) == 0:
         raise GanflowError(f"prior checkpoint is empty: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about foreign pickle protocols before refusing them; the refusal is our message.
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refused a global (a pickle payload or a foreign object); nothing was executed.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
-        raise GanflowError(f"prior checkpoint {path} holds objects other than tensors and plain types "
-                           f"(refused by weights_only: {first[:160]})") from None
+        # weights_only stops at the first opcode or global it does not allow: a pickle payload, a foreign
+        # object or garbage. Nothing was executed.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "unsupported" in ln.lower()), lines[-1] if lines else "")
+        raise GanflowError(f"prior checkpoint {path} is not a weights-only torch checkpoint "
+                           f"(refused, not executed: {detail[:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
             TypeError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

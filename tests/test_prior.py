@@ -1,0 +1,288 @@
+"""Stage one: WGAN-GP prior training, checkpoints, resume, reports and the train-prior CLI.
+
+The quality test learns a 1-D Gaussian process whose mean and covariance the test defines, and checks the
+trained prior's moments against those closed-form values (and that an untrained generator fails the same check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ganflow.cli import cli
+from ganflow.data import write_fields
+from ganflow.errors import GanflowError
+from ganflow.prior import TrainSettings, load_prior, train_prior
+from ganflow.prior import nets as prior_nets
+from ganflow.prior.checkpoint import FORMAT_VERSION, load_checkpoint
+from ganflow.prior.nets import default_arch
+
+D = 16
+T = np.linspace(0.0, 1.0, D)
+GP_MEAN = np.sin(2 * np.pi * T)
+GP_COV = 0.25 * np.exp(-0.5 * ((T[:, None] - T[None, :]) / 0.2) ** 2) + 1e-6 * np.eye(D)
+
+TINY = TrainSettings(latent_dim=4, steps=6, batch_size=16, n_critic=2, mlp_hidden=16, mlp_depth=1, log_every=1)
+
+
+def gp_fields(n: int, seed: int) -> torch.Tensor:
+    """``[n, D]`` draws from N(GP_MEAN, GP_COV)."""
+    rng = np.random.default_rng(seed)
+    x = GP_MEAN + rng.standard_normal((n, D)) @ np.linalg.cholesky(GP_COV).T
+    return torch.tensor(x, dtype=torch.float32)
+
+
+@pytest.fixture
+def gp_file(tmp_path):
+    return write_fields(tmp_path / "gp.h5", gp_fields(2000, 0), problem="gp-test", seed=0)
+
+
+def moment_errors(gen) -> tuple[float, float, float]:
+    """(max |mean - GP_MEAN|, max |std / GP_std - 1|, ||cov - GP_COV||_F / ||GP_COV||_F) from 4000 samples."""
+    with torch.no_grad():
+        x = gen(torch.randn(4000, gen.latent_dim, generator=torch.Generator().manual_seed(123))).double().numpy()
+    mean_err = np.abs(x.mean(0) - GP_MEAN).max()
+    std_err = np.abs(x.std(0) / np.sqrt(np.diag(GP_COV)) - 1).max()
+    cov_err = np.linalg.norm(np.cov(x.T) - GP_COV) / np.linalg.norm(GP_COV)
+    return mean_err, std_err, cov_err
+
+
+def test_learns_gaussian_process(gp_file, tmp_path):
+    s = TrainSettings(latent_dim=8, steps=300, batch_size=128, mlp_hidden=64, mlp_depth=2, lr_g=1e-3, lr_d=1e-3)
+    res = train_prior(gp_file, tmp_path / "prior.pt", s, seed=0)
+    mean_err, std_err, cov_err = moment_errors(res.generator)
+    assert mean_err < 0.15 and std_err < 0.35 and cov_err < 0.3, (mean_err, std_err, cov_err)
+
+    # The same checks fail for the untrained generator (same architecture and normalisation, step 0 weights).
+    ckpt = load_checkpoint(tmp_path / "prior.pt")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        untrained = prior_nets.PriorGenerator(prior_nets.build_generator_net(ckpt["arch"]), ckpt["arch"],
+                                              ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+    u_mean, u_std, u_cov = moment_errors(untrained)
+    assert u_mean > 0.5 and u_std > 0.5 and u_cov > 0.6, (u_mean, u_std, u_cov)
+
+    # The report beside the checkpoint agrees: SWD within a few held-out references.
+    assert os.path.isfile(tmp_path / "prior_report.h5") and os.path.isfile(tmp_path / "prior_report.png")
+    m = res.report
+    assert m["swd"] < 3 * m["swd_reference"] and m["corr_max_abs_err"] < 0.2, m
+    with h5py.File(tmp_path / "prior_report.h5") as f:
+        assert f["structure"].attrs["kind"] == "corr" and f["real/mean"].shape == (D,)
+
+
+def test_resume_is_bit_exact(gp_file, tmp_path):
+    full = train_prior(gp_file, tmp_path / "full.pt", TINY, seed=3, report=False)
+    part = dataclasses.replace(TINY, steps=2)
+    train_prior(gp_file, tmp_path / "split.pt", part, seed=3, report=False)
+    assert load_checkpoint(tmp_path / "split.pt")["step"] == 2
+    resumed = train_prior(gp_file, tmp_path / "split.pt", resume=True, steps=TINY.steps, report=False)
+    a, b = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "split.pt")
+    assert resumed.step == b["step"] == TINY.steps
+    for key in ("G", "D", "G_ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert torch.equal(a["rng"]["noise"], b["rng"]["noise"])
+    # A different seed gives different weights (the comparison above can fail).
+    other = train_prior(gp_file, tmp_path / "other.pt", TINY, seed=4, report=False)
+    w = next(iter(other.generator.state_dict()))
+    assert not torch.equal(other.generator.state_dict()[w], full.generator.state_dict()[w])
+
+
+def test_resume_rejects_changed_settings(gp_file, tmp_path):
+    train_prior(gp_file, tmp_path / "p.pt", TINY, report=False)
+    with pytest.raises(GanflowError, match="batch_size"):
+        train_prior(gp_file, tmp_path / "p.pt", dataclasses.replace(TINY, batch_size=8, steps=9), resume=True)
+    with pytest.raises(GanflowError, match="already at step"):
+        train_prior(gp_file, tmp_path / "p.pt", resume=True)
+
+
+def test_checkpoint_weights_only_and_recorded_arch(gp_file, tmp_path, monkeypatch):
+    res = train_prior(gp_file, tmp_path / "p.pt", TINY, report=False)
+    ckpt = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert ckpt["format_version"] == FORMAT_VERSION
+    for key in ("arch", "latent_dim", "field_shape", "normalization", "settings", "data", "step", "G", "D",
+                "G_ema", "opt_G", "opt_D", "rng"):
+        assert key in ckpt
+    assert ckpt["rng"]["torch_cpu"].dtype == torch.uint8 and ckpt["data"]["n"] == 2000
+    assert ckpt["arch"]["hidden"] == 16
+
+    # Change the code defaults: the loaded model must still follow the recorded architecture.
+    real_default = prior_nets.default_arch
+    monkeypatch.setattr(prior_nets, "default_arch", lambda *a, **k: {**real_default(*a, **k), "hidden": 99})
+    gen = load_prior(str(tmp_path / "p.pt"))
+    assert gen.net[0].out_features == 16 and gen.latent_dim == 4 and gen.field_shape == (D,)
+    assert not gen.training
+    z = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gen(z), res.generator(z)) and gen(z).shape == (5, D)
+
+    # A tampered architecture is what gets built (and then fails to take the weights, as one clear error).
+    ckpt["arch"]["hidden"] = 32
+    torch.save(ckpt, tmp_path / "bad_arch.pt")
+    with pytest.raises(GanflowError, match="do not fit its recorded architecture"):
+        load_prior(str(tmp_path / "bad_arch.pt"))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_bad_checkpoints_are_one_line_errors(gp_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_prior(gp_file, tmp_path / "p.pt", TINY, report=False)
+    good = torch.load(tmp_path / "p.pt", weights_only=True)
+    raw = (tmp_path / "p.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all" * 10)
+    torch.save({**good, "format_version": 99}, tmp_path / "v99.pt")
+    torch.save({k: v for k, v in good.items() if k != "opt_D"}, tmp_path / "nokey.pt")
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"kind": "ganflow.prior", "x": _Payload()}, f)
+    torch.save({"kind": "ganflow.prior", "x": _Payload()}, tmp_path / "evil_zip.pt")
+    cases = {"missing.pt": "not found", "trunc.pt": "corrupt", "empty.pt": "empty", "garbage.pt": "refused",
+             "v99.pt": "format_version", "nokey.pt": "opt_D", "evil.pt": "refused", "evil_zip.pt": "GLOBAL"}
+    for name, words in cases.items():
+        with pytest.raises(GanflowError, match=words) as e:
+            load_prior(str(tmp_path / name))
+        assert "\n" not in str(e.value), name
+    assert not os.path.exists(tmp_path / "PWNED_BY_PICKLE")
+
+
+def test_load_prior_spec_string():
+    gen = load_prior("problems.linear_gaussian:generator")
+    assert gen.latent_dim == 16 and gen(torch.zeros(2, 16)).shape == (2, 16, 16)
+    with pytest.raises(GanflowError):
+        load_prior("no_such_module_xyz:gen")
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (8, 8), (512, 512), (32, 16), (4, 4, 4)])
+def test_unsupported_field_shapes(shape):
+    with pytest.raises(GanflowError, match="field_shape"):
+        default_arch(shape, latent_dim=8)
+
+
+@pytest.mark.parametrize("side", [16, 64, 256])
+def test_conv_depth_follows_field_size(side):
+    arch = default_arch((side, side), latent_dim=8, base_channels=2)
+    G, Dn = prior_nets.build_generator_net(arch), prior_nets.build_critic(arch)
+    assert arch["n_up"] == int(np.log2(side)) - 2
+    x = G(torch.zeros(2, 8))
+    assert x.shape == (2, side, side) and Dn(x).shape == (2, 1)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in Dn.modules())
+
+
+def test_unknown_train_key_is_an_error(tmp_path):
+    from ganflow.prior.trainer import load_train_settings
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nsteps = 5\nlearning_rate = 1e-3\n")
+    with pytest.raises(GanflowError, match="learning_rate"):
+        load_train_settings(str(cfg))
+    cfg.write_text("[train]\nema_decay = 1.5\n")
+    with pytest.raises(GanflowError, match="ema_decay"):
+        load_train_settings(str(cfg))
+    cfg.write_text("[train]\nbetas = [0.5, 0.99]\nsteps = 7\n")
+    s = load_train_settings(str(cfg), steps=9)
+    assert s.betas == (0.5, 0.99) and s.steps == 9
+
+
+# ---------------------------------------------------------------- CLI: bad input
+
+
+def _invoke(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def _one_line_exit2(r):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+
+
+def _write_raw(path, arr):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("fields", data=arr)
+
+
+def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path):
+    out = tmp_path / "prior.pt"
+    _write_raw(tmp_path / "empty.h5", np.zeros((0, 16), np.float32))
+    nan = np.ones((10, 16), np.float32)
+    nan[3, 4] = np.nan
+    _write_raw(tmp_path / "nan.h5", nan)
+    _write_raw(tmp_path / "odd.h5", np.random.default_rng(0).random((10, 24, 24)).astype(np.float32))
+    _write_raw(tmp_path / "const.h5", np.ones((10, 16), np.float32))
+    (tmp_path / "corrupt.h5").write_bytes(b"\x89HDF\r\n garbage")
+    for data in ("missing.h5", "empty.h5", "nan.h5", "odd.h5", "const.h5", "corrupt.h5"):
+        r = _invoke(["train-prior", "--data", str(tmp_path / data), "-o", str(out), "--steps", "2"])
+        _one_line_exit2(r)
+        assert not out.exists(), data
+        assert not [p for p in os.listdir(tmp_path) if p.startswith(".prior")], "temporary file left behind"
+
+    # An existing output is not overwritten (no --force), nor by a failing --resume from an incompatible file.
+    out.write_bytes(b"precious")
+    good = write_fields(tmp_path / "good.h5", gp_fields(20, 1))
+    for args in (["--steps", "2"], ["--resume", "--steps", "2"]):
+        r = _invoke(["train-prior", "--data", good, "-o", str(out), *args])
+        _one_line_exit2(r)
+        assert out.read_bytes() == b"precious"
+
+    # A config with an unknown [train] key.
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nstep = 3\n")
+    r = _invoke(["train-prior", "--data", good, "-o", str(tmp_path / "x.pt"), "--config", str(cfg)])
+    _one_line_exit2(r)
+    assert "train.step" in r.stderr and not (tmp_path / "x.pt").exists()
+
+
+def test_cli_resume_with_other_data_is_rejected(tmp_path, gp_file):
+    out = tmp_path / "p.pt"
+    train_prior(gp_file, out, TINY, report=False)
+    before = out.read_bytes()
+    other = write_fields(tmp_path / "other.h5", gp_fields(100, 5))
+    r = _invoke(["train-prior", "--data", other, "-o", str(out), "--resume", "--steps", "9"])
+    _one_line_exit2(r)
+    assert "not the data" in r.stderr and out.read_bytes() == before
+
+
+# ---------------------------------------------------------------- CLI: 2-D end to end
+
+
+def test_cli_conv_prior_end_to_end(tmp_path):
+    fields, out = tmp_path / "fields.h5", tmp_path / "prior.pt"
+    r = _invoke(["data", "--problem", "linear_gaussian", "--kw", "n=32", "--n", "64", "-o", str(fields),
+                 "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    cfg = tmp_path / "train.toml"
+    cfg.write_text("[train]\nlatent_dim = 8\nbatch_size = 8\nn_critic = 1\nbase_channels = 2\n")
+    r = _invoke(["train-prior", "--data", str(fields), "-o", str(out), "--config", str(cfg), "--steps", "3",
+                 "--seed", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "prior report:" in r.output and "held-out reference" in r.output
+    for name in ("prior_report.h5", "prior_report.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    with h5py.File(tmp_path / "prior_report.h5") as f:
+        assert f["structure"].attrs["kind"] == "psd" and f["samples/generated"].shape[1:] == (32, 32)
+        assert f.attrs["swd_reference"] > 0
+    gen = load_prior(str(out))
+    assert gen.field_shape == (32, 32) and gen.latent_dim == 8
+    assert gen(torch.zeros(3, 8)).shape == (3, 32, 32)
+    ckpt = load_checkpoint(out)
+    assert ckpt["data"]["problem"] == "linear_gaussian" and ckpt["data"]["seed"] == 1 and ckpt["seed"] == 2
+
+    # Resume through the CLI (the checkpoint's settings), then recompute the report elsewhere.
+    r = _invoke(["train-prior", "--data", str(fields), "-o", str(out), "--resume", "--steps", "4",
+                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out)["step"] == 4
+    r = _invoke(["prior-report", str(out), "--data", str(fields), "-o", str(tmp_path / "again")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "again.h5").exists() and (tmp_path / "again.png").exists()
