@@ -4,10 +4,11 @@ Operator (`PhaseRetrievalOperator`, ``[B, n, n] -> [B, m]``)::
 
     y = A(x) = |F(P x)|[mask]          (or |F(P x)|^2[mask] with intensity=True)
 
-- ``P`` zero-pads the object to ``N x N`` with ``N = s n`` (oversampling ``s``, default 2), the object in the
-  **top-left corner**: ``(P x)[r] = x[r]`` for ``r in [0, n)^2``, 0 elsewhere. The corner is only a convention:
-  magnitudes do not see translations, so any placement gives the same ``y``.
-- ``F`` is the orthonormal 2-D DFT on the ``N x N`` grid (``torch.fft``, ``norm="ortho"``), so ``||F v|| = ||v||``.
+- ``P`` zero-pads the object to ``N x N`` with ``N = s n`` (oversampling ``s``, default 2), the object in
+  the **top-left corner**: ``(P x)[r] = x[r]`` for ``r in [0, n)^2``, 0 elsewhere. The corner is only a
+  convention: magnitudes do not see translations, so any placement gives the same ``y``.
+- ``F`` is the orthonormal 2-D DFT on the ``N x N`` grid (``torch.fft``, ``norm="ortho"``), so
+  ``||F v|| = ||v||``.
 - ``mask`` is a boolean ``[N, N]`` buffer; the observations are the masked magnitudes in row-major order, so
   ``obs_shape = (mask.sum(),)``.
 
@@ -65,7 +66,8 @@ def _check_n(n, what: str) -> int:
 
 def _padded_size(n: int, oversampling) -> int:
     """``N = s n``, which must be a whole number of pixels."""
-    if isinstance(oversampling, bool) or not isinstance(oversampling, Real) or not math.isfinite(oversampling):
+    number = isinstance(oversampling, Real) and not isinstance(oversampling, bool)
+    if not number or not math.isfinite(oversampling):
         raise GanflowError(f"phase_retrieval: oversampling must be a number >= 1, got {oversampling!r}")
     if oversampling < 1:
         raise GanflowError(f"phase_retrieval: oversampling must be >= 1, got {oversampling}")
@@ -126,10 +128,11 @@ class PhaseRetrievalOperator(nn.Module):
     the same. Works on any device and keeps the input's float dtype (float32 by default, float64 for
     gradient checks); other dtypes are cast to float32.
 
-    Gradient at zeros. ``|F|`` is not differentiable where ``F(k) = 0`` (e.g. at ``x = 0``). The forward is the
-    exact magnitude (no smoothing, so no bias), and the VJP uses ``d|F|/dF = F / |F|`` where ``F != 0`` and the
-    minimum-norm subgradient ``0`` where ``F = 0`` (PyTorch's complex ``abs`` backward, ``sgn(0) = 0``; checked
-    by the tests). Only a measure-zero set of fields is affected, and the gradient is finite everywhere.
+    Gradient at zeros. ``|F|`` is not differentiable where ``F(k) = 0`` (e.g. at ``x = 0``). The forward is
+    the exact magnitude (no smoothing, so no bias), and the VJP uses ``d|F|/dF = F / |F|`` where ``F != 0``
+    and the minimum-norm subgradient ``0`` where ``F = 0`` (PyTorch's complex ``abs`` backward,
+    ``sgn(0) = 0``; checked by the tests). Only a measure-zero set of fields is affected, and the gradient
+    is finite everywhere.
     ``intensity=True`` is smooth and needs no such choice.
 
     Args:
@@ -187,7 +190,7 @@ class PhaseRetrievalOperator(nn.Module):
         return f"n={self.n}, size={self.size}, m={self.obs_shape[0]}, intensity={self.intensity}"
 
     def spectrum(self, x: Tensor) -> Tensor:
-        """The half spectrum ``rfft2(P x)`` with the orthonormal scaling: ``[..., n, n] -> [..., N, N//2+1]``."""
+        """The half spectrum ``rfft2(P x)``, orthonormal scaling: ``[..., n, n] -> [..., N, N//2 + 1]``."""
         if x.ndim < 2 or tuple(x.shape[-2:]) != self.field_shape:
             raise GanflowError(
                 f"phase_retrieval operator: field must be [..., {self.n}, {self.n}], got {list(x.shape)}"
@@ -210,7 +213,9 @@ def _as_mask(mask, size: int) -> Tensor:
     except (TypeError, ValueError, RuntimeError) as e:
         raise GanflowError(f"phase_retrieval: mask is not an array: {e}") from None
     if tuple(m.shape) != (size, size):
-        raise GanflowError(f"phase_retrieval: mask must have shape [{size}, {size}] (N = s*n), got {list(m.shape)}")
+        raise GanflowError(
+            f"phase_retrieval: mask must have shape [{size}, {size}] (N = s*n), got {list(m.shape)}"
+        )
     if m.dtype != torch.bool:
         if m.is_complex() or not ((m == 0) | (m == 1)).all():
             raise GanflowError("phase_retrieval: mask must be boolean (or 0/1)")
@@ -230,8 +235,9 @@ def central_region(n: int) -> Tensor:
     return inside[:, None] & inside[None, :]
 
 
-def _ellipse_indicator(uu: Tensor, vv: Tensor, cx: Tensor, cy: Tensor, a: Tensor, b: Tensor, th: Tensor) -> Tensor:
-    """``[B, K, n, n]`` float: 1 strictly inside each ellipse. Parameters ``[B, K]``; ``uu, vv`` ``[n, n]``."""
+def _ellipse_indicator(uu: Tensor, vv: Tensor, cx: Tensor, cy: Tensor, a: Tensor, b: Tensor, th: Tensor
+                       ) -> Tensor:
+    """``[B, K, n, n]``: 1 strictly inside each ellipse; parameters ``[B, K]``, ``uu, vv`` ``[n, n]``."""
     cx, cy, a, b, th = (t[..., None, None] for t in (cx, cy, a, b, th))
     du, dv = uu - cx, vv - cy
     c, s = torch.cos(th), torch.sin(th)
@@ -250,9 +256,9 @@ def sample_phantoms(n_samples: int, n: int, generator: torch.Generator, n_inner:
     - ``E0``: an outer ellipse, centre uniform in ``[-0.05, 0.05]^2``, semi-axes uniform in ``[0.25, 0.45]``,
       angle uniform in ``[0, pi)``: its points have ``|u|, |v| <= 0.5``, so the support is central.
     - ``v0`` uniform in ``[0.5, 1]``: the outer intensity.
-    - ``E_i``, ``i < n_inner``: inner ellipses, each present (``a_i = 1``) with probability 3/4, centre uniform
-      in ``[-0.3, 0.3]^2``, semi-axes uniform in ``[0.04, 0.2]``, any angle; relative contrast ``c_i`` uniform
-      in ``[-1, 0.8]`` (negative: subtractive, possibly down to 0 after the clamp).
+    - ``E_i``, ``i < n_inner``: inner ellipses, each present (``a_i = 1``) with probability 3/4, centre
+      uniform in ``[-0.3, 0.3]^2``, semi-axes uniform in ``[0.04, 0.2]``, any angle; relative contrast ``c_i``
+      uniform in ``[-1, 0.8]`` (negative: subtractive, possibly down to 0 after the clamp).
 
     The multiplication by ``1[E0]`` keeps every inner ellipse inside the outer one. The distribution is
     invariant under the point reflection ``x -> flip(x)`` (every parameter's law is symmetric), so a prior
@@ -354,7 +360,9 @@ class PhaseRetrievalProblem:
         if isinstance(n_inner, bool) or not isinstance(n_inner, Integral) or n_inner < 0:
             raise GanflowError(f"phase_retrieval: n_inner must be an integer >= 0, got {n_inner!r}")
         if isinstance(support_threshold, bool) or not isinstance(support_threshold, Real):
-            raise GanflowError(f"phase_retrieval: support_threshold must be a number, got {support_threshold!r}")
+            raise GanflowError(
+                f"phase_retrieval: support_threshold must be a number, got {support_threshold!r}"
+            )
         self.n_inner = int(n_inner)
         self.support_threshold = float(support_threshold)
         self.field_shape = (self.n, self.n)

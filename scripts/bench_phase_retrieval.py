@@ -4,9 +4,9 @@
 
 For each (n, batch): the median wall time of ``y = A(x); grad = VJP(w)`` with the torch operator
 (``problems.phase_retrieval``) and with NumPy (``fft2`` of the padded object, magnitudes, then the adjoint
-``Re(ifft2(w * F / |F|))`` cropped), after checking that both give the same ``y`` and gradient. Then the memory
-per sample at n = 256: the bytes autograd saves for the backward (exact, via saved-tensor hooks) and the peak
-CUDA allocation when run on a GPU.
+``Re(ifft2(w * F / |F|))`` cropped), after checking that both give the same ``y`` and gradient. Then the
+memory per sample at n = 256: the bytes autograd saves for the backward (exact, via saved-tensor hooks) and
+the peak CUDA allocation when run on a GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 from problems.phase_retrieval import PhaseRetrievalOperator
 
 
-def numpy_forward_vjp(x: np.ndarray, size: int, mask: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def numpy_forward_vjp(x: np.ndarray, size: int, mask: np.ndarray, w: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """``y = |fft2(pad(x))|[mask]`` and ``d<w, y>/dx = Re(ifft2(w_full * F / |F|))[:n, :n]`` (orthonormal)."""
     n = x.shape[-1]
     padded = np.zeros(x.shape[:-2] + (size, size), dtype=x.dtype)
@@ -107,7 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
           f"mask_fraction {args.mask_fraction}, oversampling 2, forward + VJP, median of {args.repeats}")
-    print(f"{'n':>5} {'batch':>6} {'m':>8} {'torch [s]':>10} {'numpy [s]':>10} {'speed-up':>9} {'torch ms/sample':>16}")
+    print(f"{'n':>5} {'batch':>6} {'m':>8} {'torch [s]':>10} {'numpy [s]':>10} {'speed-up':>9} "
+          f"{'torch ms/sample':>16}")
     for n, batch in ((64, 64), (256, 8)):
         r = bench(n, batch, args.mask_fraction, args.repeats, args.device)
         print(f"{r['n']:>5} {r['batch']:>6} {r['m']:>8} {r['torch_s']:>10.4f} {r['numpy_s']:>10.4f} "

@@ -1,11 +1,13 @@
-"""Fourier phase retrieval: operator vs NumPy, VJP vs finite differences, ambiguities, mask, phantoms, errors."""
+"""Fourier phase retrieval: operator vs NumPy, VJP vs finite differences, ambiguities, mask, phantoms."""
 
 from __future__ import annotations
 
+import pathlib
 import time
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from ganflow import GanflowError, load_operator, load_problem
@@ -35,7 +37,8 @@ def numpy_reference(x: np.ndarray, size: int, mask: np.ndarray, intensity: bool)
     [(8, 2, 1.0, False), (16, 2, 0.3, False), (12, 3, 0.7, True), (10, 1.5, 1.0, True), (32, 1, 0.5, False)],
 )
 def test_operator_matches_numpy(n, s, mask_fraction, intensity):
-    op = PhaseRetrievalOperator(n, oversampling=s, mask_fraction=mask_fraction, mask_seed=3, intensity=intensity)
+    op = PhaseRetrievalOperator(n, oversampling=s, mask_fraction=mask_fraction, mask_seed=3,
+                                intensity=intensity)
     x = torch.rand(4, n, n, generator=torch.Generator().manual_seed(n))
     y = op(x)
     assert y.dtype == torch.float32 and tuple(y.shape) == (4, *op.obs_shape)
@@ -87,7 +90,8 @@ def test_twin_gives_identical_magnitudes():
     problem = PhaseRetrievalProblem(n=16)
     x = problem.sample_fields(6, torch.Generator().manual_seed(0))
     x = x + 0.1 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1))  # not point-symmetric
-    for op in (problem.make_operator(), problem.make_operator(oversampling=3, mask_fraction=0.4, intensity=True)):
+    ops = (problem.make_operator(), problem.make_operator(oversampling=3, mask_fraction=0.4, intensity=True))
+    for op in ops:
         y, y_twin = op(x.double()), op(twin(x).double())
         np.testing.assert_allclose(y_twin.numpy(), y.numpy(), rtol=1e-10, atol=1e-12)
     assert not torch.allclose(twin(x), x)
@@ -114,7 +118,7 @@ def test_symmetric_pair_mask_has_no_redundant_pair(size):
     n_self = 4 if size % 2 == 0 else 1
     n_pairs = (size * size + n_self) // 2
     assert mask.sum() == round(0.5 * n_pairs)
-    for r, c in zip(*np.nonzero(mask)):
+    for r, c in zip(*np.nonzero(mask), strict=True):
         pr, pc = (-r) % size, (-c) % size
         assert (pr, pc) == (r, c) or not mask[pr, pc], f"both {(r, c)} and {(pr, pc)} kept"
     assert not np.array_equal(mask, symmetric_pair_mask(size, 0.5, mask_seed=2).numpy())
@@ -203,9 +207,6 @@ def test_smoke_256():
 
 @pytest.mark.parametrize("name", ["phase_retrieval_demo.toml", "phase_retrieval_256.toml"])
 def test_configs_build_problem_and_operator(name):
-    import pathlib
-    import tomllib
-
     cfg = tomllib.loads((pathlib.Path(__file__).parents[1] / "configs" / name).read_text())
     problem = load_problem("phase_retrieval", **cfg["problem"])
     op = load_operator(problem=problem, **cfg["operator"])
