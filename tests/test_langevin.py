@@ -1,6 +1,7 @@
 """Short-run Langevin against the closed-form linear-Gaussian answer.
 
-On linear_gaussian the unadjusted chain is a linear Gaussian recursion: with posterior precision P and mean mu,
+On linear_gaussian the unadjusted chain is a linear Gaussian recursion: with posterior precision P and mean
+mu,
     z_{t+1} = (I - h_t P) z_t + h_t P mu + s_t eps_t,   h_t = s_t^2 / 2,
 so q_s after K steps is N(m_K, C_K) with m, C propagated below, and KL(q_s || N(mu, P^-1)) is closed-form.
 Everything here is numpy, independent of ganflow.posterior.langevin.
@@ -37,7 +38,8 @@ def _problem(k: int, sigma: float, seed: int = 0):
     H = M @ W
     cov_y = sigma**2 * np.eye(H.shape[0]) + H @ H.T
     r = y.double().numpy() - M @ b
-    log_py = -0.5 * (r @ np.linalg.solve(cov_y, r) + np.linalg.slogdet(cov_y)[1] + len(r) * math.log(2 * math.pi))
+    quad = r @ np.linalg.solve(cov_y, r)
+    log_py = -0.5 * (quad + np.linalg.slogdet(cov_y)[1] + len(r) * math.log(2 * math.pi))
     return LatentTarget(G, A, y, sigma), post, log_py
 
 
@@ -84,7 +86,7 @@ def test_chosen_step_size_near_exact_kl_optimum(k, sigma, decay):
     # the estimated -ELBO + log p(y) is the KL itself on a Gaussian problem (Monte-Carlo error only) ...
     assert abs(fit.attrs["kl_estimate"] + log_py - kl_hat) < 0.6
     # ... and the noise-conditioned estimate bounds it from above at every step size it evaluated
-    for s, bound in zip(fit.trace["step_sizes"], fit.trace["kl_path_bound"]):
+    for s, bound in zip(fit.trace["step_sizes"], fit.trace["kl_path_bound"], strict=True):
         exact = _exact_kl(post, s, decay=decay)
         if math.isfinite(exact):  # past the stability limit both blow up; numpy overflows first
             assert bound + log_py >= exact - 0.6
@@ -116,7 +118,8 @@ def test_biased_initial_sampler_is_corrected():
         return mean + scale * torch.randn(n, len(mean), generator=generator)
 
     x0 = init(2000, torch.Generator().manual_seed(5)).double().numpy()
-    fit = run_langevin(target, LangevinSettings(n_samples=2000, **FAST), torch.Generator().manual_seed(2), init=init)
+    fit = run_langevin(target, LangevinSettings(n_samples=2000, **FAST), torch.Generator().manual_seed(2),
+                       init=init)
     mean_err0, std_err0 = _moment_errors(x0, post)
     mean_err, std_err = _moment_errors(fit.samples.double().numpy(), post)
     assert mean_err < 0.5 * mean_err0 and std_err < 0.5 * std_err0, (mean_err0, mean_err, std_err0, std_err)
@@ -126,7 +129,8 @@ def test_biased_initial_sampler_is_corrected():
 def test_under_trained_flow_initialisation_is_corrected():
     flow_mod = pytest.importorskip("ganflow.posterior.flow")
     target, post, _ = _problem(8, 1.0)
-    flow_settings = flow_mod.FlowSettings(max_iter=25, min_iter=0, warmup=0, n_layers=2, hidden=16, progress=False)
+    flow_settings = flow_mod.FlowSettings(max_iter=25, min_iter=0, warmup=0, n_layers=2, hidden=16,
+                                          progress=False)
     flow_fit = flow_mod.fit_flow(target, flow_settings, torch.Generator().manual_seed(3))
     x0 = flow_fit.sampler(2000, torch.Generator().manual_seed(4)).double().numpy()
     fit = run_langevin(target, LangevinSettings(n_samples=2000, init="flow", **FAST),

@@ -43,7 +43,8 @@ def test_nuts_matches_exact_posterior():
     assert fit.n_forward_evals > 1200 and fit.trace["chain"].shape == (1200,)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 20 draws after 20 warm-up steps: R-hat is expected to be high
+# 20 draws after 20 warm-up steps: a high R-hat is expected and warned about
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_same_seed_same_draws():
     target, _ = _problem(2, 0.5)
     s = NutsSettings(num_chains=2, num_samples=20, warmup_steps=20)
@@ -99,4 +100,5 @@ def test_non_finite_gradient_is_an_error_not_nan():
     p = LinearGaussianProblem(n=16, latent_dim=3)
     target = LatentTarget(_NaNGradGenerator(p.generator()), p.make_operator(), torch.zeros(p.obs_shape), 0.5)
     with pytest.raises(GanflowError, match="non-finite"):
-        run_nuts(target, NutsSettings(num_chains=1, num_samples=10, warmup_steps=10), torch.Generator().manual_seed(0))
+        run_nuts(target, NutsSettings(num_chains=1, num_samples=10, warmup_steps=10),
+                 torch.Generator().manual_seed(0))

@@ -1,21 +1,22 @@
 """Short-run Langevin posterior with a variationally chosen step size.
 
-A batch of chains starts from ``q_0`` (the prior ``N(0, I_k)``, or any initial sampler such as a fitted flow) and
-runs ``K`` unadjusted Langevin steps on the latent posterior (Nijkamp et al., ECCV 2020; Pang et al., EACL 2021):
+A batch of chains starts from ``q_0`` (the prior ``N(0, I_k)``, or any initial sampler such as a fitted flow)
+and runs ``K`` unadjusted Langevin steps on the latent posterior (Nijkamp et al., ECCV 2020; Pang et al., EACL
+2021):
 
     z_{t+1} = z_t + (s_t^2 / 2) grad log p(z_t | y) + s_t eps_t,     eps_t ~ N(0, I_k),
 
-with no accept/reject; each chain's end point ``z_K`` is one draw of ``q_s``. The step size ``s`` (``s_t = s``, or
-a geometric decrease ``s_t = s * decay^(t / (K-1))``) is chosen by minimising an estimate of
+with no accept/reject; each chain's end point ``z_K`` is one draw of ``q_s``. The step size ``s`` (``s_t =
+s``, or a geometric decrease ``s_t = s * decay^(t / (K-1))``) is chosen by minimising an estimate of
 
     KL(q_s || p(z|y)) - log p(y) = E_q[log q_s(z_K) - log p(y, z_K)] = -H(q_s) - E_q[log p(y, z_K)]
 
-(``log p(y)`` is unknown in general and does not depend on ``s``; the stored ``kl_estimates`` are this negative
-ELBO). ``E_q[log p(y, z_K)]`` is a plain Monte-Carlo average; the entropy ``H(q_s)`` has no closed form and is
-estimated in one of three ways (``LangevinSettings.entropy``):
+(``log p(y)`` is unknown in general and does not depend on ``s``; the stored ``kl_estimates`` are this
+negative ELBO). ``E_q[log p(y, z_K)]`` is a plain Monte-Carlo average; the entropy ``H(q_s)`` has no closed
+form and is estimated in one of three ways (``LangevinSettings.entropy``):
 
-``"path"`` -- condition on the noise.  Given ``eps_{0..K-1}`` the chain is a bijection ``z_0 -> z_K`` with Jacobian
-    ``prod_t J_t``, ``J_t = I + (s_t^2/2) Hess log p(z_t|y)``, so
+``"path"`` -- condition on the noise.  Given ``eps_{0..K-1}`` the chain is a bijection ``z_0 -> z_K`` with
+    Jacobian ``prod_t J_t``, ``J_t = I + (s_t^2/2) Hess log p(z_t|y)``, so
     ``log q(z_K | eps) = log q_0(z_0) - sum_t log|det J_t|`` exactly.  But ``E[-log q(z_K|eps)] = H(z_K | eps)
     = H(z_K) - I(z_K; eps)``: the entropy is *under*-estimated by the mutual information between the end point
     and the noise path, so the estimate is an upper bound on the KL (it is the KL between the joint laws of
@@ -23,26 +24,27 @@ estimated in one of three ways (``LangevinSettings.entropy``):
     noise then carries all of ``z_K``'s spread), so this estimator systematically picks too small a step size
     exactly when the chain mixes well (measured in docs/samplers.md: about half the optimal ``s`` on
     linear_gaussian).  Kept as a diagnostic and a guaranteed bound (``trace["kl_path_bound"]``).
-``"linearized"`` (default for ``k <= hessian_max_dim``) -- the same Jacobians, but the noise enters the entropy
-    too: along each chain the step is linearised, ``z_{t+1} ~ J_t z_t + s_t eps_t``, and a covariance is
-    propagated, ``C_0 = Cov(q_0)``, ``C_{t+1} = J_t C_t J_t^T + s_t^2 I``; ``H ~ mean_i 1/2 log det(2 pi e C_K^(i))``.
-    Exact when ``log p(z|y)`` is quadratic (then ``q_s`` is Gaussian with covariance ``C_K``); otherwise a local
-    Gaussian approximation, neither a bound (it ignores the entropy between modes, which errs towards a larger
-    KL) nor exact.
+``"linearized"`` (default for ``k <= hessian_max_dim``) -- the same Jacobians, but the noise enters the
+    entropy too: along each chain the step is linearised, ``z_{t+1} ~ J_t z_t + s_t eps_t``, and a covariance
+    is propagated, ``C_0 = Cov(q_0)``, ``C_{t+1} = J_t C_t J_t^T + s_t^2 I``; ``H ~ mean_i 1/2 log det(2 pi e
+    C_K^(i))``. Exact when ``log p(z|y)`` is quadratic (then ``q_s`` is Gaussian with covariance ``C_K``);
+    otherwise a local Gaussian approximation, neither a bound (it ignores the entropy between modes, which
+    errs towards a larger KL) nor exact.
 ``"gaussian"`` (default beyond ``hessian_max_dim``) -- the entropy of the Gaussian with the chains' sample
     covariance: an upper bound on ``H(q_s)`` (maximum entropy), so the KL is under-estimated for non-Gaussian
     ``q_s``; needs no Hessians and more chains than dimensions.
 
-The Hessians are exact (``k`` double-backward passes per step), so ``"path"`` and ``"linearized"`` are limited to
-``k <= hessian_max_dim`` (64 by default).  A Hutchinson / power-series estimate of ``log det(I + h Hess)`` was not
-adopted: the series converges only for ``h |lambda_max| < 1`` while the KL-optimal step sits near the stability
-limit ``h |lambda_max| ~ 1..2``, where it diverges.
+The Hessians are exact (``k`` double-backward passes per step), so ``"path"`` and ``"linearized"`` are limited
+to ``k <= hessian_max_dim`` (64 by default).  A Hutchinson / power-series estimate of ``log det(I + h Hess)``
+was not adopted: the series converges only for ``h |lambda_max| < 1`` while the KL-optimal step sits near the
+stability limit ``h |lambda_max| ~ 1..2``, where it diverges.
 
 The search is done with common random numbers (the same ``z_0`` and ``eps`` for every ``s``, so the estimated
 curve is a smooth function of ``s``): a log-spaced grid over ``[search_min, search_max]``, then golden-section
-refinement in ``log s`` between the grid neighbours of the best point.  Step sizes whose chains overflow count as
-``+inf``.  With ``mala = true`` each step is a Metropolis-adjusted Langevin proposal (asymptotically exact; run
-longer chains); the step size is then still chosen on the unadjusted chain and the acceptance rate is recorded.
+refinement in ``log s`` between the grid neighbours of the best point.  Step sizes whose chains overflow count
+as ``+inf``.  With ``mala = true`` each step is a Metropolis-adjusted Langevin proposal (asymptotically exact;
+run longer chains); the step size is then still chosen on the unadjusted chain and the acceptance rate is
+recorded.
 
 Example:
     >>> import torch
@@ -75,8 +77,8 @@ from .target import LatentTarget
 
 __all__ = ["LangevinSettings", "run_langevin", "langevin_kl_estimate", "HAND_SET_STEP_SIZE"]
 
-# A typical hand-set short-run step size (K = 20 .. 40 steps of s = 0.1 in the short-run inference literature);
-# what one would ship without the search, and the baseline the search is tested against.
+# A typical hand-set short-run step size (K = 20 .. 40 steps of s = 0.1 in the short-run inference
+# literature); what one would ship without the search, and the baseline the search is tested against.
 HAND_SET_STEP_SIZE = 0.1
 
 InitSampler = Callable[[int, torch.Generator], Tensor]
@@ -131,7 +133,8 @@ class LangevinSettings:
             raise GanflowError(f"langevin.step_decay must be in (0, 1], got {self.step_decay}")
         if not (0 < self.search_min < self.search_max):
             raise GanflowError(
-                f"langevin.search_min and search_max need 0 < min < max, got {self.search_min}, {self.search_max}"
+                "langevin.search_min and search_max need 0 < min < max, "
+                f"got {self.search_min}, {self.search_max}"
             )
         if self.search_grid < 3:
             raise GanflowError(f"langevin.search_grid must be >= 3, got {self.search_grid}")
@@ -140,7 +143,9 @@ class LangevinSettings:
         if self.search_chains < 2:
             raise GanflowError(f"langevin.search_chains must be >= 2, got {self.search_chains}")
         if self.entropy not in ("auto", "linearized", "path", "gaussian"):
-            raise GanflowError(f"langevin.entropy must be auto, linearized, path or gaussian, got {self.entropy!r}")
+            raise GanflowError(
+                f"langevin.entropy must be auto, linearized, path or gaussian, got {self.entropy!r}"
+            )
         if self.hessian_max_dim < 1:
             raise GanflowError(f"langevin.hessian_max_dim must be >= 1, got {self.hessian_max_dim}")
         if self.init not in ("prior", "flow"):
@@ -155,8 +160,8 @@ def _schedule(step_size: float, n_steps: int, decay: float) -> list[float]:
 
 
 def _grad_and_hessian(target: LatentTarget, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``log p(y, z)`` ``[N]``, its gradient ``[N, k]`` and Hessian ``[N, k, k]`` (exact, ``k`` backward passes;
-    rows of the batch are independent so one backward per coordinate serves every chain)."""
+    """``log p(y, z)`` ``[N]``, its gradient ``[N, k]`` and Hessian ``[N, k, k]`` (exact, ``k`` backward
+    passes; rows of the batch are independent so one backward per coordinate serves every chain)."""
     k = z.shape[1]
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
@@ -195,13 +200,13 @@ def langevin_kl_estimate(
         noise: ``[K, N, k]`` standard normal ``eps_t``.
         step_decay: see `LangevinSettings`.
         entropy: ``"linearized"``, ``"path"`` or ``"gaussian"`` (module docstring).
-        init_is_prior: ``q_0 = N(0, I)``; otherwise ``q_0`` is replaced by the Gaussian with ``z0``'s sample mean
-            and covariance in the entropy term (its density is not available from a sampler).
+        init_is_prior: ``q_0 = N(0, I)``; otherwise ``q_0`` is replaced by the Gaussian with ``z0``'s sample
+            mean and covariance in the entropy term (its density is not available from a sampler).
 
     Returns:
-        ``{"kl": float, "kl_path": float, "failed_step": int | None}``: the estimate with the chosen entropy,
-        the noise-conditioned upper bound (``nan`` for ``"gaussian"``, which computes no Hessians), and the first
-        step whose gradient or Hessian was non-finite (then both are ``inf``).
+        ``{"kl": float, "kl_path": float, "failed_step": int | None}``: the estimate with the chosen
+        entropy, the noise-conditioned upper bound (``nan`` for ``"gaussian"``, which computes no Hessians),
+        and the first step whose gradient or Hessian was non-finite (then both are ``inf``).
     """
     N, k = z0.shape
     steps = _schedule(step_size, noise.shape[0], step_decay)
@@ -377,8 +382,8 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
         ``kl_path_bound`` (sorted by ``s``), ``loss`` (the search objective in evaluation order),
         ``mean_log_joint`` per step of the final run (and ``acceptance`` per step with MALA); ``attrs``:
         ``step_size``, ``n_steps``, ``kl_estimate`` (``KL - log p(y)`` at the chosen ``s``), ``entropy``,
-        ``step_decay``, ``mala``, ``init`` (and ``acceptance_rate``). ``n_forward_evals`` counts the evaluations
-        made by this call (search and final run), not those made on ``target`` before it.
+        ``step_decay``, ``mala``, ``init`` (and ``acceptance_rate``). ``n_forward_evals`` counts the
+        evaluations made by this call (search and final run), not those made on ``target`` before it.
     """
     settings = settings or LangevinSettings()
     settings.validate()

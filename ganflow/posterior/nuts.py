@@ -5,17 +5,17 @@ The gold standard against which the flow and short-run Langevin are validated: p
 
     U(z) = -log p(y, z) = ||y - A(G(z))||^2 / (2 sigma^2) + ||z||^2 / 2 + const,
 
-with Stan-style windowed warm-up adapting the step size (dual averaging to ``target_accept_prob``) and the mass
-matrix (dense when ``k <= dense_max_dim``, diagonal beyond). Several chains start from over-dispersed points
-(prior draws, as the Gelman-Rubin diagnostic assumes) or from a seeded partial optimisation; the draws of all
-chains are concatenated. Convergence is summarised by the largest split R-hat and the smallest effective sample
-size over the latent coordinates (``pyro.ops.stats``); R-hat above ``rhat_threshold`` warns.
+with Stan-style windowed warm-up adapting the step size (dual averaging to ``target_accept_prob``) and the
+mass matrix (dense when ``k <= dense_max_dim``, diagonal beyond). Several chains start from over-dispersed
+points (prior draws, as the Gelman-Rubin diagnostic assumes) or from a seeded partial optimisation; the draws
+of all chains are concatenated. Convergence is summarised by the largest split R-hat and the smallest
+effective sample size over the latent coordinates (``pyro.ops.stats``); R-hat above ``rhat_threshold`` warns.
 
 Chains run one after another in this process. pyro's own ``num_chains > 1`` forks worker processes, which on a
-small shared CPU oversubscribes the cores (each worker runs its own torch threads), requires a picklable target
-and makes the global-RNG seeding per chain less transparent; sequential chains are slower in wall time but
-reliable and bit-reproducible. Each chain reseeds pyro's global RNG (``pyro.set_rng_seed``) from ``generator``;
-the caller's global RNG state (torch, numpy, random) is restored afterwards.
+small shared CPU oversubscribes the cores (each worker runs its own torch threads), requires a picklable
+target and makes the global-RNG seeding per chain less transparent; sequential chains are slower in wall time
+but reliable and bit-reproducible. Each chain reseeds pyro's global RNG (``pyro.set_rng_seed``) from
+``generator``; the caller's global RNG state (torch, numpy, random) is restored afterwards.
 
 Example:
     >>> import torch
@@ -87,7 +87,9 @@ class NutsSettings:
         if self.num_chains < 1:
             raise GanflowError(f"nuts.num_chains must be >= 1, got {self.num_chains}")
         if self.num_samples < 4:
-            raise GanflowError(f"nuts.num_samples must be >= 4 (split R-hat needs 4 draws), got {self.num_samples}")
+            raise GanflowError(
+                f"nuts.num_samples must be >= 4 (split R-hat needs 4 draws), got {self.num_samples}"
+            )
         if self.warmup_steps < 0:
             raise GanflowError(f"nuts.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not (0 < self.target_accept_prob < 1):
@@ -119,7 +121,8 @@ def _seeded_global_rng(seed: int):
         random.setstate(py_state)
 
 
-def _initial_points(target: LatentTarget, settings: NutsSettings, generator: torch.Generator, dtype) -> torch.Tensor:
+def _initial_points(target: LatentTarget, settings: NutsSettings, generator: torch.Generator,
+                    dtype: torch.dtype) -> torch.Tensor:
     """``[num_chains, k]`` start points: prior draws, optionally moved uphill by Adam."""
     z = torch.randn(settings.num_chains, target.latent_dim, generator=generator, dtype=dtype)
     if settings.init == "optimize" and settings.init_opt_steps > 0:
@@ -159,7 +162,8 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
     settings.validate()
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     k = target.latent_dim
-    dense = settings.mass_matrix == "dense" or (settings.mass_matrix == "auto" and k <= settings.dense_max_dim)
+    auto_dense = settings.mass_matrix == "auto" and k <= settings.dense_max_dim
+    dense = settings.mass_matrix == "dense" or auto_dense
     dtype = target.y.dtype if target.y.is_floating_point() else torch.get_default_dtype()
     evals0 = target.n_forward_evals
     t0 = time.perf_counter()
@@ -191,7 +195,9 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
             mcmc.run()
         draws = mcmc.get_samples()["z"].detach().reshape(settings.num_samples, k)
         if not bool(torch.isfinite(draws).all()):
-            raise GanflowError(f"nuts: chain {c} produced non-finite draws (non-finite gradient of the target?)")
+            raise GanflowError(
+                f"nuts: chain {c} produced non-finite draws (non-finite gradient of the target?)"
+            )
         chains.append(draws)
         step_sizes.append(float(kernel.step_size))
         # the kernel resets its counters after a run; MCMC keeps each chain's diagnostics
@@ -213,7 +219,9 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         print(msg, file=sys.stderr)
     if divergences:
-        warnings.warn(f"nuts: {divergences} divergent transitions after warm-up", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"nuts: {divergences} divergent transitions after warm-up", RuntimeWarning, stacklevel=2
+        )
 
     return LatentFit(
         method="nuts",
