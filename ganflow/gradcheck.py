@@ -1,14 +1,14 @@
-"""Verify a forward operator before any solve: shapes, batch consistency, its VJP against finite differences, speed.
+"""Verify a forward operator before any solve: shapes, batch consistency, VJP vs finite differences, speed.
 
-The VJP check follows hIPPYlib's ``modelVerify``: with a random field ``x``, a random direction ``delta`` and a random
-cotangent ``w``, the scalar ``l(x) = <w, A(x)>`` has the autograd directional derivative ``<grad l(x), delta>``
-(one vector-Jacobian product), compared with the central difference
+The VJP check follows hIPPYlib's ``modelVerify``: with a random field ``x``, a random direction ``delta`` and
+a random cotangent ``w``, the scalar ``l(x) = <w, A(x)>`` has the autograd directional derivative
+``<grad l(x), delta>`` (one vector-Jacobian product), compared with the central difference
 
     fd(eps) = (l(x + eps delta) - l(x - eps delta)) / (2 eps)
 
-at shrinking ``eps``. A correct VJP shows an error falling like ``eps^2`` until round-off takes over; a wrong one
-levels off at the size of the mistake. The check runs in float64 when the operator accepts it (a float64 copy of
-the operator is made; the caller's operator is not changed).
+at shrinking ``eps``. A correct VJP shows an error falling like ``eps^2`` until round-off takes over; a wrong
+one levels off at the size of the mistake. The check runs in float64 when the operator accepts it (a float64
+copy of the operator is made; the caller's operator is not changed).
 
 Example:
     >>> from problems.linear_gaussian import BlurSubsample
@@ -43,10 +43,11 @@ def _is_problem(obj) -> bool:
     return all(hasattr(obj, a) for a in ("make_operator", "sample_fields"))
 
 
-def operator_from_spec(spec: str, kwargs: dict | None = None, generator: torch.Generator | None = None,
-                       batch: int = 4):
-    """``(operator, x)`` from a spec: a problem spec gives ``problem.make_operator(**kwargs)`` and ``x`` drawn from
-    ``problem.sample_fields`` (None when its shape does not fit); an operator spec gives ``x = None``."""
+def operator_from_spec(
+    spec: str, kwargs: dict | None = None, generator: torch.Generator | None = None, batch: int = 4
+):
+    """``(operator, x)`` from a spec: a problem spec gives ``problem.make_operator(**kwargs)`` and ``x`` drawn
+    from ``problem.sample_fields`` (None when its shape does not fit); an operator spec gives ``x = None``."""
     obj = resolve_spec(spec)
     kwargs = dict(kwargs or {})
     if not _is_problem(obj):
@@ -82,22 +83,30 @@ def _timed(fn, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def check_operator(op, generator: torch.Generator | None = None, batch: int = 4,
-                   eps_list: Sequence[float] = DEFAULT_EPS, x: Tensor | None = None, repeats: int = 3) -> dict:
+def check_operator(
+    op,
+    generator: torch.Generator | None = None,
+    batch: int = 4,
+    eps_list: Sequence[float] = DEFAULT_EPS,
+    x: Tensor | None = None,
+    repeats: int = 3,
+) -> dict:
     """Check a forward operator; returns a report dict (see `format_report`).
 
     Args:
         op: a forward operator ``[B, *field_shape] -> [B, *obs_shape]``.
-        generator: draws ``x`` (unless given), the direction ``delta`` and the cotangent ``w``; seeded 0 if None.
+        generator: draws ``x`` (unless given), the direction ``delta`` and the cotangent ``w``
+            (seeded 0 if None).
         batch: ``B``.
         eps_list: finite-difference steps, largest first.
         x: the field to check at, ``[B, *field_shape]`` (default: standard normal).
         repeats: timing repeats (the median is reported).
 
-    Report keys: ``field_shape``, ``obs_shape``, ``batch``, ``dtype``, ``batch_consistency`` (max |A(x)[:1] - A(x[:1])|),
-    ``directional_derivative`` (autograd ``<grad l, delta>``), ``rows`` (``eps``, ``fd``, ``abs_err``, ``rel_err``),
-    ``min_rel_err``, ``tol``, ``decreasing`` (the error at the best step is below the error at the largest, or
-    within ``tol`` from the start), ``passed`` (``min_rel_err < tol``), ``forward_s`` and ``forward_vjp_s`` (median seconds per batch, in the operator's own dtype).
+    Report keys: ``field_shape``, ``obs_shape``, ``batch``, ``dtype``;
+    ``batch_consistency`` (``max |A(x)[:1] - A(x[:1])|``); ``directional_derivative`` (``<grad l, delta>``);
+    ``rows`` (``eps``, ``fd``, ``abs_err``, ``rel_err``); ``min_rel_err``, ``tol``; ``decreasing`` (the best
+    error is below the error at the largest step, or within ``tol`` from the start); ``passed``
+    (``min_rel_err < tol``); ``forward_s`` and ``forward_vjp_s`` (median seconds per batch, own dtype).
     """
     check_operator_contract(op)
     if batch < 1:
@@ -190,8 +199,12 @@ def format_report(report: dict, title: str = "operator") -> str:
     for r in report["rows"]:
         lines.append(f"  {r['eps']:9.1e}  {r['fd']:20.12e}  {r['abs_err']:10.3e}  {r['rel_err']:10.3e}")
     verdict = "PASSED" if report["passed"] else "FAILED"
-    lines.append(f"  {verdict}: min rel error {report['min_rel_err']:.2e} (tol {report['tol']:.0e}), "
-                 f"{'decreasing' if report['decreasing'] else 'not decreasing'} with eps")
-    lines.append(f"  time per batch of {report['batch']}: forward {report['forward_s'] * 1e3:.2f} ms, "
-                 f"forward + VJP {report['forward_vjp_s'] * 1e3:.2f} ms")
+    lines.append(
+        f"  {verdict}: min rel error {report['min_rel_err']:.2e} (tol {report['tol']:.0e}), "
+        f"{'decreasing' if report['decreasing'] else 'not decreasing'} with eps"
+    )
+    lines.append(
+        f"  time per batch of {report['batch']}: forward {report['forward_s'] * 1e3:.2f} ms, "
+        f"forward + VJP {report['forward_vjp_s'] * 1e3:.2f} ms"
+    )
     return "\n".join(lines)

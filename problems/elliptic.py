@@ -6,27 +6,30 @@ PDE on the unit square Omega = (0, 1)^2:
 
 Boundary conditions (``bc``):
 
-- ``"hippylib"`` (default, as in hIPPYlib's Poisson tutorial): ``f = 0``, ``u = 0`` on the bottom edge ``y = 0``,
-  ``u = 1`` on the top edge ``y = 1``, no flux ``exp(m) du/dx = 0`` through the sides ``x = 0`` and ``x = 1``;
+- ``"hippylib"`` (default, as in hIPPYlib's Poisson tutorial): ``f = 0``, ``u = 0`` on the bottom edge
+  ``y = 0``, ``u = 1`` on the top edge ``y = 1``, no flux ``exp(m) du/dx = 0`` through the sides ``x = 0``
+  and ``x = 1``;
 - ``"darcy"``: ``f = 1``, ``u = 0`` on the whole boundary.
 
 Grid convention: a field is ``[n, n]``; entry ``[i, j]`` is the cell of side ``h = 1/n`` whose centre is
 ``x = (j + 1/2) h``, ``y = (i + 1/2) h``; row 0 touches the bottom edge ``y = 0``.
 
-Discretisation (second-order cell-centred finite volumes): with ``kappa = exp(m)`` per cell, the flux through the
-face between neighbouring cells P and Q (face length h, centre distance h) is ``T_PQ (u_P - u_Q)`` with the
-transmissibility ``T_PQ = 2 kappa_P kappa_Q / (kappa_P + kappa_Q)`` (harmonic mean); through a Dirichlet face (half-cell
-distance h/2 to the boundary value g) it is ``2 kappa_P (u_P - g)``; no-flux faces contribute nothing. Balancing the
-fluxes out of each cell against ``f_P h^2`` gives ``K(m) u = b(m)`` with K symmetric positive definite.
-``K`` is assembled with scipy.sparse and factorised per sample with SuperLU (`scipy.sparse.linalg.splu`);
-the backward pass solves the adjoint system ``K^T lam = dl/du`` with the same factors and returns
-``dl/dm = -lam^T (dK/dm u - db/dm)``, with ``dT_PQ/dm_P = 2 kappa_P kappa_Q^2 / (kappa_P + kappa_Q)^2``.
+Discretisation (second-order cell-centred finite volumes): with ``kappa = exp(m)`` per cell, the flux through
+the face between neighbouring cells P and Q (face length h, centre distance h) is ``T_PQ (u_P - u_Q)`` with
+the transmissibility ``T_PQ = 2 kappa_P kappa_Q / (kappa_P + kappa_Q)`` (harmonic mean); through a Dirichlet
+face (half-cell distance h/2 to the boundary value g) it is ``2 kappa_P (u_P - g)``; no-flux faces contribute
+nothing. Balancing the fluxes out of each cell against ``f_P h^2`` gives ``K(m) u = b(m)`` with K symmetric
+positive definite. ``K`` is assembled with scipy.sparse and factorised per sample with SuperLU
+(`scipy.sparse.linalg.splu`); the backward pass solves the adjoint system ``K^T lam = dl/du`` with the same
+factors and returns ``dl/dm = -lam^T (dK/dm u - db/dm)``, with
+``dT_PQ/dm_P = 2 kappa_P kappa_Q^2 / (kappa_P + kappa_Q)^2``.
 
 Observations (``sensors``): bilinear interpolation of the cell-centre solution, extended to the boundary
-(Dirichlet sides take the boundary value; no-flux sides take the adjacent cell value, i.e. zero normal derivative),
-so every point of the closed unit square can be observed:
+(Dirichlet sides take the boundary value; no-flux sides take the adjacent cell value, i.e. zero normal
+derivative), so every point of the closed unit square can be observed:
 
-- ``"grid:K"`` (default ``"grid:8"``): the K x K points ``((b + 1)/(K + 1), (a + 1)/(K + 1))``, ``a`` (row, y) slow;
+- ``"grid:K"`` (default ``"grid:8"``): the K x K points ``((b + 1)/(K + 1), (a + 1)/(K + 1))``, with ``a``
+  (row, y) slow;
 - ``"random:N"``: N points uniform on the unit square, drawn with ``sensor_seed``;
 - ``"hippylib"``: 50 points uniform on [0.1, 0.9] x [0.1, 0.5] (hIPPYlib's Poisson example), drawn with
   ``sensor_seed``;
@@ -34,13 +37,13 @@ so every point of the closed unit square can be observed:
 - a list of ``[x, y]`` pairs inside the closed unit square.
 
 Example fields (the prior's training data): FFT spectral synthesis of a Gaussian random field with a
-squared-exponential covariance ``exp(-(dx/lx)^2/2 - (dy/ly)^2/2)`` on a periodic ``2n x 2n`` grid, cropped to ``n x n``.
-``prior="channels"`` thresholds it at 0 into a binary medium of conductivity 12 or 3 (``m = log 12`` or
-``log 3``) with channels running along y (``corr_length = (0.06, 0.3)``); ``prior="grf"`` is
+squared-exponential covariance ``exp(-(dx/lx)^2/2 - (dy/ly)^2/2)`` on a periodic ``2n x 2n`` grid, cropped
+to ``n x n``. ``prior="channels"`` thresholds it at 0 into a binary medium of conductivity 12 or 3
+(``m = log 12`` or ``log 3``), channels running along y (``corr_length = (0.06, 0.3)``); ``prior="grf"`` is
 ``m = mean + std * g`` with ``corr_length = 0.2``.
 
-Quantities of interest: ``"pressure"`` (u, ``[B, n, n]``) and ``"flux_top"``: ``int_{y=1} exp(m) du/dy dx``, the
-total flux through the top edge; with the hippylib BCs it is the effective conductivity of the square (for
+Quantities of interest: ``"pressure"`` (u, ``[B, n, n]``) and ``"flux_top"``: ``int_{y=1} exp(m) du/dy dx``,
+the total flux through the top edge; with the hippylib BCs it is the effective conductivity of the square (for
 layers ``m(y)`` the harmonic mean, for layers ``m(x)`` the arithmetic mean).
 
 Example:
@@ -55,8 +58,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -85,23 +86,19 @@ BOUNDARY_CONDITIONS = {
 }
 
 
-def _n_workers(batch: int) -> int:
-    # SuperLU releases the GIL while factorising, so threads overlap; respect OMP_NUM_THREADS / torch's setting.
-    return max(1, min(batch, torch.get_num_threads(), os.cpu_count() or 1))
-
-
 class FiniteVolumeSolver:
     """Cell-centred finite volumes for ``-div(exp(m) grad u) = f`` on the unit square, batched over ``m``.
 
     Args:
         n: cells per side; fields are ``[n, n]`` (see the module docstring for the grid convention).
-        dirichlet: side name (``bottom``, ``top``, ``left``, ``right``) -> boundary value, a number or an array
-            ``[n]`` of values at the face midpoints (along x for bottom/top, along y for left/right).
+        dirichlet: side name (``bottom``, ``top``, ``left``, ``right``) -> boundary value, a number or an
+            array ``[n]`` of values at the face midpoints (along x for bottom/top, along y for left/right).
             Sides not listed have no flux.
         source: f, a number or an array ``[n, n]`` of cell-centre values (midpoint rule).
 
-    ``solve(m)`` takes ``m`` ``[B, n, n]`` (float64 numpy) and returns ``u`` ``[B, n, n]`` and the list of SuperLU
-    factors; ``gradient(m, u, factors, grad_u)`` returns ``dl/dm`` for ``grad_u = dl/du`` (one adjoint solve each).
+    ``solve(m)`` takes ``m`` ``[B, n, n]`` (float64 numpy) and returns ``u`` ``[B, n, n]`` and the list of
+    SuperLU factors; ``gradient(m, u, factors, grad_u)`` returns ``dl/dm`` for ``grad_u = dl/du`` (one adjoint
+    solve each).
     """
 
     def __init__(self, n: int, dirichlet: dict, source: float | np.ndarray = 0.0):
@@ -110,7 +107,9 @@ class FiniteVolumeSolver:
             raise GanflowError(f"elliptic: need n >= 2 cells per side, got {n}")
         unknown = sorted(set(dirichlet) - set(SIDES))
         if unknown:
-            raise GanflowError(f"elliptic: unknown boundary side(s) {', '.join(unknown)} (known: {', '.join(SIDES)})")
+            raise GanflowError(
+                f"elliptic: unknown boundary side(s) {', '.join(unknown)} (known: {', '.join(SIDES)})"
+            )
         self.n, self.h, N = n, 1.0 / n, n * n
         idx = np.arange(N).reshape(n, n)
         # Interior faces: x-neighbours then y-neighbours; P is the left/lower cell, Q the right/upper one.
@@ -166,42 +165,34 @@ class FiniteVolumeSolver:
     def solve(self, m: np.ndarray) -> tuple[np.ndarray, list]:
         """``m`` ``[B, n, n]`` float64 -> ``u`` ``[B, n, n]`` and the SuperLU factors (for `gradient`)."""
         mats, rhs = self.assemble(m)
-
-        def one(b: int):
-            # K is SPD: symmetric ordering and no pivoting keep the factorisation cheap and stable.
-            lu = spla.splu(mats[b], permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                           options={"SymmetricMode": True})
-            return lu, lu.solve(rhs[b])
-
-        results = self._map(one, len(mats))
-        u = np.stack([r[1] for r in results]).reshape(m.shape)
-        return u, [r[0] for r in results]
+        # Sequential on purpose: a SuperLU object made in a worker thread leaks its memory in scipy (gh-15921;
+        # measured here: +8 MiB per batch of 16 at n = 32), and two threads gained nothing reliable on 2
+        # cores. K is SPD: a symmetric ordering without pivoting keeps the factorisation cheap and stable.
+        factors = [
+            spla.splu(K, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+            for K in mats
+        ]
+        u = np.stack([lu.solve(b) for lu, b in zip(factors, rhs, strict=True)]).reshape(m.shape)
+        return u, factors
 
     def gradient(self, m: np.ndarray, u: np.ndarray, factors: list, grad_u: np.ndarray) -> np.ndarray:
         """``dl/dm`` ``[B, n, n]`` from ``dl/du`` ``[B, n, n]`` via one adjoint solve per sample."""
         B = m.shape[0]
         g = grad_u.reshape(B, -1)
-        lam = np.stack(self._map(lambda b: factors[b].solve(g[b], trans="T"), B))
+        # adjoint: K^T lam = dl/du, with the forward factors
+        lam = np.stack([lu.solve(gb, trans="T") for lu, gb in zip(factors, g, strict=True)])
         kappa = np.exp(m.reshape(B, -1))
         uf = u.reshape(B, -1)
         p, q, d = self.face_p, self.face_q, self.dir_cell
         kp, kq = kappa[:, p], kappa[:, q]
         s2 = (kp + kq) ** 2
         jump = (uf[:, p] - uf[:, q]) * (lam[:, p] - lam[:, q])
-        # dT/dm_P = kappa_P dT/dkappa_P = 2 kappa_P kappa_Q^2 / (kappa_P + kappa_Q)^2, and symmetrically for Q.
+        # dT/dm_P = kappa_P dT/dkappa_P = 2 kappa_P kappa_Q^2 / (kappa_P + kappa_Q)^2; symmetrically for Q.
         grad = -(self._face_to_p @ (2.0 * kp * kq**2 / s2 * jump).T).T
         grad -= (self._face_to_q @ (2.0 * kq * kp**2 / s2 * jump).T).T
         # Dirichlet face: residual 2 kappa_P (u_P - g), derivative in m_P is the residual itself.
         grad -= (self._dir_to_cell @ (2.0 * kappa[:, d] * lam[:, d] * (uf[:, d] - self.dir_value)).T).T
         return grad.reshape(m.shape)
-
-    @staticmethod
-    def _map(fn, count: int) -> list:
-        workers = _n_workers(count)
-        if workers == 1:
-            return [fn(b) for b in range(count)]
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(fn, range(count)))
 
 
 class _SolveFunction(torch.autograd.Function):
@@ -237,7 +228,9 @@ def sensor_points(sensors, sensor_seed: int = 0) -> np.ndarray | None:
             except ValueError:
                 count = -1
             if count < 1:
-                raise GanflowError(f"elliptic: sensors '{sensors}' needs a positive integer count, e.g. '{name}:8'")
+                raise GanflowError(
+                    f"elliptic: sensors '{sensors}' needs a positive integer count, e.g. '{name}:8'"
+                )
             if name == "grid":
                 t = np.arange(1, count + 1) / (count + 1)
                 yy, xx = np.meshgrid(t, t, indexing="ij")
@@ -245,14 +238,16 @@ def sensor_points(sensors, sensor_seed: int = 0) -> np.ndarray | None:
             gen = torch.Generator().manual_seed(int(sensor_seed))
             return torch.rand(count, 2, generator=gen, dtype=torch.float64).numpy()
         raise GanflowError(
-            f"elliptic: unknown sensors '{sensors}' (use grid:K, random:N, hippylib, full, or a list of [x, y])"
+            f"elliptic: unknown sensors '{sensors}' (use grid:K, random:N, hippylib, full or [[x, y], ...])"
         )
     try:
         pts = np.asarray(sensors, dtype=np.float64)
     except (TypeError, ValueError):
         raise GanflowError("elliptic: sensors must be a layout name or a list of [x, y] pairs") from None
     if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] == 0:
-        raise GanflowError(f"elliptic: sensor coordinates must be a non-empty [N, 2] list, got shape {pts.shape}")
+        raise GanflowError(
+            f"elliptic: sensor coordinates must be a non-empty [N, 2] list, got shape {pts.shape}"
+        )
     if not np.isfinite(pts).all() or (pts < 0).any() or (pts > 1).any():
         bad = int((~np.isfinite(pts).all(1) | (pts < 0).any(1) | (pts > 1).any(1)).sum())
         raise GanflowError(f"elliptic: {bad} sensor(s) outside the unit square [0, 1]^2")
@@ -262,10 +257,10 @@ def sensor_points(sensors, sensor_seed: int = 0) -> np.ndarray | None:
 def bilinear_interpolation(n: int, points: np.ndarray, dirichlet: dict) -> tuple[sp.csr_matrix, np.ndarray]:
     """Bilinear interpolation of a cell-centre field, extended to the boundary: ``u(points) = P u + c``.
 
-    The cell-centre lattice is extended by nodes on the walls x, y in {0, 1}. A wall node takes the Dirichlet value of
-    its side (the mean of both sides at a corner; the value at the nearest face midpoint), or, on a no-flux side,
-    the value of the adjacent cell (zero normal derivative). Exact for fields that are linear in x and y inside the
-    hull of the cell centres, and for boundary data consistent with them.
+    The cell-centre lattice is extended by nodes on the walls x, y in {0, 1}. A wall node takes the Dirichlet
+    value of its side (the mean of both sides at a corner; the value at the nearest face midpoint), or, on a
+    no-flux side, the value of the adjacent cell (zero normal derivative). Exact for fields that are linear in
+    x and y inside the hull of the cell centres, and for boundary data consistent with them.
 
     Args:
         n: cells per side. points: ``[n_obs, 2]`` (x, y) in the closed unit square.
@@ -283,7 +278,12 @@ def bilinear_interpolation(n: int, points: np.ndarray, dirichlet: dict) -> tuple
     wy = (y - nodes[ay]) / (nodes[ay + 1] - nodes[ay])
     rows, cols, vals = [], [], []
     const = np.zeros(len(points))
-    for dr, dc, w in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx), (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+    for dr, dc, w in (
+        (0, 0, (1 - wy) * (1 - wx)),
+        (0, 1, (1 - wy) * wx),
+        (1, 0, wy * (1 - wx)),
+        (1, 1, wy * wx),
+    ):
         r, c = ay + dr, ax + dc  # extended indices, 0..n+1
         walls = [(r == 0, "bottom", c), (r == n + 1, "top", c), (c == 0, "left", r), (c == n + 1, "right", r)]
         total, count = np.zeros(len(points)), np.zeros(len(points))
@@ -325,7 +325,9 @@ class EllipticOperator(nn.Module):
         tensor([[0.2500]], dtype=torch.float64)
     """
 
-    def __init__(self, n: int = 32, bc: str = "hippylib", sensors: str | Sequence = "grid:8", sensor_seed: int = 0):
+    def __init__(
+        self, n: int = 32, bc: str = "hippylib", sensors: str | Sequence = "grid:8", sensor_seed: int = 0
+    ):
         super().__init__()
         if not isinstance(n, int) or isinstance(n, bool) or n < 2:
             raise GanflowError(f"elliptic: n must be an integer >= 2, got {n!r}")
@@ -365,7 +367,9 @@ class EllipticOperator(nn.Module):
         if not m.is_floating_point():
             raise GanflowError(f"elliptic: log-conductivity must be a float tensor, got {m.dtype}")
         if not torch.isfinite(m).all():
-            raise GanflowError(f"elliptic: log-conductivity has {int((~torch.isfinite(m)).sum())} non-finite value(s)")
+            raise GanflowError(
+                f"elliptic: log-conductivity has {int((~torch.isfinite(m)).sum())} non-finite value(s)"
+            )
         if m.detach().abs().max() > 300:  # exp(m) would overflow the face means in float64
             raise GanflowError("elliptic: |log-conductivity| > 300 would overflow exp(m)")
 
@@ -379,13 +383,15 @@ class EllipticOperator(nn.Module):
         if self.sensor_xy.shape[0] == 0:
             return u
         flat = u.reshape(u.shape[0], -1)
-        return (flat[:, self.interp_index] * self.interp_weight.to(u.dtype)).sum(-1) + self.interp_offset.to(u.dtype)
+        return (flat[:, self.interp_index] * self.interp_weight.to(u.dtype)).sum(-1) + self.interp_offset.to(
+            u.dtype
+        )
 
     def forward(self, m: Tensor) -> Tensor:
         return self.observe(self.solve(m)).to(m.dtype)
 
     def flux_top(self, m: Tensor) -> Tensor:
-        """``int_{y=1} exp(m) du/dy dx`` ``[B]`` = sum over top faces of ``2 kappa_P (g - u_P)`` (input dtype)."""
+        """``int_{y=1} exp(m) du/dy dx``, ``[B]``: the sum over top faces of ``2 kappa_P (g - u_P)``."""
         u = self.solve(m)
         kappa_top = torch.exp(m[:, -1, :].to(torch.float64))
         g_top = torch.as_tensor(self.solver.dirichlet["top"], device=u.device)
@@ -393,12 +399,12 @@ class EllipticOperator(nn.Module):
 
 
 def _grf(n_samples: int, n: int, corr_length: tuple[float, float], generator: torch.Generator) -> Tensor:
-    """``[N, n, n]`` unit-variance GRF, squared-exponential covariance, FFT synthesis on a periodic 2n grid."""
+    """``[N, n, n]`` unit-variance GRF, squared-exponential covariance, FFT synthesis on a 2n x 2n torus."""
     M = 2 * n  # padding keeps the periodic wrap-around far from the cropped square
     k = torch.fft.fftfreq(M, d=1.0 / n, dtype=torch.float64)  # cycles per unit length
     lx, ly = corr_length
     # Spectral density of exp(-r^2 / (2 l^2)) is proportional to exp(-2 pi^2 l^2 k^2), per axis.
-    amp = torch.exp(-math.pi**2 * ((ly * k[:, None]) ** 2 + (lx * k[None, :]) ** 2))
+    amp = torch.exp(-(math.pi**2) * ((ly * k[:, None]) ** 2 + (lx * k[None, :]) ** 2))
     amp = amp / torch.sqrt((amp**2).mean())  # unit marginal variance
     noise = torch.randn(n_samples, M, M, generator=generator, dtype=torch.float64)
     field = torch.fft.ifft2(torch.fft.fft2(noise) * amp).real
@@ -410,8 +416,10 @@ class EllipticProblem:
 
     Args:
         n: cells per side; ``field_shape = (n, n)``.
-        prior: ``"channels"`` (binary medium, conductivity 12 or 3) or ``"grf"`` (smooth Gaussian log-conductivity).
-        bc: boundary conditions used by `make_operator` and the QoIs by default (``"hippylib"`` or ``"darcy"``).
+        prior: ``"channels"`` (binary medium, conductivity 12 or 3) or ``"grf"`` (smooth Gaussian
+        log-conductivity).
+        bc: boundary conditions used by `make_operator` and the QoIs by default (``"hippylib"`` or
+        ``"darcy"``).
         corr_length: GRF correlation length, a number or ``[lx, ly]``; default ``[0.06, 0.3]`` for channels
             (channels along y), ``0.2`` for grf.
         mean, std: of ``m`` for ``prior="grf"`` (default 0 and 1).
@@ -425,9 +433,16 @@ class EllipticProblem:
 
     name = "elliptic"
 
-    def __init__(self, n: int = 32, prior: str = "channels", bc: str = "hippylib",
-                 corr_length: float | Sequence[float] | None = None, mean: float | None = None,
-                 std: float | None = None, conductivities: Sequence[float] | None = None):
+    def __init__(
+        self,
+        n: int = 32,
+        prior: str = "channels",
+        bc: str = "hippylib",
+        corr_length: float | Sequence[float] | None = None,
+        mean: float | None = None,
+        std: float | None = None,
+        conductivities: Sequence[float] | None = None,
+    ):
         if not isinstance(n, int) or isinstance(n, bool) or n < 2:
             raise GanflowError(f"elliptic: n must be an integer >= 2, got {n!r}")
         if prior not in ("channels", "grf"):
@@ -442,9 +457,19 @@ class EllipticProblem:
         self.field_shape = (n, n)
         if corr_length is None:
             corr_length = (0.06, 0.3) if prior == "channels" else 0.2
-        lengths = np.broadcast_to(np.asarray(corr_length, dtype=np.float64), (2,)) if np.ndim(corr_length) < 2 else None
-        if lengths is None or np.size(corr_length) not in (1, 2) or not (np.isfinite(lengths) & (lengths > 0)).all():
-            raise GanflowError(f"elliptic: corr_length must be a positive number or [lx, ly], got {corr_length!r}")
+        lengths = (
+            np.broadcast_to(np.asarray(corr_length, dtype=np.float64), (2,))
+            if np.ndim(corr_length) < 2
+            else None
+        )
+        if (
+            lengths is None
+            or np.size(corr_length) not in (1, 2)
+            or not (np.isfinite(lengths) & (lengths > 0)).all()
+        ):
+            raise GanflowError(
+                f"elliptic: corr_length must be a positive number or [lx, ly], got {corr_length!r}"
+            )
         self.corr_length = (float(lengths[0]), float(lengths[1]))
         self.mean = 0.0 if mean is None else float(mean)
         self.std = 1.0 if std is None else float(std)
@@ -452,14 +477,23 @@ class EllipticProblem:
             raise GanflowError(f"elliptic: need a finite mean and std >= 0, got {self.mean}, {self.std}")
         cond = (12.0, 3.0) if conductivities is None else tuple(float(c) for c in conductivities)
         if len(cond) != 2 or not all(math.isfinite(c) and c > 0 for c in cond):
-            raise GanflowError(f"elliptic: conductivities must be two positive numbers, got {conductivities!r}")
+            raise GanflowError(
+                f"elliptic: conductivities must be two positive numbers, got {conductivities!r}"
+            )
         self.conductivities = cond
         self._qoi_operator = None
 
-    def make_operator(self, n: int | None = None, bc: str | None = None, sensors: str | Sequence = "grid:8",
-                      sensor_seed: int = 0) -> EllipticOperator:
+    def make_operator(
+        self,
+        n: int | None = None,
+        bc: str | None = None,
+        sensors: str | Sequence = "grid:8",
+        sensor_seed: int = 0,
+    ) -> EllipticOperator:
         """An `EllipticOperator`; ``n`` and ``bc`` default to the problem's."""
-        return EllipticOperator(self.n if n is None else n, self.bc if bc is None else bc, sensors, sensor_seed)
+        return EllipticOperator(
+            self.n if n is None else n, self.bc if bc is None else bc, sensors, sensor_seed
+        )
 
     def sample_fields(self, n_samples: int, generator: torch.Generator) -> Tensor:
         """``[n_samples, n, n]`` float32 log-conductivity fields from the example prior."""
@@ -472,7 +506,7 @@ class EllipticProblem:
         return m.float()
 
     def qois(self) -> dict:
-        """``pressure``: ``m [B, n, n] -> u [B, n, n]``; ``flux_top``: ``m [B, n, n] -> [B]`` (problem's bc)."""
+        """``pressure``: ``m [B, n, n] -> u [B, n, n]``; ``flux_top``: ``m [B, n, n] -> [B]``."""
         if self._qoi_operator is None:
             self._qoi_operator = EllipticOperator(self.n, self.bc, "full")
         op = self._qoi_operator

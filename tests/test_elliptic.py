@@ -1,5 +1,5 @@
-"""The elliptic problem: convergence to manufactured solutions, exact 1-D solutions, a series solution, adjoint
-gradients against finite differences, interpolation, bad input and the check-operator command."""
+"""The elliptic problem: convergence to manufactured solutions, exact 1-D solutions, a series solution,
+adjoint gradients against finite differences, interpolation, bad input and the check-operator command."""
 
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ def _m(x, y):
 
 
 def _grad_m(x, y):
-    return (1.2 * PI * np.cos(2 * PI * x + 0.3) * np.cos(1.5 * PI * y),
-            -0.9 * PI * np.sin(2 * PI * x + 0.3) * np.sin(1.5 * PI * y))
+    return (
+        1.2 * PI * np.cos(2 * PI * x + 0.3) * np.cos(1.5 * PI * y),
+        -0.9 * PI * np.sin(2 * PI * x + 0.3) * np.sin(1.5 * PI * y),
+    )
 
 
 def _u_hippylib(x, y):
@@ -53,7 +55,12 @@ def _u_hippylib(x, y):
 def _u_darcy(x, y):
     """u = sin(pi x) sin(2 pi y): zero on the whole boundary."""
     u = np.sin(PI * x) * np.sin(2 * PI * y)
-    return u, PI * np.cos(PI * x) * np.sin(2 * PI * y), 2 * PI * np.sin(PI * x) * np.cos(2 * PI * y), -5 * PI**2 * u
+    return (
+        u,
+        PI * np.cos(PI * x) * np.sin(2 * PI * y),
+        2 * PI * np.sin(PI * x) * np.cos(2 * PI * y),
+        -5 * PI**2 * u,
+    )
 
 
 @pytest.mark.parametrize("bc,exact", [("hippylib", _u_hippylib), ("darcy", _u_darcy)])
@@ -102,7 +109,9 @@ def test_gradient_matches_finite_differences(bc, sensors):
 @pytest.mark.parametrize("bc", ["hippylib", "darcy"])
 def test_torch_gradcheck_full_jacobian(bc):
     op = EllipticOperator(n=5, bc=bc, sensors="full")
-    m = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64).requires_grad_(True)
+    m = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64).requires_grad_(
+        True
+    )
     assert torch.autograd.gradcheck(op, (m,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
@@ -136,7 +145,8 @@ def test_layered_media_effective_conductivity():
 
 
 def test_darcy_unit_square_matches_series_solution():
-    # -lap u = 1, u = 0 on the boundary: u(x, y) = sum_{j,k odd} 16 sin(j pi x) sin(k pi y) / (pi^4 j k (j^2 + k^2)).
+    # -lap u = 1, u = 0 on the boundary: u(x, y) = sum_{j,k odd} 16 sin(j pi x) sin(k pi y) / (pi^4 j k (j^2 +
+    # k^2)).
     pts = np.array([[0.5, 0.5], [0.3, 0.8], [0.1, 0.15]])
     jj, kk = np.meshgrid(np.arange(1, 400, 2), np.arange(1, 400, 2), indexing="ij")
     coef = 16.0 / (PI**4 * jj * kk * (jj**2 + kk**2))
@@ -170,10 +180,14 @@ def test_bilinear_interpolation_exact_on_linear_functions():
 def test_sensor_layouts_and_dtypes():
     p = EllipticProblem(n=8)
     assert p.make_operator(sensors="grid:3").obs_shape == (9,)
-    assert np.allclose(p.make_operator(sensors="grid:3").sensor_xy[:4].numpy(),
-                       [[0.25, 0.25], [0.5, 0.25], [0.75, 0.25], [0.25, 0.5]])
+    assert np.allclose(
+        p.make_operator(sensors="grid:3").sensor_xy[:4].numpy(),
+        [[0.25, 0.25], [0.5, 0.25], [0.75, 0.25], [0.25, 0.5]],
+    )
     hip = p.make_operator(sensors="hippylib", sensor_seed=2).sensor_xy.numpy()
-    assert hip.shape == (50, 2) and hip[:, 0].min() >= 0.1 and hip[:, 0].max() <= 0.9 and hip[:, 1].max() <= 0.5
+    assert (
+        hip.shape == (50, 2) and hip[:, 0].min() >= 0.1 and hip[:, 0].max() <= 0.9 and hip[:, 1].max() <= 0.5
+    )
     a = p.make_operator(sensors="random:5", sensor_seed=1).sensor_xy
     assert torch.equal(a, p.make_operator(sensors="random:5", sensor_seed=1).sensor_xy)
     assert not torch.equal(a, p.make_operator(sensors="random:5", sensor_seed=2).sensor_xy)
@@ -185,7 +199,9 @@ def test_sensor_layouts_and_dtypes():
     assert out32.dtype == torch.float32 and out64.dtype == torch.float64 and out32.shape == (3, 8, 8)
     assert torch.allclose(out32.double(), out64, atol=1e-6)
     assert torch.equal(m, p.sample_fields(3, torch.Generator().manual_seed(0)))
-    grf = EllipticProblem(n=32, prior="grf", mean=1.0, std=0.5).sample_fields(200, torch.Generator().manual_seed(0))
+    grf = EllipticProblem(n=32, prior="grf", mean=1.0, std=0.5).sample_fields(
+        200, torch.Generator().manual_seed(0)
+    )
     assert abs(float(grf.mean()) - 1.0) < 0.1 and abs(float(grf.std()) - 0.5) < 0.1
 
 
@@ -217,8 +233,9 @@ def test_bad_input_raises_ganflow_error(make):
 
 
 def test_check_operator_cli_on_elliptic():
-    result = CliRunner().invoke(cli, ["check-operator", "elliptic", "--kw", "n=12", "--kw", "bc=darcy",
-                                      "--batch", "2", "--seed", "1"])
+    result = CliRunner().invoke(
+        cli, ["check-operator", "elliptic", "--kw", "n=12", "--kw", "bc=darcy", "--batch", "2", "--seed", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert "obs_shape (64,)" in result.output and "PASSED" in result.output
     rows = re.findall(r"^\s+(\d\.\de-0\d)\s+\S+\s+(\S+)\s+(\S+)$", result.output, flags=re.M)

@@ -1,4 +1,4 @@
-"""ganflow.gradcheck: the VJP check passes correct operators, fails a wrong VJP, and reports shapes and dtype."""
+"""ganflow.gradcheck: the VJP check passes correct operators, fails a wrong VJP, reports shapes and dtype."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def test_wrong_vjp_fails():
 
 
 def test_float32_only_operator_is_checked_in_float32():
-    report = check_operator(CubeOperator(float32_only=True), torch.Generator().manual_seed(0),
-                            eps_list=(1e-1, 1e-2))
+    report = check_operator(
+        CubeOperator(float32_only=True), torch.Generator().manual_seed(0), eps_list=(1e-1, 1e-2)
+    )
     assert report["dtype"] == "float32" and report["passed"]
 
 
