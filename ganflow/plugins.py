@@ -191,8 +191,11 @@ def load_operator(spec: str | None = None, *, problem=None, problem_kwargs=None,
     """A forward operator from an operator spec, or from a problem (spec or object) via ``make_operator``."""
     if spec is not None:
         obj = resolve_spec(spec)
-        if _looks_like_problem(obj) and not inspect.isclass(obj):
-            op = obj.make_operator(**kwargs)
+        if _looks_like_problem(obj) or (
+            inspect.isclass(obj) and hasattr(obj, "make_operator") and hasattr(obj, "sample_fields")
+        ):
+            # A problem spec names its default operator; kwargs go to make_operator.
+            return load_operator(problem=load_problem(spec), **kwargs)
         else:
             op = instantiate(obj, kwargs, _looks_like_operator, f"operator '{spec}'")
     else:

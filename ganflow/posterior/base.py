@@ -13,7 +13,7 @@ A method (flow, Langevin, NUTS) runs against a `LatentTarget` and returns a `Lat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ class LatentFit:
     settings: dict = field(default_factory=dict)
     n_forward_evals: int = 0
     wall_time_s: float = 0.0
+    model: Any = None  # the fitted object itself (the flow), for in-process reuse such as `--init flow`
 
     def draw(self, n: int, generator: torch.Generator) -> Tensor:
         """``[n, k]`` latent draws: fresh from ``sampler``, else the stored ``samples`` (without replacement

@@ -1,0 +1,146 @@
+"""Figures of a posterior (matplotlib, Agg backend; each PNG written atomically).
+
+``plot_posterior(result, outdir)`` writes
+
+- ``fields.png``: truth, posterior mean, std, |error| and the 95 %-interval coverage map (2-D fields), or the
+  mean with its 95 % band and the truth (1-D fields);
+- ``samples.png``: a grid of posterior field samples;
+- ``trace.png``: the per-iteration objective (and any other traces);
+- ``obs.png``: data against the posterior-predictive mean.
+Diagnostic values (error, coverage, chi^2) go in the titles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .errors import GanflowError  # noqa: E402
+from .io import atomic_path  # noqa: E402
+
+__all__ = ["plot_posterior", "save_figure"]
+
+
+def save_figure(fig, path: str) -> str:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def _title_metrics(result) -> str:
+    m = result.metrics
+    parts = []
+    if "rel_l2_error" in m:
+        parts.append(f"rel. L2 err {m['rel_l2_error']:.3f}")
+    if "coverage_95" in m:
+        parts.append(f"95% coverage {m['coverage_95']:.2f}")
+    if "chi2_per_dof" in m:
+        parts.append(f"chi2/dof {m['chi2_per_dof']:.2f}")
+    return ", ".join(parts)
+
+
+def _imshow(ax, img, title, cmap="viridis", vmin=None, vmax=None):
+    im = ax.imshow(img, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
+
+def _as_image(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 2:
+        return a
+    if a.ndim == 3:  # channels first: show the first channel
+        return a[0]
+    raise GanflowError(f"cannot plot a field of shape {a.shape}")
+
+
+def plot_posterior(result, outdir: str | os.PathLike) -> list[str]:
+    """Write the posterior figures into ``outdir`` (created if missing); return their paths."""
+    outdir = os.fspath(outdir)
+    parent = os.path.dirname(os.path.abspath(outdir))
+    if not os.path.isdir(parent):
+        raise GanflowError(f"output directory's parent does not exist: {parent}")
+    os.makedirs(outdir, exist_ok=True)
+    paths = []
+    mean, std = result.mean, result.std
+    lo, hi = result.credible_interval(0.95)
+    truth = result.x_true
+    suptitle = f"{result.method} posterior" + (f" - {_title_metrics(result)}" if _title_metrics(result) else "")
+
+    if mean.ndim == 1:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        t = np.arange(mean.size)
+        ax.fill_between(t, lo, hi, alpha=0.3, label="95% interval")
+        ax.plot(t, mean, label="posterior mean")
+        if truth is not None:
+            ax.plot(t, truth, "k--", label="truth")
+        ax.legend(fontsize=8)
+        ax.set_title(suptitle, fontsize=9)
+        paths.append(save_figure(fig, os.path.join(outdir, "fields.png")))
+    else:
+        panels = []
+        if truth is not None:
+            panels.append(("truth", _as_image(truth), "viridis"))
+        panels.append(("posterior mean", _as_image(mean), "viridis"))
+        panels.append(("posterior std", _as_image(std), "magma"))
+        if truth is not None:
+            panels.append(("|mean - truth|", np.abs(_as_image(mean) - _as_image(truth)), "magma"))
+            inside = ((truth >= lo) & (truth <= hi)).astype(float)
+            panels.append(("truth inside 95% interval", _as_image(inside), "RdYlGn"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+        axes = np.atleast_1d(axes)
+        vmin = vmax = None
+        if truth is not None:
+            vmin, vmax = float(min(truth.min(), mean.min())), float(max(truth.max(), mean.max()))
+        for ax, (title, img, cmap) in zip(axes, panels):
+            shared = title in ("truth", "posterior mean")
+            _imshow(ax, img, title, cmap, vmin if shared else None, vmax if shared else None)
+        fig.suptitle(suptitle, fontsize=10)
+        paths.append(save_figure(fig, os.path.join(outdir, "fields.png")))
+
+        samples = result.summary.samples[:16]
+        if len(samples):
+            n = len(samples)
+            cols = min(8, n)
+            rows = int(np.ceil(n / cols))
+            fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+            for i, ax in enumerate(axes.ravel()):
+                ax.axis("off")
+                if i < n:
+                    ax.imshow(_as_image(samples[i]), origin="lower", cmap="viridis")
+            fig.suptitle(f"{result.method}: posterior samples", fontsize=10)
+            paths.append(save_figure(fig, os.path.join(outdir, "samples.png")))
+
+    trace_items = [(k, v) for k, v in result.trace.items() if np.asarray(v).ndim == 1 and np.asarray(v).size > 1]
+    if trace_items:
+        fig, axes = plt.subplots(1, len(trace_items), figsize=(4 * len(trace_items), 3), squeeze=False)
+        for ax, (name, arr) in zip(axes[0], trace_items):
+            arr = np.asarray(arr, float)
+            ax.plot(arr, lw=0.8)
+            ax.set_title(name, fontsize=9)
+            if name in ("loss",) and np.all(np.isfinite(arr)) and arr.size > 20:
+                lo_, hi_ = np.percentile(arr, [1, 99])
+                ax.set_ylim(lo_ - 0.1 * abs(hi_ - lo_), hi_ + 0.1 * abs(hi_ - lo_))
+        fig.suptitle(f"{result.method}: traces", fontsize=10)
+        paths.append(save_figure(fig, os.path.join(outdir, "trace.png")))
+
+    pred = result.summary.obs_pred_mean
+    if pred is not None and np.all(np.isfinite(pred)):
+        y = np.asarray(result.y).ravel()
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.errorbar(y, np.asarray(pred).ravel(), xerr=2 * result.noise_sigma, fmt=".", ms=3, alpha=0.6, lw=0.5)
+        lims = [min(y.min(), pred.min()), max(y.max(), pred.max())]
+        ax.plot(lims, lims, "k--", lw=0.8)
+        ax.set_xlabel("observed y (±2σ)")
+        ax.set_ylabel("posterior-predictive mean")
+        ax.set_title("data fit", fontsize=9)
+        paths.append(save_figure(fig, os.path.join(outdir, "obs.png")))
+    return paths

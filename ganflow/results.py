@@ -1,0 +1,244 @@
+"""``posterior.h5``: the result of a solve, its schema, and the `PosteriorResult` object.
+
+Schema (DESIGN.md; extended, never changed):
+
+    /latent/samples                 [N, k]            posterior latent draws
+    /field/mean, /field/std         [*field_shape]
+    /field/q025, /field/q25, /field/q50, /field/q75, /field/q975   [*field_shape]
+    /field/samples                  [M, *field_shape]
+    /obs/y, /obs/pred_mean          [*obs_shape]      data and posterior-predictive mean of A(G(z))
+    /truth/x, /truth/z              when known
+    /trace/loss (+ method-specific traces)
+    /flow/state/<param>             the fitted flow's weights (flow only), to draw new samples later
+    attrs: method, config (JSON), ganflow_version, seed, latent_dim, noise_sigma, n_forward_evals,
+           wall_time_s, field_shape (JSON), prior, problem, operator, operator_kwargs (JSON), problem_kwargs
+           (JSON), n_samples, n_quantile; with a known truth rel_l2_error, coverage_95, chi2_per_dof;
+           method-specific scalars (e.g. step_size, rhat_max, ess_min, elbo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import __version__
+from .errors import GanflowError
+from .io import atomic_h5, check_output_path, open_h5, read_json_attr
+from .posterior.base import LatentFit
+from .predictive import QUANTILES, FieldSummary
+
+__all__ = ["PosteriorResult", "truth_metrics", "REQUIRED_DATASETS", "REQUIRED_ATTRS", "quantile_key"]
+
+REQUIRED_DATASETS = (
+    "latent/samples", "field/mean", "field/std", "field/q025", "field/q975", "field/samples", "obs/y",
+    "obs/pred_mean", "trace/loss",
+)
+REQUIRED_ATTRS = (
+    "method", "config", "ganflow_version", "seed", "latent_dim", "noise_sigma", "n_forward_evals", "wall_time_s",
+)
+
+
+def quantile_key(q: float) -> str:
+    """0.025 -> 'q025', 0.5 -> 'q50', 0.975 -> 'q975'."""
+    s = f"{q:.3f}".split(".")[1].rstrip("0")
+    return "q" + (s if len(s) >= 2 else s.ljust(2, "0"))
+
+
+def truth_metrics(mean: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray, x_true: np.ndarray,
+                  y: np.ndarray | None = None, pred_mean: np.ndarray | None = None,
+                  noise_sigma: float | None = None) -> dict[str, float]:
+    """``rel_l2_error`` of the mean, ``coverage_95`` (fraction of entries inside their interval) and
+    ``chi2_per_dof`` of the posterior-predictive mean, ``||y - E[A(G(z))]||^2 / (sigma^2 m)``."""
+    out = {
+        "rel_l2_error": float(np.linalg.norm(mean - x_true) / max(np.linalg.norm(x_true), 1e-30)),
+        "coverage_95": float(np.mean((x_true >= q_lo) & (x_true <= q_hi))),
+    }
+    if y is not None and pred_mean is not None and noise_sigma:
+        r = (np.asarray(y, np.float64) - pred_mean).ravel()
+        out["chi2_per_dof"] = float(r @ r / (noise_sigma**2 * r.size))
+    return out
+
+
+@dataclass
+class PosteriorResult:
+    """A posterior over fields, with its statistics; returned by `ganflow.solve` and read from posterior.h5.
+
+    In the process that solved, ``sample(n)`` draws new posterior fields (fresh flow draws, or stored MCMC
+    draws resampled); a result read back from disk knows its statistics and stored samples.
+    """
+
+    method: str
+    latent_dim: int
+    field_shape: tuple[int, ...]
+    noise_sigma: float
+    summary: FieldSummary
+    y: np.ndarray
+    trace: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    x_true: np.ndarray | None = None
+    z_true: np.ndarray | None = None
+    flow_state: dict[str, Tensor] = field(default_factory=dict)
+    fit: LatentFit | None = None
+    generator: Any = None
+    path: str | None = None
+
+    # statistics -----------------------------------------------------------------------------------
+    @property
+    def mean(self) -> np.ndarray:
+        return self.summary.mean
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.summary.std
+
+    @property
+    def latent_samples(self) -> np.ndarray:
+        return self.summary.latent_samples
+
+    def quantile(self, q: float) -> np.ndarray:
+        """A pixel-wise quantile of the field (stored levels: 2.5, 25, 50, 75, 97.5 %)."""
+        for level, arr in self.summary.quantiles.items():
+            if abs(level - q) < 1e-9:
+                return arr
+        raise GanflowError(f"quantile {q} is not stored (stored: {', '.join(str(v) for v in self.summary.quantiles)})")
+
+    def credible_interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        a = (1 - level) / 2
+        return self.quantile(round(a, 6)), self.quantile(round(1 - a, 6))
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        keys = ("rel_l2_error", "coverage_95", "chi2_per_dof")
+        return {k: self.attrs[k] for k in keys if k in self.attrs}
+
+    # sampling -------------------------------------------------------------------------------------
+    def sample_latent(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        if self.fit is not None:
+            return self.fit.draw(n, g)
+        stored = torch.from_numpy(self.latent_samples)
+        return LatentFit(self.method, samples=stored).draw(n, g)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``[n, *field_shape]`` posterior field draws (needs the generator: available after a solve)."""
+        if self.generator is None:
+            raise GanflowError("this result has no generator attached; use ganflow.load_posterior(path, prior=...)")
+        with torch.no_grad():
+            return self.generator(self.sample_latent(n, generator))
+
+    # files ----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, force: bool = False) -> str:
+        """Write ``posterior.h5`` atomically (refuses to overwrite an existing file unless ``force``)."""
+        path = check_output_path(path, force, "posterior")
+        s = self.summary
+        with atomic_h5(path) as f:
+            f.create_dataset("latent/samples", data=np.asarray(s.latent_samples, np.float32))
+            f.create_dataset("field/mean", data=s.mean)
+            f.create_dataset("field/std", data=s.std)
+            for q, arr in s.quantiles.items():
+                f.create_dataset(f"field/{quantile_key(q)}", data=arr)
+            f.create_dataset("field/samples", data=np.asarray(s.samples, np.float32), compression="gzip")
+            f.create_dataset("obs/y", data=np.asarray(self.y, np.float32))
+            pred = s.obs_pred_mean if s.obs_pred_mean is not None else np.full_like(self.y, np.nan, np.float32)
+            f.create_dataset("obs/pred_mean", data=np.asarray(pred, np.float32))
+            if self.x_true is not None:
+                f.create_dataset("truth/x", data=np.asarray(self.x_true, np.float32))
+            if self.z_true is not None:
+                f.create_dataset("truth/z", data=np.asarray(self.z_true, np.float32))
+            for name, arr in self.trace.items():
+                f.create_dataset(f"trace/{name}", data=np.asarray(arr))
+            if "loss" not in self.trace:
+                f.create_dataset("trace/loss", data=np.zeros(0))
+            for name, t in self.flow_state.items():
+                f.create_dataset(f"flow/state/{name}", data=t.detach().cpu().numpy())
+            attrs = dict(self.attrs)
+            attrs.update({
+                "method": self.method,
+                "config": json.dumps(self.config, default=str),
+                "ganflow_version": __version__,
+                "latent_dim": int(self.latent_dim),
+                "noise_sigma": float(self.noise_sigma),
+                "field_shape": json.dumps(list(self.field_shape)),
+                "n_samples": int(s.n),
+                "n_quantile": int(s.n_quantile),
+            })
+            for key, value in attrs.items():
+                if value is None:
+                    continue
+                if isinstance(value, (dict, list, tuple)):
+                    value = json.dumps(value, default=str)
+                f.attrs[key] = value
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PosteriorResult":
+        """Read ``posterior.h5`` (statistics, stored draws, traces, attributes)."""
+        path = os.fspath(path)
+        with open_h5(path, "posterior file") as f:
+            missing = [d for d in REQUIRED_DATASETS if d not in f]
+            missing += [f"@{a}" for a in REQUIRED_ATTRS if a not in f.attrs]
+            if missing:
+                raise GanflowError(f"{path} is not a ganflow posterior file (missing {', '.join(missing)})")
+            try:
+                quantiles = {}
+                for q in QUANTILES:
+                    key = f"field/{quantile_key(q)}"
+                    if key in f:
+                        quantiles[q] = f[key][()]
+                summary = FieldSummary(
+                    n=int(f.attrs.get("n_samples", f["latent/samples"].shape[0])),
+                    mean=f["field/mean"][()],
+                    std=f["field/std"][()],
+                    quantiles=quantiles,
+                    samples=f["field/samples"][()],
+                    latent_samples=f["latent/samples"][()],
+                    obs_pred_mean=f["obs/pred_mean"][()],
+                    n_quantile=int(f.attrs.get("n_quantile", 0)),
+                )
+                attrs = {}
+                for key, value in f.attrs.items():
+                    if isinstance(value, bytes):
+                        value = value.decode()
+                    if isinstance(value, np.generic):
+                        value = value.item()
+                    attrs[key] = value
+                config = read_json_attr(f, "config", {}, path)
+                field_shape = tuple(read_json_attr(f, "field_shape", list(summary.mean.shape), path))
+                trace = {k: f["trace"][k][()] for k in f["trace"]}
+                flow_state = {}
+                if "flow/state" in f:
+                    f["flow/state"].visititems(
+                        lambda name, obj: flow_state.__setitem__(name, torch.from_numpy(obj[()]))
+                        if isinstance(obj, h5py.Dataset) else None
+                    )
+                return cls(
+                    method=str(attrs["method"]),
+                    latent_dim=int(attrs["latent_dim"]),
+                    field_shape=field_shape,
+                    noise_sigma=float(attrs["noise_sigma"]),
+                    summary=summary,
+                    y=f["obs/y"][()],
+                    trace=trace,
+                    attrs=attrs,
+                    config=config,
+                    x_true=f["truth/x"][()] if "truth/x" in f else None,
+                    z_true=f["truth/z"][()] if "truth/z" in f else None,
+                    flow_state=flow_state,
+                    path=path,
+                )
+            except (KeyError, OSError, ValueError, TypeError) as e:
+                raise GanflowError(f"{path}: cannot read posterior file ({e})") from None
+
+
+def _finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,233 @@
+"""Stage two end to end: observation + prior + operator -> posterior statistics (`PosteriorResult`).
+
+    result = ganflow.solve("obs.h5", prior="prior.pt", method="flow", seed=0)
+    result.mean, result.std, result.sample(100), result.save("posterior.h5")
+
+The operator is rebuilt from the observation's ``problem`` and ``operator_kwargs`` attributes unless an
+operator (object or spec) or a problem is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+from .errors import GanflowError
+from .io import Observation, read_obs
+from .operators import check_compatible, check_observation
+from .plugins import load_generator_spec, load_operator, normalize_spec
+from .posterior.base import LatentFit
+from .posterior.flow import FlowSettings, fit_flow
+from .posterior.target import LatentTarget
+from .predictive import summarize_fields
+from .results import PosteriorResult, truth_metrics
+
+__all__ = ["SolveSettings", "solve", "load_prior", "resolve_operator", "SOLVE_TABLES", "METHODS"]
+
+METHODS = ("flow", "langevin", "nuts")
+# Config tables `ganflow solve` understands.
+SOLVE_TABLES = ("solve", "flow", "langevin", "nuts", "operator", "problem", "generator")
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """Settings of the posterior summary (TOML table ``[solve]``)."""
+
+    method: Literal["flow", "langevin", "nuts"] = "flow"
+    n_samples: int = 10_000  # posterior draws streamed for the field statistics
+    n_quantile: int = 2_000  # of which the first n_quantile give the quantiles and the predictive mean
+    n_field_samples: int = 64  # field draws stored in /field/samples
+    batch_size: int = 500
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    def validate(self) -> None:
+        if self.n_samples < 1 or self.n_quantile < 1 or self.n_field_samples < 0 or self.batch_size < 1:
+            raise GanflowError("solve: n_samples, n_quantile and batch_size must be >= 1, n_field_samples >= 0")
+
+
+def load_prior(prior: str | os.PathLike | nn.Module, device: str = "cpu") -> nn.Module:
+    """A generator: a module as is, a ganflow checkpoint (``.pt``), or a generator spec string."""
+    if isinstance(prior, nn.Module):
+        gen = prior
+    else:
+        prior = os.fspath(prior)
+        if prior.endswith((".pt", ".pth")) or (os.path.isfile(prior) and ":" not in prior):
+            try:
+                from .prior import load_prior as load_checkpoint
+            except ImportError as e:  # pragma: no cover - stage one not installed
+                raise GanflowError(f"cannot load checkpoint {prior}: {e}") from None
+            gen = load_checkpoint(prior)
+        else:
+            gen = load_generator_spec(prior)
+    gen = gen.to(device)
+    gen.eval()
+    return gen
+
+
+def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any = None,
+                     operator_kwargs: dict | None = None, problem_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
+    """The forward operator and a description of where it came from (for the result's attributes).
+
+    Precedence: an explicit operator (module or spec) > an explicit problem > the observation's attributes.
+    ``operator_kwargs`` override the observation's when the observation's problem is used.
+    """
+    if isinstance(operator, nn.Module):
+        return operator, {"operator": type(operator).__name__, "operator_kwargs": {}}
+    if isinstance(operator, str):
+        op = load_operator(operator, **(operator_kwargs or {}))
+        return op, {"operator": normalize_spec(operator), "operator_kwargs": operator_kwargs or {}}
+    if problem is not None:
+        kw = operator_kwargs or {}
+        op = load_operator(problem=problem, problem_kwargs=problem_kwargs, **kw)
+        name = problem if isinstance(problem, str) else getattr(problem, "name", type(problem).__name__)
+        return op, {"problem": normalize_spec(name) if isinstance(name, str) else name, "operator_kwargs": kw,
+                    "problem_kwargs": problem_kwargs or {}}
+    if obs is None or not obs.problem:
+        raise GanflowError("no operator: give --problem or --operator (the observation names no problem)")
+    kw = dict(obs.operator_kwargs or {})
+    kw.update(operator_kwargs or {})
+    pkw = dict(obs.problem_kwargs or {})
+    pkw.update(problem_kwargs or {})
+    op = load_operator(problem=obs.problem, problem_kwargs=pkw, **kw)
+    return op, {"problem": obs.problem, "operator_kwargs": kw, "problem_kwargs": pkw}
+
+
+def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Generator, progress: bool) -> LatentFit:
+    if method == "flow":
+        fs = cfg.section(FlowSettings, "flow")
+        if not progress:
+            fs = dataclasses.replace(fs, progress=False)
+        return fit_flow(target, fs, gen)
+    if method == "langevin":
+        from .posterior.langevin import LangevinSettings, run_langevin
+
+        ls = cfg.section(LangevinSettings, "langevin")
+        init = None
+        flow_fit = None
+        if getattr(ls, "init", "prior") == "flow":
+            fs = cfg.section(FlowSettings, "flow")
+            if not progress:
+                fs = dataclasses.replace(fs, progress=False)
+            flow_fit = fit_flow(target, fs, gen)
+            init = flow_fit.sampler
+        evals_before = target.n_forward_evals
+        fit = run_langevin(target, ls, gen, init=init)
+        if flow_fit is not None:
+            fit.n_forward_evals = target.n_forward_evals - evals_before + flow_fit.n_forward_evals
+            fit.wall_time_s += flow_fit.wall_time_s
+            fit.attrs["init_flow_elbo"] = flow_fit.attrs.get("elbo")
+        return fit
+    if method == "nuts":
+        from .posterior.nuts import NutsSettings, run_nuts
+
+        return run_nuts(target, cfg.section(NutsSettings, "nuts"), gen)
+    raise GanflowError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+
+
+def solve(
+    obs: Observation | str | os.PathLike,
+    prior: str | os.PathLike | nn.Module,
+    *,
+    operator: Any = None,
+    problem: Any = None,
+    method: str | None = None,
+    config: Config | dict | str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> PosteriorResult:
+    """Solve the inverse problem in the latent space of ``prior`` and summarise the field posterior.
+
+    Args:
+        obs: an `Observation` or the path of ``obs.h5``.
+        prior: a generator module, a ganflow checkpoint, or a generator spec string.
+        operator: a forward-operator module or spec string (overrides the observation's problem).
+        problem: a problem spec or object whose ``make_operator`` builds the operator.
+        method: ``flow`` (default), ``langevin`` or ``nuts``; overrides ``[solve] method``.
+        config: a `Config`, a dict of tables, or a TOML path.
+        seed: every random draw of the solve comes from ``torch.Generator().manual_seed(seed)``.
+    """
+    t0 = time.perf_counter()
+    if isinstance(config, Config):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = Config(config, known=SOLVE_TABLES)
+    else:
+        cfg = Config.from_file(config, known=SOLVE_TABLES)
+    ss = cfg.section(SolveSettings, "solve")
+    method = method or ss.method
+    if method not in METHODS:
+        raise GanflowError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    if not isinstance(obs, Observation):
+        obs = read_obs(obs)
+    check_observation(obs.y, obs.noise_sigma)
+    device = ss.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GanflowError("--device cuda requested but CUDA is not available")
+    generator_module = load_prior(prior, device)
+    op, op_info = resolve_operator(obs, operator, problem, cfg.table("operator") or None, cfg.table("problem") or None)
+    op = op.to(device)
+    check_compatible(generator_module, op, obs.y.to(device))
+    target = LatentTarget(generator_module, op, obs.y.to(device), obs.noise_sigma, check=False)
+    gen = torch.Generator().manual_seed(seed)
+    fit = _run_method(method, target, cfg, gen, progress)
+
+    def draw(b: int) -> torch.Tensor:
+        return fit.draw(b, gen).to(device)
+
+    summary = summarize_fields(
+        draw, generator_module, op, n_samples=ss.n_samples, batch_size=ss.batch_size,
+        n_quantile=ss.n_quantile, n_keep=ss.n_field_samples,
+    )
+    y = obs.y.cpu().numpy()
+    attrs: dict[str, Any] = dict(fit.attrs)
+    attrs.update({
+        "seed": int(seed),
+        "n_forward_evals": int(fit.n_forward_evals),
+        "fit_wall_time_s": float(fit.wall_time_s),
+        "prior": prior if isinstance(prior, str) and ":" in prior else (
+            os.path.abspath(os.fspath(prior)) if not isinstance(prior, nn.Module) else type(prior).__name__),
+        "obs_path": os.path.abspath(obs.path) if obs.path else "",
+    })
+    for key, value in op_info.items():
+        attrs[key] = value
+    x_true = obs.x_true.numpy() if obs.x_true is not None else None
+    if x_true is not None:
+        if tuple(x_true.shape) != tuple(generator_module.field_shape):
+            raise GanflowError(f"/x_true shape {tuple(x_true.shape)} does not match field_shape "
+                               f"{tuple(generator_module.field_shape)}")
+        attrs.update(truth_metrics(summary.mean, summary.quantiles[0.025], summary.quantiles[0.975], x_true,
+                                   y, summary.obs_pred_mean, obs.noise_sigma))
+    attrs["wall_time_s"] = float(time.perf_counter() - t0)
+    config_record = {
+        "solve": dataclasses.asdict(dataclasses.replace(ss, method=method)),
+        method: fit.settings,
+        "operator": op_info.get("operator_kwargs", {}),
+    }
+    return PosteriorResult(
+        method=method,
+        latent_dim=target.latent_dim,
+        field_shape=tuple(generator_module.field_shape),
+        noise_sigma=obs.noise_sigma,
+        summary=summary,
+        y=y,
+        trace=fit.trace,
+        attrs=attrs,
+        config=config_record,
+        x_true=x_true,
+        z_true=obs.z_true.numpy() if obs.z_true is not None else None,
+        flow_state=fit.state if method == "flow" else {},
+        fit=fit,
+        generator=generator_module,
+    )
+
+
+def _nan_to_none(x):
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else x
