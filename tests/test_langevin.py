@@ -129,8 +129,9 @@ def test_biased_initial_sampler_is_corrected():
 def test_under_trained_flow_initialisation_is_corrected():
     flow_mod = pytest.importorskip("ganflow.posterior.flow")
     target, post, _ = _problem(8, 1.0)
-    flow_settings = flow_mod.FlowSettings(max_iter=25, min_iter=0, warmup=0, n_layers=2, hidden=16,
-                                          progress=False)
+    # identity start (not the Laplace one) and 25 steps: deliberately far from the posterior
+    flow_settings = flow_mod.FlowSettings(init="identity", max_iter=25, min_iter=0, warmup=0, n_layers=2,
+                                          hidden=16, progress=False)
     flow_fit = flow_mod.fit_flow(target, flow_settings, torch.Generator().manual_seed(3))
     x0 = flow_fit.sampler(2000, torch.Generator().manual_seed(4)).double().numpy()
     fit = run_langevin(target, LangevinSettings(n_samples=2000, init="flow", **FAST),
