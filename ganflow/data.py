@@ -32,20 +32,29 @@ from .errors import GanflowError
 from .io import atomic_h5, check_output_path, open_h5, read_json_attr
 from .plugins import load_problem, normalize_spec
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "chunk_generator", "sample_problem_fields", "make_fields", "write_fields",
-           "FieldData", "load_fields"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "chunk_generator",
+    "sample_problem_fields",
+    "make_fields",
+    "write_fields",
+    "FieldData",
+    "load_fields",
+]
 
 DEFAULT_CHUNK_SIZE = 256
 
 
 def chunk_generator(seed: int, chunk: int) -> torch.Generator:
-    """The CPU ``torch.Generator`` for chunk ``chunk`` of a run with ``seed`` (independent streams per chunk)."""
+    """The CPU ``torch.Generator`` for chunk ``chunk`` of a run with ``seed`` (one stream per chunk)."""
     state = np.random.SeedSequence([int(seed) % 2**63, int(chunk)]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def sample_problem_fields(problem, n: int, seed: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[Tensor]:
-    """Yield ``[b, *field_shape]`` float32 chunks (``b <= chunk_size``, ``n`` fields in all) from ``problem``."""
+def sample_problem_fields(
+    problem, n: int, seed: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[Tensor]:
+    """Yield ``[b, *field_shape]`` float32 chunks (``b <= chunk_size``, ``n`` in all) from ``problem``."""
     if n < 1:
         raise GanflowError(f"--n must be >= 1, got {n}")
     if chunk_size < 1:
@@ -58,11 +67,14 @@ def sample_problem_fields(problem, n: int, seed: int, chunk_size: int = DEFAULT_
         x = torch.as_tensor(x).detach().to("cpu", torch.float32)
         if tuple(x.shape) != (b, *shape):
             raise GanflowError(
-                f"problem {getattr(problem, 'name', '?')}.sample_fields({b}) returned shape {tuple(x.shape)}, "
+                f"problem {getattr(problem, 'name', '?')}.sample_fields({b}) returned shape "
+                f"{tuple(x.shape)}, "
                 f"expected {(b, *shape)}"
             )
         if not torch.isfinite(x).all():
-            raise GanflowError(f"problem {getattr(problem, 'name', '?')}.sample_fields returned non-finite values")
+            raise GanflowError(
+                f"problem {getattr(problem, 'name', '?')}.sample_fields returned non-finite values"
+            )
         yield x
 
 
@@ -96,12 +108,16 @@ def write_fields(
     # ~1 MiB HDF5 chunks along N: a training batch reads a few chunks, and whole-file reads stay fast.
     rows = max(1, min(n, (1 << 18) // max(per_field, 1)))
     with atomic_h5(path) as f:
-        ds = f.create_dataset("fields", shape=(n, *field_shape), dtype=np.float32, chunks=(rows, *field_shape))
+        ds = f.create_dataset(
+            "fields", shape=(n, *field_shape), dtype=np.float32, chunks=(rows, *field_shape)
+        )
         pos = 0
         for x in chunks:
             x = torch.as_tensor(x).detach().cpu().float().numpy()
             if pos + x.shape[0] > n or tuple(x.shape[1:]) != field_shape:
-                raise GanflowError(f"write_fields: chunk of shape {x.shape} does not fit [{n}, {field_shape}]")
+                raise GanflowError(
+                    f"write_fields: chunk of shape {x.shape} does not fit [{n}, {field_shape}]"
+                )
             ds[pos : pos + x.shape[0]] = x
             pos += x.shape[0]
         if pos != n:
@@ -122,7 +138,7 @@ def make_fields(
     force: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> str:
-    """``ganflow data``: draw ``n`` example fields from ``problem`` (a spec) and write ``out`` (``fields.h5``)."""
+    """``ganflow data``: draw ``n`` fields from the spec ``problem`` and write ``out`` (``fields.h5``)."""
     check_output_path(out, force, "fields")
     problem_kwargs = dict(problem_kwargs or {})
     try:
@@ -159,7 +175,7 @@ class FieldData:
         return tuple(self.fields.shape[1:])
 
     def provenance(self) -> dict:
-        """Plain-typed description stored in checkpoints (path, problem, seed, N, field_shape, content hash)."""
+        """Plain-typed description stored in checkpoints (path, problem, seed, N, shape, content hash)."""
         return {
             "path": os.path.abspath(self.path),
             "problem": self.problem,

@@ -15,7 +15,7 @@ from ganflow.cli import cli
 from ganflow.data import load_fields, make_fields, write_fields
 from ganflow.errors import GanflowError
 
-BAD_PROBLEM = '''
+BAD_PROBLEM = """
 import torch
 
 class Shapeless:
@@ -31,7 +31,7 @@ class Nan(Shapeless):
         x = torch.randn(n, 4, generator=generator)
         x[0, 0] = float("nan")
         return x
-'''
+"""
 
 
 def _invoke(args):
@@ -46,9 +46,24 @@ def _one_line_exit2(r):
 
 def test_cli_writes_schema_and_is_deterministic(tmp_path):
     paths = [tmp_path / f"{name}.h5" for name in ("a", "b", "c")]
-    for path, seed in zip(paths, (5, 5, 6)):
-        r = _invoke(["data", "--problem", "linear_gaussian", "--n", "600", "-o", str(path), "--seed", str(seed),
-                     "--kw", "n=12", "--kw", "latent_dim=6"])
+    for path, seed in zip(paths, (5, 5, 6), strict=True):
+        r = _invoke(
+            [
+                "data",
+                "--problem",
+                "linear_gaussian",
+                "--n",
+                "600",
+                "-o",
+                str(path),
+                "--seed",
+                str(seed),
+                "--kw",
+                "n=12",
+                "--kw",
+                "latent_dim=6",
+            ]
+        )
         assert r.exit_code == 0, r.output
     with h5py.File(paths[0]) as f:
         ds = f["fields"]
@@ -65,7 +80,9 @@ def test_fields_follow_the_problem_prior(tmp_path):
     """linear_gaussian fields are x = W z + b with z ~ N(0, I): check that from W, b alone (least squares)."""
     from problems.linear_gaussian import LinearGaussianProblem
 
-    path = make_fields("linear_gaussian", 3000, tmp_path / "f.h5", seed=0, problem_kwargs={"n": 8, "latent_dim": 5})
+    path = make_fields(
+        "linear_gaussian", 3000, tmp_path / "f.h5", seed=0, problem_kwargs={"n": 8, "latent_dim": 5}
+    )
     x = load_fields(path).fields.double().reshape(3000, -1).numpy()
     G = LinearGaussianProblem(n=8, latent_dim=5).generator()
     W, bias = G.W.double().numpy(), G.b.double().numpy()
@@ -79,7 +96,8 @@ def test_config_problem_table_and_file_spec_is_normalised(tmp_path, monkeypatch)
     (tmp_path / "myprob.py").write_text(
         "import torch\nclass P:\n    name='p'\n    def __init__(self, d=3):\n        self.field_shape=(d,)\n"
         "    def make_operator(self):\n        return None\n"
-        "    def sample_fields(self, n, generator):\n        return torch.randn(n, *self.field_shape, generator=generator)\n"
+        "    def sample_fields(self, n, generator):\n"
+        "        return torch.randn(n, *self.field_shape, generator=generator)\n"
     )
     (tmp_path / "c.toml").write_text("[problem]\nd = 7\n\n[train]\nsteps = 3\n")
     r = _invoke(["data", "--problem", "myprob.py:P", "--n", "10", "-o", "f.h5", "--config", "c.toml"])

@@ -1,7 +1,8 @@
 """Stage one: WGAN-GP prior training, checkpoints, resume, reports and the train-prior CLI.
 
 The quality test learns a 1-D Gaussian process whose mean and covariance the test defines, and checks the
-trained prior's moments against those closed-form values (and that an untrained generator fails the same check).
+trained prior's moments against those closed-form values (and that an untrained generator fails the same
+check).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ T = np.linspace(0.0, 1.0, D)
 GP_MEAN = np.sin(2 * np.pi * T)
 GP_COV = 0.25 * np.exp(-0.5 * ((T[:, None] - T[None, :]) / 0.2) ** 2) + 1e-6 * np.eye(D)
 
-TINY = TrainSettings(latent_dim=4, steps=6, batch_size=16, n_critic=2, mlp_hidden=16, mlp_depth=1, log_every=1)
+TINY = TrainSettings(
+    latent_dim=4, steps=6, batch_size=16, n_critic=2, mlp_hidden=16, mlp_depth=1, log_every=1
+)
 
 
 def gp_fields(n: int, seed: int) -> torch.Tensor:
@@ -47,7 +50,11 @@ def gp_file(tmp_path):
 def moment_errors(gen) -> tuple[float, float, float]:
     """(max |mean - GP_MEAN|, max |std / GP_std - 1|, ||cov - GP_COV||_F / ||GP_COV||_F) from 4000 samples."""
     with torch.no_grad():
-        x = gen(torch.randn(4000, gen.latent_dim, generator=torch.Generator().manual_seed(123))).double().numpy()
+        x = (
+            gen(torch.randn(4000, gen.latent_dim, generator=torch.Generator().manual_seed(123)))
+            .double()
+            .numpy()
+        )
     mean_err = np.abs(x.mean(0) - GP_MEAN).max()
     std_err = np.abs(x.std(0) / np.sqrt(np.diag(GP_COV)) - 1).max()
     cov_err = np.linalg.norm(np.cov(x.T) - GP_COV) / np.linalg.norm(GP_COV)
@@ -55,7 +62,9 @@ def moment_errors(gen) -> tuple[float, float, float]:
 
 
 def test_learns_gaussian_process(gp_file, tmp_path):
-    s = TrainSettings(latent_dim=8, steps=300, batch_size=128, mlp_hidden=64, mlp_depth=2, lr_g=1e-3, lr_d=1e-3)
+    s = TrainSettings(
+        latent_dim=8, steps=300, batch_size=128, mlp_hidden=64, mlp_depth=2, lr_g=1e-3, lr_d=1e-3
+    )
     res = train_prior(gp_file, tmp_path / "prior.pt", s, seed=0)
     mean_err, std_err, cov_err = moment_errors(res.generator)
     assert mean_err < 0.15 and std_err < 0.35 and cov_err < 0.3, (mean_err, std_err, cov_err)
@@ -64,8 +73,12 @@ def test_learns_gaussian_process(gp_file, tmp_path):
     ckpt = load_checkpoint(tmp_path / "prior.pt")
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        untrained = prior_nets.PriorGenerator(prior_nets.build_generator_net(ckpt["arch"]), ckpt["arch"],
-                                              ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+        untrained = prior_nets.PriorGenerator(
+            prior_nets.build_generator_net(ckpt["arch"]),
+            ckpt["arch"],
+            ckpt["normalization"]["mean"],
+            ckpt["normalization"]["std"],
+        )
     u_mean, u_std, u_cov = moment_errors(untrained)
     assert u_mean > 0.5 and u_std > 0.5 and u_cov > 0.6, (u_mean, u_std, u_cov)
 
@@ -107,8 +120,21 @@ def test_checkpoint_weights_only_and_recorded_arch(gp_file, tmp_path, monkeypatc
     res = train_prior(gp_file, tmp_path / "p.pt", TINY, report=False)
     ckpt = torch.load(tmp_path / "p.pt", weights_only=True)
     assert ckpt["format_version"] == FORMAT_VERSION
-    for key in ("arch", "latent_dim", "field_shape", "normalization", "settings", "data", "step", "G", "D",
-                "G_ema", "opt_G", "opt_D", "rng"):
+    for key in (
+        "arch",
+        "latent_dim",
+        "field_shape",
+        "normalization",
+        "settings",
+        "data",
+        "step",
+        "G",
+        "D",
+        "G_ema",
+        "opt_G",
+        "opt_D",
+        "rng",
+    ):
         assert key in ckpt
     assert ckpt["rng"]["torch_cpu"].dtype == torch.uint8 and ckpt["data"]["n"] == 2000
     assert ckpt["arch"]["hidden"] == 16
@@ -147,8 +173,16 @@ def test_bad_checkpoints_are_one_line_errors(gp_file, tmp_path, monkeypatch):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"kind": "ganflow.prior", "x": _Payload()}, f)
     torch.save({"kind": "ganflow.prior", "x": _Payload()}, tmp_path / "evil_zip.pt")
-    cases = {"missing.pt": "not found", "trunc.pt": "corrupt", "empty.pt": "empty", "garbage.pt": "refused",
-             "v99.pt": "format_version", "nokey.pt": "opt_D", "evil.pt": "refused", "evil_zip.pt": "GLOBAL"}
+    cases = {
+        "missing.pt": "not found",
+        "trunc.pt": "corrupt",
+        "empty.pt": "empty",
+        "garbage.pt": "refused",
+        "v99.pt": "format_version",
+        "nokey.pt": "opt_D",
+        "evil.pt": "refused",
+        "evil_zip.pt": "GLOBAL",
+    }
     for name, words in cases.items():
         with pytest.raises(GanflowError, match=words) as e:
             load_prior(str(tmp_path / name))
@@ -258,13 +292,40 @@ def test_cli_resume_with_other_data_is_rejected(tmp_path, gp_file):
 
 def test_cli_conv_prior_end_to_end(tmp_path):
     fields, out = tmp_path / "fields.h5", tmp_path / "prior.pt"
-    r = _invoke(["data", "--problem", "linear_gaussian", "--kw", "n=32", "--n", "64", "-o", str(fields),
-                 "--seed", "1"])
+    r = _invoke(
+        [
+            "data",
+            "--problem",
+            "linear_gaussian",
+            "--kw",
+            "n=32",
+            "--n",
+            "64",
+            "-o",
+            str(fields),
+            "--seed",
+            "1",
+        ]
+    )
     assert r.exit_code == 0, r.output
     cfg = tmp_path / "train.toml"
     cfg.write_text("[train]\nlatent_dim = 8\nbatch_size = 8\nn_critic = 1\nbase_channels = 2\n")
-    r = _invoke(["train-prior", "--data", str(fields), "-o", str(out), "--config", str(cfg), "--steps", "3",
-                 "--seed", "2", "--no-progress"])
+    r = _invoke(
+        [
+            "train-prior",
+            "--data",
+            str(fields),
+            "-o",
+            str(out),
+            "--config",
+            str(cfg),
+            "--steps",
+            "3",
+            "--seed",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert "prior report:" in r.output and "held-out reference" in r.output
     for name in ("prior_report.h5", "prior_report.png"):
@@ -279,8 +340,20 @@ def test_cli_conv_prior_end_to_end(tmp_path):
     assert ckpt["data"]["problem"] == "linear_gaussian" and ckpt["data"]["seed"] == 1 and ckpt["seed"] == 2
 
     # Resume through the CLI (the checkpoint's settings), then recompute the report elsewhere.
-    r = _invoke(["train-prior", "--data", str(fields), "-o", str(out), "--resume", "--steps", "4",
-                 "--no-progress"])
+    r = _invoke(
+        [
+            "train-prior",
+            "--data",
+            str(fields),
+            "-o",
+            str(out),
+            "--resume",
+            "--steps",
+            "4",
+            "--no-progress",
+            "--no-report",
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert load_checkpoint(out)["step"] == 4
     r = _invoke(["prior-report", str(out), "--data", str(fields), "-o", str(tmp_path / "again")])

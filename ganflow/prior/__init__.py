@@ -16,8 +16,16 @@ from .nets import PriorGenerator
 from .report import compute_report, prior_report
 from .trainer import TrainResult, TrainSettings, train_prior
 
-__all__ = ["load_prior", "train_prior", "TrainSettings", "TrainResult", "PriorGenerator", "prior_report",
-           "compute_report", "report_from_checkpoint"]
+__all__ = [
+    "load_prior",
+    "train_prior",
+    "TrainSettings",
+    "TrainResult",
+    "PriorGenerator",
+    "prior_report",
+    "compute_report",
+    "report_from_checkpoint",
+]
 
 
 def load_prior(path_or_spec: str | os.PathLike, device: str = "cpu"):
@@ -34,8 +42,12 @@ def load_prior(path_or_spec: str | os.PathLike, device: str = "cpu"):
     return gen.to(device)
 
 
-def report_from_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike,
-                           prefix: str | os.PathLike | None = None, seed: int | None = None) -> dict:
+def report_from_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    prefix: str | os.PathLike | None = None,
+    seed: int | None = None,
+) -> dict:
     """Recompute the quality report of ``checkpoint`` against ``data`` (``fields.h5``).
 
     If ``data`` is the file the prior was trained on (same content hash) the same held-out split is used;
@@ -48,11 +60,14 @@ def report_from_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLik
     gen = generator_from_checkpoint(ckpt)
     fd = load_fields(data)
     if list(fd.field_shape) != list(ckpt["field_shape"]):
-        raise GanflowError(f"{fd.path}: field_shape {fd.field_shape} does not match the prior's "
-                           f"{tuple(ckpt['field_shape'])}")
+        raise GanflowError(
+            f"{fd.path}: field_shape {fd.field_shape} does not match the prior's {tuple(ckpt['field_shape'])}"
+        )
     real = fd.fields
     if ckpt["data"].get("sha1") == fd.sha1:
         _, val_idx = split_indices(real.shape[0], float(ckpt["settings"]["val_fraction"]), int(ckpt["seed"]))
         if val_idx.numel() >= 4:
             real = real[val_idx]
-    return prior_report(gen, real, prefix or report_prefix(checkpoint), seed=int(ckpt["seed"]) if seed is None else seed)
+    return prior_report(
+        gen, real, prefix or report_prefix(checkpoint), seed=int(ckpt["seed"]) if seed is None else seed
+    )

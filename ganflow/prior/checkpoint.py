@@ -6,7 +6,7 @@ Keys (``FORMAT_VERSION`` 1):
 ``format_version`` int, 1
 ``kind``           ``"ganflow.prior"``
 ``ganflow_version`` str
-``arch``           dict: the architecture (see `ganflow.prior.nets.default_arch`), rebuilt without code defaults
+``arch``           dict: the architecture (`ganflow.prior.nets.default_arch`), rebuilt without code defaults
 ``latent_dim``     int;  ``field_shape``: list of int
 ``normalization``  dict: ``mean`` and ``std`` scalar tensors, ``kind`` = ``"scalar"``
 ``settings``       dict: the `TrainSettings` used (``betas`` a list)
@@ -35,11 +35,33 @@ from ..errors import GanflowError
 from ..io import atomic_path
 from .nets import PriorGenerator, build_generator_net, check_arch
 
-__all__ = ["FORMAT_VERSION", "REQUIRED_KEYS", "save_checkpoint", "load_checkpoint", "generator_from_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "REQUIRED_KEYS",
+    "save_checkpoint",
+    "load_checkpoint",
+    "generator_from_checkpoint",
+]
 
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format_version", "kind", "arch", "latent_dim", "field_shape", "normalization", "settings", "data",
-                 "seed", "step", "G", "D", "G_ema", "opt_G", "opt_D", "rng")
+REQUIRED_KEYS = (
+    "format_version",
+    "kind",
+    "arch",
+    "latent_dim",
+    "field_shape",
+    "normalization",
+    "settings",
+    "data",
+    "seed",
+    "step",
+    "G",
+    "D",
+    "G_ema",
+    "opt_G",
+    "opt_D",
+    "rng",
+)
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
@@ -49,7 +71,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load and validate a prior checkpoint with ``weights_only=True`` (a pickle payload is refused, never run).
+    """Load and validate a prior checkpoint with ``weights_only=True`` (a pickle payload is refused, not run).
 
     A missing, empty, corrupt or truncated file, another format version or a missing key is a one-line
     `GanflowError`.
@@ -71,18 +93,30 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         # object or garbage. Nothing was executed.
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "unsupported" in ln.lower()), lines[-1] if lines else "")
-        raise GanflowError(f"prior checkpoint {path} is not a weights-only torch checkpoint "
-                           f"(refused, not executed: {detail[:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
-            TypeError, IndexError) as e:
+        raise GanflowError(
+            f"prior checkpoint {path} is not a weights-only torch checkpoint "
+            f"(refused, not executed: {detail[:120]})"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        KeyError,
+        AttributeError,
+        TypeError,
+        IndexError,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GanflowError(f"prior checkpoint {path} is corrupt or truncated ({first[:160]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "ganflow.prior":
         raise GanflowError(f"{path} is not a ganflow prior checkpoint")
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
-        raise GanflowError(f"prior checkpoint {path} has format_version {version!r}; this ganflow reads "
-                           f"{FORMAT_VERSION}")
+        raise GanflowError(
+            f"prior checkpoint {path} has format_version {version!r}; this ganflow reads {FORMAT_VERSION}"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise GanflowError(f"prior checkpoint {path} lacks key(s): {', '.join(missing)}")
@@ -91,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def generator_from_checkpoint(ckpt: dict, which: str = "G_ema") -> PriorGenerator:
-    """Rebuild the generator (EMA weights by default) from a loaded checkpoint, in eval mode, in physical units."""
+    """Rebuild the generator (EMA weights by default) from a loaded checkpoint (eval mode, physical units)."""
     arch = ckpt["arch"]
     net = build_generator_net(arch)
     try:
@@ -100,7 +134,9 @@ def generator_from_checkpoint(ckpt: dict, which: str = "G_ema") -> PriorGenerato
         gen = PriorGenerator(net, arch, norm["mean"], norm["std"])
     except (RuntimeError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0]
-        raise GanflowError(f"prior checkpoint weights do not fit its recorded architecture ({first[:160]})") from None
+        raise GanflowError(
+            f"prior checkpoint weights do not fit its recorded architecture ({first[:160]})"
+        ) from None
     gen.eval()
     for p in gen.parameters():
         p.requires_grad_(False)

@@ -8,7 +8,7 @@ Two families, chosen from the field shape by `default_arch`:
   Channels ``c_i = min(8 b, b 2^(L - i))`` with ``b = base_channels``, so depth follows the field size.
   The critic mirrors it: a 3x3 conv, ``L`` blocks of (4x4 conv stride 2, layer norm, LeakyReLU(0.2)) and a
   linear read-out of the ``[c_0, 4, 4]`` features.
-- ``mlp`` for 1-D fields ``[d]``: ``depth`` hidden layers of width ``hidden`` with LeakyReLU(0.2) in both nets.
+- ``mlp`` for 1-D fields ``[d]``: ``depth`` hidden layers of width ``hidden``, LeakyReLU(0.2), in both nets.
 
 The critic has no batch norm: the WGAN-GP penalty ``(||grad_x D(x)|| - 1)^2`` is per sample, and batch norm
 would couple the samples of a batch (Gulrajani et al. 2017, sec. 4). Layer norm (``GroupNorm(1, C)``,
@@ -30,12 +30,18 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import GanflowError
 
-__all__ = ["ARCH_KINDS", "default_arch", "check_arch", "build_generator_net", "build_critic", "PriorGenerator"]
+__all__ = [
+    "ARCH_KINDS",
+    "default_arch",
+    "check_arch",
+    "build_generator_net",
+    "build_critic",
+    "PriorGenerator",
+]
 
 ARCH_KINDS = ("conv", "mlp")
 _ARCH_KEYS = {
@@ -44,8 +50,9 @@ _ARCH_KEYS = {
 }
 
 
-def default_arch(field_shape, latent_dim: int, base_channels: int = 32, mlp_hidden: int = 256,
-                 mlp_depth: int = 3) -> dict:
+def default_arch(
+    field_shape, latent_dim: int, base_channels: int = 32, mlp_hidden: int = 256, mlp_depth: int = 3
+) -> dict:
     """The architecture dict for fields of ``field_shape`` (plain types, stored verbatim in checkpoints)."""
     shape = tuple(int(s) for s in field_shape)
     if latent_dim < 1:
@@ -53,8 +60,13 @@ def default_arch(field_shape, latent_dim: int, base_channels: int = 32, mlp_hidd
     if len(shape) == 1:
         if shape[0] < 2:
             raise GanflowError(f"1-D fields need at least 2 values, got field_shape {shape}")
-        return {"kind": "mlp", "latent_dim": int(latent_dim), "field_shape": list(shape),
-                "hidden": int(mlp_hidden), "depth": int(mlp_depth)}
+        return {
+            "kind": "mlp",
+            "latent_dim": int(latent_dim),
+            "field_shape": list(shape),
+            "hidden": int(mlp_hidden),
+            "depth": int(mlp_depth),
+        }
     if len(shape) == 2:
         n = shape[0]
         if shape[0] != shape[1] or n < 16 or n > 256 or n & (n - 1):
@@ -64,10 +76,17 @@ def default_arch(field_shape, latent_dim: int, base_channels: int = 32, mlp_hidd
             )
         if base_channels < 1:
             raise GanflowError(f"base_channels must be >= 1, got {base_channels}")
-        return {"kind": "conv", "latent_dim": int(latent_dim), "field_shape": list(shape),
-                "base_channels": int(base_channels), "max_channels": 8 * int(base_channels),
-                "n_up": int(math.log2(n // 4))}
-    raise GanflowError(f"no prior architecture for {len(shape)}-D fields (field_shape {shape}); use 1-D or 2-D fields")
+        return {
+            "kind": "conv",
+            "latent_dim": int(latent_dim),
+            "field_shape": list(shape),
+            "base_channels": int(base_channels),
+            "max_channels": 8 * int(base_channels),
+            "n_up": int(math.log2(n // 4)),
+        }
+    raise GanflowError(
+        f"no prior architecture for {len(shape)}-D fields (field_shape {shape}); use 1-D or 2-D fields"
+    )
 
 
 def check_arch(arch) -> dict:
@@ -95,8 +114,11 @@ class _ConvGeneratorNet(nn.Module):
         self.fc = nn.Linear(arch["latent_dim"], ch[0] * 16)
         blocks = []
         for i in range(arch["n_up"]):
-            blocks += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i], ch[i + 1], 3, padding=1),
-                       nn.LeakyReLU(0.2)]
+            blocks += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(ch[i], ch[i + 1], 3, padding=1),
+                nn.LeakyReLU(0.2),
+            ]
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Conv2d(ch[-1], 1, 3, padding=1)
 
@@ -113,8 +135,11 @@ class _ConvCritic(nn.Module):
         ch = _channels(arch)
         layers = [nn.Conv2d(1, ch[-1], 3, padding=1), nn.LeakyReLU(0.2)]
         for i in range(arch["n_up"], 0, -1):
-            layers += [nn.Conv2d(ch[i], ch[i - 1], 4, stride=2, padding=1), nn.GroupNorm(1, ch[i - 1]),
-                       nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(ch[i], ch[i - 1], 4, stride=2, padding=1),
+                nn.GroupNorm(1, ch[i - 1]),
+                nn.LeakyReLU(0.2),
+            ]
         self.features = nn.Sequential(*layers)
         self.out = nn.Linear(ch[0] * 16, 1)
 
@@ -148,10 +173,10 @@ def build_critic(arch: dict) -> nn.Module:
 
 
 class PriorGenerator(nn.Module):
-    """A trained prior ``x = G(z) = mu + s * g(z)``: ``[B, latent_dim] -> [B, *field_shape]`` in physical units.
+    """A trained prior ``x = G(z) = mu + s g(z)``: ``[B, latent_dim] -> [B, *field_shape]``, physical units.
 
-    ``g`` is the generator network (trained on normalised fields); ``mu`` and ``s`` (scalar mean and std of the
-    training fields) are buffers. Satisfies the DESIGN generator
+    ``g`` is the generator network (trained on normalised fields); ``mu`` and ``s`` (scalar mean and std of
+    the training fields) are buffers. Satisfies the DESIGN generator
     contract (``latent_dim``, ``field_shape``).
 
     Args:

@@ -12,8 +12,8 @@ Statistics (all in physical units), each set summarised the same way:
 - value histograms on common bins, ``hist_tv`` = total-variation distance ``(1/2) sum |p_g - p_r|``;
 - the sliced Wasserstein distance ``SWD(a, b) = (mean_l W_2^2(<a, v_l>, <b, v_l>))^(1/2)`` over ``n_proj``
   random unit directions ``v_l`` of the flattened fields. ``swd`` compares ``M/2`` generated fields with one
-  half of the held-out fields and ``swd_reference`` the two held-out halves with each other (same sample sizes),
-  so ``swd / swd_reference`` near 1 means the prior is as close as another draw of real data.
+  half of the held-out fields and ``swd_reference`` the two held-out halves with each other (same sample
+  sizes), so ``swd / swd_reference`` near 1 means the prior is as close as another draw of real data.
 
 Files: ``<prefix>.h5`` (``/real/{mean,std}``, ``/generated/{mean,std}``, ``/structure/{x,real,generated}``
 with attr ``kind`` = ``psd`` or ``corr``, ``/hist/{edges,real,generated}``, ``/samples/{real,generated}``;
@@ -32,15 +32,26 @@ from torch import Tensor
 from ..errors import GanflowError
 from ..io import atomic_h5, atomic_path
 
-__all__ = ["sliced_wasserstein", "radial_power_spectrum", "two_point_correlation", "compute_report",
-           "write_report", "prior_report", "format_summary"]
+__all__ = [
+    "sliced_wasserstein",
+    "radial_power_spectrum",
+    "two_point_correlation",
+    "compute_report",
+    "write_report",
+    "prior_report",
+    "format_summary",
+]
 
 
-def sliced_wasserstein(a: Tensor, b: Tensor, n_proj: int = 128, generator: torch.Generator | None = None) -> float:
+def sliced_wasserstein(
+    a: Tensor, b: Tensor, n_proj: int = 128, generator: torch.Generator | None = None
+) -> float:
     """SWD between two equal-size samples ``a, b`` ``[m, ...]`` (flattened), ``n_proj`` random directions."""
     a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
     if a.shape != b.shape:
-        raise GanflowError(f"sliced_wasserstein needs equal sample sizes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise GanflowError(
+            f"sliced_wasserstein needs equal sample sizes, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     v = torch.randn(a.shape[1], n_proj, generator=generator, dtype=torch.float64)
     v = v / v.norm(dim=0, keepdim=True)
     pa, pb = (a @ v).sort(0).values, (b @ v).sort(0).values
@@ -81,9 +92,12 @@ def _generate(generator, n: int, seed: int, batch: int = 256) -> Tensor:
     return torch.cat(out)
 
 
-def compute_report(generator, real: Tensor, *, seed: int = 0, n_proj: int = 128, n_bins: int = 60,
-                   n_show: int = 8) -> dict:
-    """Compare ``generator`` (``[B, k] -> [B, *field_shape]``) with held-out ``real`` ``[M, *field_shape]``, M >= 4.
+def compute_report(
+    generator, real: Tensor, *, seed: int = 0, n_proj: int = 128, n_bins: int = 60, n_show: int = 8
+) -> dict:
+    """Compare ``generator`` (``[B, k] -> [B, *field_shape]``) with held-out ``real`` ``[M, *field_shape]``.
+
+    ``M >= 4``.
 
     Returns a dict: ``metrics`` (floats), and arrays for the file and figure.
     """
@@ -179,14 +193,21 @@ def _figure(rep: dict):
     gs = fig.add_gridspec(4 if two_d else 2, max(n_show, 4))
     third = max(n_show, 4) // 3
     if two_d:
-        row = [fig.add_subplot(gs[0, i * max(n_show, 4) // 4 : (i + 1) * max(n_show, 4) // 4]) for i in range(4)]
-        vm = (min(rep["real"]["mean"].min(), rep["generated"]["mean"].min()),
-              max(rep["real"]["mean"].max(), rep["generated"]["mean"].max()))
+        row = [
+            fig.add_subplot(gs[0, i * max(n_show, 4) // 4 : (i + 1) * max(n_show, 4) // 4]) for i in range(4)
+        ]
+        vm = (
+            min(rep["real"]["mean"].min(), rep["generated"]["mean"].min()),
+            max(rep["real"]["mean"].max(), rep["generated"]["mean"].max()),
+        )
         vs = (0, max(rep["real"]["std"].max(), rep["generated"]["std"].max()))
-        for ax, img, title, lim in zip(row, [rep["real"]["mean"], rep["generated"]["mean"], rep["real"]["std"],
-                                             rep["generated"]["std"]],
-                                       ["real mean", "generated mean", "real std", "generated std"],
-                                       [vm, vm, vs, vs]):
+        for ax, img, title, lim in zip(
+            row,
+            [rep["real"]["mean"], rep["generated"]["mean"], rep["real"]["std"], rep["generated"]["std"]],
+            ["real mean", "generated mean", "real std", "generated std"],
+            [vm, vm, vs, vs],
+            strict=True,
+        ):
             ax.imshow(img, vmin=lim[0], vmax=lim[1], cmap="viridis")
             ax.set_title(title, fontsize=9)
             ax.axis("off")
@@ -247,7 +268,9 @@ def format_summary(metrics: dict) -> str:
         parts.append(f"corr err {metrics['corr_max_abs_err']:.3f}")
     parts.append(f"hist TV {metrics['hist_tv']:.3f}")
     ratio = metrics["swd"] / metrics["swd_reference"] if metrics["swd_reference"] > 0 else math.inf
-    parts.append(f"SWD {metrics['swd']:.4g} (held-out reference {metrics['swd_reference']:.4g}, ratio {ratio:.2f})")
+    parts.append(
+        f"SWD {metrics['swd']:.4g} (held-out reference {metrics['swd_reference']:.4g}, ratio {ratio:.2f})"
+    )
     return "prior report: " + ", ".join(parts)
 
 

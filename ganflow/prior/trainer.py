@@ -8,17 +8,18 @@ Objective (Gulrajani et al., "Improved training of Wasserstein GANs", 2017), on 
     generator:  min_g  -E_z[D(g(z))],   z ~ N(0, I_k)
 
 with ``n_critic`` critic steps per generator step, Adam(lr, betas=(0, 0.9)). The critic's Wasserstein estimate
-``E[D(u)] - E[D(g(z))]`` is shown on the progress bar. The prior is the exponential moving average (EMA) of the
-generator weights, ``theta_ema <- d theta_ema + (1 - d) theta`` with ``d = min(ema_decay, (1 + t) / (10 + t))``
-at generator step ``t`` (the warm-up keeps short runs from being dominated by the initial weights).
+``E[D(u)] - E[D(g(z))]`` is shown on the progress bar. The prior is the exponential moving average (EMA) of
+the generator weights, ``theta_ema <- d theta_ema + (1 - d) theta`` with
+``d = min(ema_decay, (1 + t) / (10 + t))`` at generator step ``t`` (the warm-up keeps short runs from being
+dominated by the initial weights).
 
-Normalisation choice: one scalar mean and one scalar std per dataset. They put the values on the unit scale the
-initialisation and learning rates expect, while every spatial structure (the mean map, where the field varies
-more or less) stays for the generator to learn; per-pixel statistics would divide by near-zero stds at pinned
-boundaries and would hand the generator a mean map it never had to learn.
+Normalisation choice: one scalar mean and one scalar std per dataset. They put the values on the unit scale
+the initialisation and learning rates expect, while every spatial structure (the mean map, where the field
+varies more or less) stays for the generator to learn; per-pixel statistics would divide by near-zero stds at
+pinned boundaries and would hand the generator a mean map it never had to learn.
 
 Randomness: two private ``torch.Generator`` objects, ``noise`` (latents, penalty mixing weights; on the
-training device) and ``data`` (batch indices, CPU), plus the split/initialisation streams derived from the seed.
+training device) and ``data`` (batch indices, CPU), plus split/initialisation streams derived from the seed.
 All their states are stored in the checkpoint, so an interrupted run resumed with ``resume=True`` ends with
 exactly the same weights as an uninterrupted one (on CPU).
 
@@ -161,7 +162,7 @@ class TrainResult:
 
 
 def _gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, noise: torch.Generator) -> Tensor:
-    """``E[(||grad_u D(uhat)||_2 - 1)^2]`` on per-sample random interpolates ``uhat`` of ``real`` and ``fake``."""
+    """``E[(||grad_u D(uhat)||_2 - 1)^2]`` on random per-sample interpolates of ``real``, ``fake``."""
     eps = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), generator=noise, device=real.device)
     mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
@@ -170,7 +171,7 @@ def _gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, noise: torc
 
 @torch.no_grad()
 def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    for pe, p in zip(ema.parameters(), net.parameters()):
+    for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
         pe.lerp_(p, 1.0 - decay)
 
 
@@ -240,10 +241,21 @@ def train_prior(
         settings = dataclasses.replace(settings, steps=int(steps))
     settings.validate()
 
-    arch = default_arch(fd.field_shape, settings.latent_dim, settings.base_channels, settings.mlp_hidden,
-                        settings.mlp_depth) if ckpt is None else ckpt["arch"]
+    arch = (
+        default_arch(
+            fd.field_shape,
+            settings.latent_dim,
+            settings.base_channels,
+            settings.mlp_hidden,
+            settings.mlp_depth,
+        )
+        if ckpt is None
+        else ckpt["arch"]
+    )
     if ckpt is not None and list(fd.field_shape) != list(arch["field_shape"]):
-        raise GanflowError(f"--resume: data field_shape {fd.field_shape} != checkpoint's {arch['field_shape']}")
+        raise GanflowError(
+            f"--resume: data field_shape {fd.field_shape} != checkpoint's {arch['field_shape']}"
+        )
     start = int(ckpt["step"]) if ckpt else 0
     if ckpt is not None and settings.steps <= start:
         raise GanflowError(f"--resume: checkpoint is already at step {start}; ask for more --steps")
@@ -254,7 +266,9 @@ def train_prior(
         mean = x_train.double().mean().float()
         std = x_train.double().std().float() if x_train.numel() > 1 else torch.tensor(0.0)
         if not torch.isfinite(std) or std <= 1e-12 * (1 + mean.abs().max()):
-            raise GanflowError(f"{fd.path}: the training fields do not vary (std {float(std):.3g}); nothing to learn")
+            raise GanflowError(
+                f"{fd.path}: the training fields do not vary (std {float(std):.3g}); nothing to learn"
+            )
     else:
         mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
     u_train = ((x_train - mean) / std).to(dev)
@@ -275,20 +289,31 @@ def train_prior(
     history = {"step": [], "wasserstein": [], "loss_g": []}
     wall0 = 0.0
     if ckpt is not None:
-        G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-        G_ema.load_state_dict(ckpt["G_ema"])
-        opt_g.load_state_dict(ckpt["opt_G"])
-        opt_d.load_state_dict(ckpt["opt_D"])
-        rng = ckpt["rng"]
-        noise.set_state(rng["noise"])
-        order.set_state(rng["data"])
-        torch.set_rng_state(rng["torch_cpu"])
-        if device == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
-        h = ckpt.get("history", {})
-        history = {k: [v.item() for v in h[k]] if k in h else [] for k in history}
-        wall0 = float(ckpt.get("wall_time_s", 0.0))
+        try:
+            G.load_state_dict(ckpt["G"])
+            D.load_state_dict(ckpt["D"])
+            G_ema.load_state_dict(ckpt["G_ema"])
+            opt_g.load_state_dict(ckpt["opt_G"])
+            opt_d.load_state_dict(ckpt["opt_D"])
+            rng = ckpt["rng"]
+            if ckpt.get("device", "cpu") == device:
+                noise.set_state(rng["noise"])
+            else:
+                # A CPU and a CUDA generator have different states: continue with a fresh stream tied to the
+                # step (reproducible, but not bit-identical to an uninterrupted run on one device).
+                noise.manual_seed(_substream(seed, 3) + start)
+            order.set_state(rng["data"])
+            torch.set_rng_state(rng["torch_cpu"])
+            if device == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state_all(list(rng["cuda"]))
+            h = ckpt.get("history", {})
+            history = {k: [v.item() for v in h[k]] if k in h else [] for k in history}
+            wall0 = float(ckpt.get("wall_time_s", 0.0))
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise GanflowError(
+                f"--resume: checkpoint {out} does not fit its recorded architecture or state ({first[:160]})"
+            ) from None
 
     provenance = fd.provenance()
     provenance.update(n_train=int(train_idx.numel()), n_val=int(val_idx.numel()))
@@ -317,17 +342,25 @@ def train_prior(
             "opt_G": _optimizer_state_cpu(opt_g),
             "opt_D": _optimizer_state_cpu(opt_d),
             "rng": rng,
-            "history": {"step": torch.tensor(history["step"], dtype=torch.int64),
-                        "wasserstein": torch.tensor(history["wasserstein"], dtype=torch.float64),
-                        "loss_g": torch.tensor(history["loss_g"], dtype=torch.float64)},
+            "history": {
+                "step": torch.tensor(history["step"], dtype=torch.int64),
+                "wasserstein": torch.tensor(history["wasserstein"], dtype=torch.float64),
+                "loss_g": torch.tensor(history["loss_g"], dtype=torch.float64),
+            },
             "wall_time_s": float(wall),
         }
 
     from tqdm.auto import tqdm
 
     n_train, B = u_train.shape[0], settings.batch_size
-    bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train-prior", unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=settings.steps,
+        initial=start,
+        disable=not progress,
+        desc="train-prior",
+        unit="step",
+        dynamic_ncols=True,
+    )
     t_start = time.perf_counter()
     t_last_save = t_start
     w_est, loss_g_val = float("nan"), float("nan")
@@ -359,7 +392,9 @@ def train_prior(
             if step % settings.log_every == 0 or step == settings.steps:
                 w_est, loss_g_val = float((d_real - d_fake).detach()), float(loss_g.detach())
                 if not (math.isfinite(w_est) and math.isfinite(loss_g_val)):
-                    raise GanflowError(f"training diverged at step {step} (non-finite loss); try smaller lr_g/lr_d")
+                    raise GanflowError(
+                        f"training diverged at step {step} (non-finite loss); try smaller lr_g/lr_d"
+                    )
                 history["step"].append(step)
                 history["wasserstein"].append(w_est)
                 history["loss_g"].append(loss_g_val)
@@ -374,8 +409,13 @@ def train_prior(
     elapsed = time.perf_counter() - t_start
     save_checkpoint(out, make_checkpoint(step, wall0 + elapsed))
 
-    generator = generator_from_checkpoint({"arch": arch, "G_ema": {k: v.cpu() for k, v in G_ema.state_dict().items()},
-                                           "normalization": {"mean": mean, "std": std}})
+    generator = generator_from_checkpoint(
+        {
+            "arch": arch,
+            "G_ema": {k: v.cpu() for k, v in G_ema.state_dict().items()},
+            "normalization": {"mean": mean, "std": std},
+        }
+    )
     result = TrainResult(
         path=out,
         generator=generator,
@@ -389,8 +429,12 @@ def train_prior(
     if report:
         from .report import prior_report
 
-        result.report = prior_report(generator, fd.fields[val_idx] if val_idx.numel() >= 4 else fd.fields,
-                                     prefix=report_prefix(out), seed=seed)
+        result.report = prior_report(
+            generator,
+            fd.fields[val_idx] if val_idx.numel() >= 4 else fd.fields,
+            prefix=report_prefix(out),
+            seed=seed,
+        )
     return result
 
 
@@ -403,7 +447,9 @@ def report_prefix(checkpoint_path: str | os.PathLike) -> str:
 def _optimizer_state_cpu(opt: torch.optim.Optimizer) -> dict:
     sd = opt.state_dict()
     return {
-        "state": {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                  for k, s in sd["state"].items()},
+        "state": {
+            k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+            for k, s in sd["state"].items()
+        },
         "param_groups": [dict(g) for g in sd["param_groups"]],
     }
