@@ -187,13 +187,21 @@ class LatentFlow(nn.Module):
 
     def transform(self, eps: Tensor) -> tuple[Tensor, Tensor]:
         """``eps [n, k] -> (z, log_q(z))``."""
-        u, log_det = self.flow.forward_and_log_det(eps)
+        # Layers are applied here rather than by NormalizingFlow.forward_and_log_det, which accumulates
+        # log-determinants in a float32 buffer whatever the input dtype.
+        u, log_det = eps, torch.zeros(eps.shape[0], dtype=eps.dtype, device=eps.device)
+        for layer in self.flow.flows:
+            u, ld = layer(u)
+            log_det = log_det + ld
         z = self.loc + u @ self.scale_tril.T
         return z, self._base_log_prob(eps) - log_det - self._log_det_affine()
 
     def log_prob(self, z: Tensor) -> Tensor:
         u = torch.linalg.solve_triangular(self.scale_tril, (z - self.loc).T, upper=False).T
-        eps, log_det_inv = self.flow.inverse_and_log_det(u)
+        eps, log_det_inv = u, torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+        for layer in reversed(self.flow.flows):
+            eps, ld = layer.inverse(eps)
+            log_det_inv = log_det_inv + ld
         return self._base_log_prob(eps) + log_det_inv - self._log_det_affine()
 
     forward = log_prob
@@ -273,7 +281,12 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
         loc, scale_tril, lp_map = laplace_approximation(target, s, g)
         attrs["laplace_log_joint_map"] = float(lp_map)
         attrs["laplace_forward_evals"] = target.n_forward_evals - evals0
-    flow = LatentFlow(k, s, loc, scale_tril)
+    # Layer initialisation draws from torch's global RNG: seed it from `g` (and restore it) so the fit
+    # depends only on the generator passed in.
+    init_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        flow = LatentFlow(k, s, loc, scale_tril)
     params = [p for p in flow.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=s.lr, foreach=True)
     lr_scale = 1.0
