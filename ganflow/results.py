@@ -10,10 +10,18 @@ Schema (DESIGN.md; extended, never changed):
     /truth/x, /truth/z              when known
     /trace/loss (+ method-specific traces)
     /flow/state/<param>             the fitted flow's weights (flow only), to draw new samples later
+    /qoi/<name>/mean, std, q025, q25, q50, q75, q975   [*qoi_shape]   (``ganflow predict``; `QoIStats`)
+    /qoi/<name>/samples             [S, *qoi_shape]   a few draws of the QoI
+    /qoi/<name>/truth, error, inside_95   [*qoi_shape] when the truth is known (error = mean - truth)
+        attrs: spec, n, n_quantile, weighting ("none" | "psis"), coverage_95, abs_error_mean
+    /diagnostics/log_weights [N], /diagnostics/ppc_d_obs [N], /diagnostics/ppc_d_rep [N]   (ganflow.diagnostics)
+    /psis/field/mean, std, q025 ... [*field_shape]   PSIS-reweighted field statistics (``predict --reweight``)
     attrs: method, config (JSON), ganflow_version, seed, latent_dim, noise_sigma, n_forward_evals,
            wall_time_s, field_shape (JSON), prior, problem, operator, operator_kwargs (JSON), problem_kwargs
            (JSON), n_samples, n_quantile; with a known truth rel_l2_error, coverage_95, chi2_per_dof;
-           method-specific scalars (e.g. step_size, rhat_max, ess_min, elbo).
+           method-specific scalars (e.g. step_size, rhat_max, ess_min, elbo); diagnostics psis_khat,
+           is_ess_ratio, is_ess_ratio_raw, is_n_draws, ppc_p_value, ppc_chi2_per_dof, ppc_chi2_rep_per_dof,
+           ppc_n_draws (see `ganflow.diagnostics`).
 """
 
 from __future__ import annotations
@@ -35,7 +43,13 @@ from .io import atomic_h5, check_output_path, open_h5, read_json_attr
 from .posterior.base import LatentFit
 from .predictive import QUANTILES, FieldSummary
 
-__all__ = ["PosteriorResult", "truth_metrics", "REQUIRED_DATASETS", "REQUIRED_ATTRS", "quantile_key"]
+__all__ = ["PosteriorResult", "QoIStats", "truth_metrics", "REQUIRED_DATASETS", "REQUIRED_ATTRS", "quantile_key",
+           "write_qoi", "read_qoi", "DIAGNOSTIC_ATTRS"]
+
+# Scalar diagnostics a posterior.h5 may carry (written by solve and by ``ganflow predict``).
+DIAGNOSTIC_ATTRS = ("psis_khat", "is_ess_ratio", "is_ess_ratio_raw", "is_n_draws", "ppc_p_value", "ppc_chi2_per_dof",
+                    "ppc_chi2_rep_per_dof", "ppc_n_draws", "ppc_p_value_psis", "ppc_chi2_per_dof_psis", "rhat_max",
+                    "ess_min")
 
 REQUIRED_DATASETS = (
     "latent/samples", "field/mean", "field/std", "field/q025", "field/q975", "field/samples", "obs/y",
@@ -68,6 +82,85 @@ def truth_metrics(mean: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray, x_true: 
 
 
 @dataclass
+class QoIStats:
+    """Posterior-predictive statistics of one quantity of interest ``f(x)`` (values ``[*qoi_shape]``).
+
+    ``mean``, ``std`` are over all ``n`` draws (exact streaming moments); ``quantiles`` (levels 2.5, 25, 50, 75,
+    97.5 %) over the first ``n_quantile`` draws; ``samples`` ``[S, *qoi_shape]`` a few draws. With a known truth:
+    ``truth``, ``error = mean - truth`` and ``inside_95`` (truth inside the central 95 % interval).
+    ``weighting`` is ``"psis"`` for PSIS-reweighted statistics (``ganflow predict --reweight``), else ``"none"``.
+    """
+
+    name: str
+    mean: np.ndarray
+    std: np.ndarray
+    quantiles: dict[float, np.ndarray]
+    samples: np.ndarray
+    n: int
+    n_quantile: int
+    spec: str = ""
+    weighting: str = "none"
+    truth: np.ndarray | None = None
+
+    @property
+    def error(self) -> np.ndarray | None:
+        return None if self.truth is None else self.mean - self.truth
+
+    @property
+    def inside_95(self) -> np.ndarray | None:
+        if self.truth is None:
+            return None
+        return (self.truth >= self.quantiles[0.025]) & (self.truth <= self.quantiles[0.975])
+
+    def quantile(self, q: float) -> np.ndarray:
+        for level, arr in self.quantiles.items():
+            if abs(level - q) < 1e-9:
+                return arr
+        raise GanflowError(f"QoI '{self.name}': quantile {q} is not stored (stored: "
+                           f"{', '.join(str(v) for v in self.quantiles)})")
+
+    def credible_interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """Central interval ``(lo, hi)`` at ``level`` (0.5 or 0.95: the stored quantiles)."""
+        a = (1 - level) / 2
+        return self.quantile(round(a, 6)), self.quantile(round(1 - a, 6))
+
+
+def write_qoi(f: h5py.File, stats: QoIStats) -> None:
+    """Write ``/qoi/<name>/`` (replacing an existing group of that name)."""
+    key = f"qoi/{stats.name}"
+    if key in f:
+        del f[key]
+    grp = f.create_group(key)
+    grp.create_dataset("mean", data=np.asarray(stats.mean, np.float64))
+    grp.create_dataset("std", data=np.asarray(stats.std, np.float64))
+    for q, arr in stats.quantiles.items():
+        grp.create_dataset(quantile_key(q), data=np.asarray(arr, np.float64))
+    grp.create_dataset("samples", data=np.asarray(stats.samples, np.float32))
+    grp.attrs.update({"spec": stats.spec, "n": int(stats.n), "n_quantile": int(stats.n_quantile),
+                      "weighting": stats.weighting})
+    if stats.truth is not None:
+        grp.create_dataset("truth", data=np.asarray(stats.truth, np.float64))
+        grp.create_dataset("error", data=np.asarray(stats.error, np.float64))
+        grp.create_dataset("inside_95", data=np.asarray(stats.inside_95, bool))
+        grp.attrs["coverage_95"] = float(np.mean(stats.inside_95))
+        grp.attrs["abs_error_mean"] = float(np.mean(np.abs(stats.error)))
+
+
+def read_qoi(grp: h5py.Group, name: str) -> QoIStats:
+    """Read one ``/qoi/<name>`` group."""
+    quantiles = {q: grp[quantile_key(q)][()] for q in QUANTILES if quantile_key(q) in grp}
+
+    def attr(key, default):
+        v = grp.attrs.get(key, default)
+        return v.decode() if isinstance(v, bytes) else v
+
+    return QoIStats(name=name, mean=grp["mean"][()], std=grp["std"][()], quantiles=quantiles,
+                    samples=grp["samples"][()], n=int(attr("n", 0)), n_quantile=int(attr("n_quantile", 0)),
+                    spec=str(attr("spec", "")), weighting=str(attr("weighting", "none")),
+                    truth=grp["truth"][()] if "truth" in grp else None)
+
+
+@dataclass
 class PosteriorResult:
     """A posterior over fields, with its statistics; returned by `ganflow.solve` and read from posterior.h5.
 
@@ -90,6 +183,8 @@ class PosteriorResult:
     fit: LatentFit | None = None
     generator: Any = None
     path: str | None = None
+    qois: dict[str, QoIStats] = field(default_factory=dict)  # /qoi (ganflow predict)
+    diagnostic_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # /diagnostics
 
     # statistics -----------------------------------------------------------------------------------
     @property
@@ -119,6 +214,34 @@ class PosteriorResult:
     def metrics(self) -> dict[str, float]:
         keys = ("rel_l2_error", "coverage_95", "chi2_per_dof")
         return {k: self.attrs[k] for k in keys if k in self.attrs}
+
+    def qoi(self, name: str) -> QoIStats:
+        """Statistics of a computed quantity of interest (``ganflow predict`` / `ganflow.predict.predict`):
+        ``r.qoi("total").mean``, ``.std``, ``.quantile(0.5)``, ``.credible_interval(0.95)``, ``.error``."""
+        if name not in self.qois:
+            known = ", ".join(sorted(self.qois)) or "none"
+            raise GanflowError(f"no QoI '{name}' in this posterior (computed: {known}); run `ganflow predict "
+                               f"posterior.h5 --qoi {name}`")
+        return self.qois[name]
+
+    @property
+    def diagnostics(self) -> dict[str, float]:
+        """The scalar diagnostics present: ``psis_khat``, ``is_ess_ratio`` (flow), ``ppc_p_value``,
+        ``ppc_chi2_per_dof`` (every method), ``rhat_max``, ``ess_min`` (NUTS); see `ganflow.diagnostics`."""
+        return {k: self.attrs[k] for k in DIAGNOSTIC_ATTRS if k in self.attrs}
+
+    # figures --------------------------------------------------------------------------------------
+    def plot(self, outdir: str | os.PathLike) -> list[str]:
+        """Write all figures (fields, samples, traces, data fit, QoIs, diagnostics) into ``outdir``."""
+        from .plots import plot_posterior  # plots sit above results in the layering
+
+        return plot_posterior(self, outdir)
+
+    def plot_qoi(self, name: str, ax=None):
+        """Histogram of a scalar QoI's stored draws with its mean, 95 % interval and the truth; returns the axes."""
+        from .plots import plot_qoi_hist
+
+        return plot_qoi_hist(self.qoi(name), ax=ax)
 
     # sampling -------------------------------------------------------------------------------------
     def sample_latent(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -160,6 +283,10 @@ class PosteriorResult:
                 f.create_dataset("trace/loss", data=np.zeros(0))
             for name, t in self.flow_state.items():
                 f.create_dataset(f"flow/state/{name}", data=t.detach().cpu().numpy())
+            for stats in self.qois.values():
+                write_qoi(f, stats)
+            for name, arr in self.diagnostic_arrays.items():
+                f.create_dataset(f"diagnostics/{name}", data=np.asarray(arr))
             attrs = dict(self.attrs)
             attrs.update({
                 "method": self.method,
@@ -221,6 +348,9 @@ class PosteriorResult:
                         lambda name, obj: flow_state.__setitem__(name, torch.from_numpy(obj[()]))
                         if isinstance(obj, h5py.Dataset) else None
                     )
+                qois = {name: read_qoi(f["qoi"][name], name) for name in f["qoi"]} if "qoi" in f else {}
+                diagnostic_arrays = ({k: f["diagnostics"][k][()] for k in f["diagnostics"]}
+                                     if "diagnostics" in f else {})
                 return cls(
                     method=str(attrs["method"]),
                     latent_dim=int(attrs["latent_dim"]),
@@ -235,6 +365,8 @@ class PosteriorResult:
                     z_true=f["truth/z"][()] if "truth/z" in f else None,
                     flow_state=flow_state,
                     path=path,
+                    qois=qois,
+                    diagnostic_arrays=diagnostic_arrays,
                 )
             except (KeyError, OSError, ValueError, TypeError) as e:
                 raise GanflowError(f"{path}: cannot read posterior file ({e})") from None
