@@ -312,3 +312,28 @@ def posterior_diagnostics(target, *, flow=None, samples: Tensor | None = None,
     else:
         raise GanflowError("posterior_diagnostics needs a flow or stored samples")
     return diagnose_draws(target, z, log_q, g, s.batch_size)
+
+
+def solve_diagnostics(target, fit, table: dict | None, seed: int) -> dict:
+    """The end-of-solve call: diagnostics of a `LatentFit` as scalar attrs for posterior.h5.
+
+    ``table`` is the config table ``[diagnostics]`` (`DiagnosticSettings`; ``enabled = false`` skips them).
+    The draws come from their own generator (seeded from ``seed``), so adding diagnostics leaves every other
+    output of the solve unchanged. A flow with ``k_hat > 0.7`` raises a ``RuntimeWarning``.
+    """
+    import warnings
+
+    from .config import parse_settings
+
+    s = parse_settings(DiagnosticSettings, table, "diagnostics")
+    if not s.enabled:
+        return {}
+    g = torch.Generator().manual_seed(int(seed) + 0x5EED_D1A6)
+    flow = fit.model if fit.method == "flow" and hasattr(fit.model, "sample") else None
+    samples = None
+    if flow is None:
+        samples = fit.samples if fit.samples is not None else fit.draw(s.n_draws, g)
+    res = posterior_diagnostics(target, flow=flow, samples=samples, settings=s, generator=g)
+    if res.warning:
+        warnings.warn(res.warning, RuntimeWarning, stacklevel=2)
+    return res.attrs

@@ -205,6 +205,11 @@ def solve(
                                f"{tuple(generator_module.field_shape)}")
         attrs.update(truth_metrics(summary.mean, summary.quantiles[0.025], summary.quantiles[0.975], x_true,
                                    y, summary.obs_pred_mean, obs.noise_sigma))
+    # --- issue 7 (ganflow.diagnostics, owned by the predict/diagnostics work): PSIS k-hat and ESS/N of the flow,
+    # posterior-predictive check for every method; own seeded draws, so nothing else in the result changes.
+    from .diagnostics import solve_diagnostics
+    attrs.update(solve_diagnostics(target, fit, cfg.data.get("diagnostics"), seed))
+    # --- end issue 7 ---
     attrs["wall_time_s"] = float(time.perf_counter() - t0)
     config_record = {
         "solve": dataclasses.asdict(dataclasses.replace(ss, method=method)),
