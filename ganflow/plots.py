@@ -6,8 +6,11 @@
   mean with its 95 % band and the truth (1-D fields);
 - ``samples.png``: a grid of posterior field samples;
 - ``trace.png``: the per-iteration objective (and any other traces);
-- ``obs.png``: data against the posterior-predictive mean.
-Diagnostic values (error, coverage, chi^2) go in the titles.
+- ``obs.png``: data against the posterior-predictive mean;
+- ``qoi.png``: histograms of each computed QoI (``ganflow predict``) with the 95 % interval and the truth;
+- ``diagnostics.png``: the largest importance weights with the PSIS k-hat (flow), and the posterior-predictive
+  check, ``D_obs`` against ``D_rep`` with its p-value.
+Diagnostic values (error, coverage, chi^2, k-hat, ESS/N, predictive p-value, R-hat, ESS) go in the titles.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np  # noqa: E402
 from .errors import GanflowError  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
-__all__ = ["plot_posterior", "save_figure"]
+__all__ = ["plot_posterior", "save_figure", "plot_qoi_hist", "plot_qois", "plot_diagnostics"]
 
 
 def save_figure(fig, path: str) -> str:
@@ -43,6 +46,93 @@ def _title_metrics(result) -> str:
     if "chi2_per_dof" in m:
         parts.append(f"chi2/dof {m['chi2_per_dof']:.2f}")
     return ", ".join(parts)
+
+
+def _title_diagnostics(result) -> str:
+    """k-hat, ESS/N (flow), predictive chi^2/dof and p-value (every method), R-hat and ESS (NUTS)."""
+    a = result.attrs
+    parts = []
+    if "psis_khat" in a:
+        parts.append(f"k-hat {a['psis_khat']:.2f}" + (" (UNRELIABLE)" if a["psis_khat"] > 0.7 else ""))
+    if "is_ess_ratio" in a:
+        parts.append(f"ESS/N {a['is_ess_ratio']:.2f}")
+    if "ppc_chi2_per_dof" in a:
+        parts.append(f"PPC chi2/dof {a['ppc_chi2_per_dof']:.2f}")
+    if "ppc_p_value" in a:
+        parts.append(f"p {a['ppc_p_value']:.2f}")
+    if "rhat_max" in a:
+        parts.append(f"R-hat {a['rhat_max']:.3f}")
+    if "ess_min" in a:
+        parts.append(f"ESS min {a['ess_min']:.0f}")
+    return ", ".join(parts)
+
+
+def plot_qoi_hist(stats, ax=None):
+    """Histogram of a QoI's stored draws (its first value if not scalar), mean, 95 % interval, truth."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    samples = np.asarray(stats.samples, float).reshape(len(stats.samples), -1)[:, 0]
+    first = lambda a: float(np.asarray(a).reshape(-1)[0])  # noqa: E731
+    ax.hist(samples, bins=min(40, max(5, samples.size // 10)), color="C0", alpha=0.6, density=True)
+    lo, hi = stats.credible_interval(0.95)
+    ax.axvspan(first(lo), first(hi), color="C0", alpha=0.15, label="95% interval")
+    ax.axvline(first(stats.mean), color="C0", label="mean")
+    title = f"{stats.name}" + ("" if np.asarray(stats.mean).size == 1 else "[0]")
+    title += f": {first(stats.mean):.3g} ± {first(stats.std):.2g}"
+    if stats.truth is not None:
+        ax.axvline(first(stats.truth), color="k", ls="--", label="truth")
+        title += f", error {first(stats.error):.2g}"
+    if stats.weighting != "none":
+        title += f" ({stats.weighting})"
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_qois(result, path: str) -> str | None:
+    """``qoi.png``: one histogram panel per computed QoI; None when there are none."""
+    if not result.qois:
+        return None
+    n = len(result.qois)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    for ax, stats in zip(axes[0], result.qois.values()):
+        plot_qoi_hist(stats, ax)
+    fig.suptitle(f"{result.method}: quantities of interest", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_diagnostics(result, path: str) -> str | None:
+    """``diagnostics.png``: sorted log importance weights (flow) and the predictive-check scatter."""
+    arr = result.diagnostic_arrays
+    panels = [p for p in ("log_weights", "ppc") if (p in arr) or (p == "ppc" and "ppc_d_obs" in arr)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    a = result.attrs
+    for ax, p in zip(axes[0], panels):
+        if p == "log_weights":
+            lw = np.sort(np.asarray(arr["log_weights"], float))[::-1]
+            lw = lw[np.isfinite(lw)]
+            ax.plot(np.arange(1, lw.size + 1), lw - lw.max(), lw=1)
+            m = int(np.ceil(min(0.2 * lw.size, 3 * np.sqrt(lw.size))))
+            ax.axvline(m, color="gray", ls=":", label=f"tail M={m}")
+            ax.set_xscale("log")
+            ax.set_xlabel("rank")
+            ax.set_ylabel("log w - max")
+            ax.legend(fontsize=7)
+            ax.set_title(f"importance weights: k-hat {a.get('psis_khat', float('nan')):.2f}, "
+                         f"ESS/N {a.get('is_ess_ratio', float('nan')):.2f}", fontsize=8)
+        else:
+            d_obs, d_rep = np.asarray(arr["ppc_d_obs"], float), np.asarray(arr["ppc_d_rep"], float)
+            ax.scatter(d_obs, d_rep, s=3, alpha=0.4)
+            lims = [min(d_obs.min(), d_rep.min()), max(d_obs.max(), d_rep.max())]
+            ax.plot(lims, lims, "k--", lw=0.8)
+            ax.set_xlabel("D(y, z) = ||y - A(G(z))||²/σ²")
+            ax.set_ylabel("D(y_rep, z)")
+            ax.set_title(f"predictive check: p {a.get('ppc_p_value', float('nan')):.2f}, chi2/dof "
+                         f"{a.get('ppc_chi2_per_dof', float('nan')):.2f}", fontsize=8)
+    fig.suptitle(f"{result.method}: diagnostics", fontsize=10)
+    return save_figure(fig, path)
 
 
 def _imshow(ax, img, title, cmap="viridis", vmin=None, vmax=None):
@@ -74,6 +164,8 @@ def plot_posterior(result, outdir: str | os.PathLike) -> list[str]:
     lo, hi = result.credible_interval(0.95)
     truth = result.x_true
     suptitle = f"{result.method} posterior" + (f" - {_title_metrics(result)}" if _title_metrics(result) else "")
+    if _title_diagnostics(result):
+        suptitle += "\n" + _title_diagnostics(result)
 
     if mean.ndim == 1:
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -143,4 +235,8 @@ def plot_posterior(result, outdir: str | os.PathLike) -> list[str]:
         ax.set_ylabel("posterior-predictive mean")
         ax.set_title("data fit", fontsize=9)
         paths.append(save_figure(fig, os.path.join(outdir, "obs.png")))
+    for extra in (plot_qois(result, os.path.join(outdir, "qoi.png")),
+                  plot_diagnostics(result, os.path.join(outdir, "diagnostics.png"))):
+        if extra is not None:
+            paths.append(extra)
     return paths

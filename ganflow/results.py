@@ -345,7 +345,7 @@ class PosteriorResult:
                 flow_state = {}
                 if "flow/state" in f:
                     f["flow/state"].visititems(
-                        lambda name, obj: flow_state.__setitem__(name, torch.from_numpy(obj[()]))
+                        lambda name, obj: flow_state.__setitem__(name, torch.from_numpy(np.asarray(obj[()])))
                         if isinstance(obj, h5py.Dataset) else None
                     )
                 qois = {name: read_qoi(f["qoi"][name], name) for name in f["qoi"]} if "qoi" in f else {}

@@ -1,0 +1,298 @@
+"""Simulation-based calibration (SBC; Talts, Betancourt, Simpson, Vehtari & Gelman 2018, arXiv 1804.06788).
+
+If the truth is drawn from the prior, ``z* ~ N(0, I)``, ``x* = G(z*)``, ``y ~ p(y | z*)``, and the posterior is
+exact, then for every scalar ``theta`` (a latent coordinate, a field entry):
+
+- the rank of ``theta*`` among ``L`` independent posterior draws is uniform on ``{0, ..., L}``;
+- the central ``alpha`` credible interval contains ``theta*`` with probability exactly ``alpha``.
+
+`calibrate` draws ``T`` truths, simulates data, solves each with the chosen method (by default a cheaper flow),
+and reports the empirical coverage of the 50 / 90 / 95 % central intervals (pooled over the latent
+coordinates, and over the field entries), rank histograms (pooled, and of a few tracked coordinates) with a
+chi-square uniformity test (``scipy.stats.chisquare``), a figure and a JSON summary.
+
+How to read it: coverage below nominal (and a U-shaped rank histogram) means an overconfident posterior;
+above nominal (a hump) an over-dispersed one; a sloped histogram a biased one. Pooled entries of one truth
+are correlated, so the pooled chi-square p-value is anti-conservative (it rejects too often); the coverage
+numbers are the primary result, the histograms show the shape.
+
+``shrink`` (a diagnostic aid, not a method): latent posterior draws are scaled about their mean,
+``z -> mean + shrink (z - mean)``, to make a deliberately overconfident posterior and check that the
+calibration detects it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import Config, parse_settings
+from .errors import GanflowError
+from .io import atomic_path
+from .simulate import simulate
+from .solve import METHODS, SOLVE_TABLES, load_prior, solve
+
+__all__ = ["CalibrateSettings", "calibrate", "run_calibration_cli", "CALIBRATE_TABLES", "CHEAP_SOLVE_CONFIG",
+           "coverage_indicators", "sbc_ranks", "rank_uniformity"]
+
+CALIBRATE_TABLES = SOLVE_TABLES + ("calibrate",)
+LEVELS = (0.5, 0.9, 0.95)
+
+# A cheaper solve per truth (each table is overridden key by key by the user's config).
+CHEAP_SOLVE_CONFIG = {
+    "flow": {"max_iter": 500, "min_iter": 100, "patience": 100, "n_layers": 4, "hidden": 32, "map_starts": 4},
+    "solve": {"n_samples": 1000, "n_quantile": 1000, "n_field_samples": 1},
+}
+
+
+@dataclass(frozen=True)
+class CalibrateSettings:
+    """Settings of a calibration run (TOML table ``[calibrate]``)."""
+
+    n_truths: int = 20
+    method: str = "flow"
+    noise_sigma: float | None = None  # absolute; or
+    noise_relative: float | None = None  # fraction of max |A(x*)| (default 0.1 when neither is given)
+    shrink: float = 1.0  # diagnostic aid: scale latent draws about their mean (< 1: overconfident)
+    n_rank_draws: int = 99  # L posterior draws (evenly spaced among the stored ones) for the ranks
+    n_bins: int = 10  # rank histogram bins
+    n_track_latent: int = 4  # latent coordinates shown individually
+    n_track_field: int = 4  # field entries shown individually
+
+    def validate(self) -> None:
+        if self.n_truths < 2:
+            raise GanflowError("calibrate.n_truths must be >= 2")
+        if self.method not in METHODS:
+            raise GanflowError(f"calibrate.method must be one of {', '.join(METHODS)}")
+        if self.noise_sigma is not None and self.noise_relative is not None:
+            raise GanflowError("give only one of calibrate.noise_sigma and calibrate.noise_relative")
+        if not (self.shrink > 0):
+            raise GanflowError(f"--shrink must be > 0, got {self.shrink}")
+        if self.n_rank_draws < self.n_bins or self.n_bins < 2:
+            raise GanflowError("calibrate.n_bins must be >= 2 and n_rank_draws >= n_bins")
+        if self.n_track_latent < 0 or self.n_track_field < 0:
+            raise GanflowError("calibrate.n_track_* must be >= 0")
+
+
+def coverage_indicators(draws: np.ndarray, truth: np.ndarray, level: float) -> np.ndarray:
+    """``[d]`` booleans: truth ``[d]`` inside the central ``level`` interval of ``draws`` ``[N, d]``."""
+    a = (1 - level) / 2
+    lo, hi = np.quantile(draws, [a, 1 - a], axis=0)
+    return (truth >= lo) & (truth <= hi)
+
+
+def sbc_ranks(draws: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``[d]`` ranks in ``{0..L}``: the number of the ``L`` draws ``[L, d]`` below the truth ``[d]``."""
+    return (draws < truth[None]).sum(0)
+
+
+def rank_uniformity(ranks: np.ndarray, n_draws: int, n_bins: int) -> dict:
+    """Rank histogram (``n_bins`` bins over ``{0..L}``) and the chi-square test of uniformity (scipy)."""
+    from scipy.stats import chisquare
+
+    ranks = np.asarray(ranks).ravel()
+    edges = np.linspace(0, n_draws + 1, n_bins + 1)
+    counts, _ = np.histogram(ranks, bins=edges)
+    # bin widths differ by at most one rank value when n_bins does not divide L + 1: expected counts follow them
+    widths = np.diff(np.floor(edges))
+    expected = counts.sum() * widths / widths.sum()
+    stat, p = chisquare(counts, expected)
+    return {"counts": counts.tolist(), "expected": expected.tolist(), "chi2": float(stat), "p_value": float(p),
+            "n": int(ranks.size)}
+
+
+def _solve_config(cfg: Config) -> dict:
+    data = copy.deepcopy(CHEAP_SOLVE_CONFIG)
+    for name, table in cfg.data.items():
+        if name == "calibrate":
+            continue
+        data.setdefault(name, {}).update(table)
+    return data
+
+
+def calibrate(problem: str, prior, settings: CalibrateSettings | None = None, config: Config | dict | None = None,
+              seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+    """Run SBC and return the summary dict (written as ``calibration.json`` by `run_calibration_cli`).
+
+    Truth ``t`` is simulated with seed ``seed * 100_003 + t`` and solved with seed ``seed * 100_003 + t + 50_000``.
+    Returns keys ``coverage`` (``{"latent"|"field": {"50"|"90"|"95": fraction}}``), ``n_indicators``,
+    ``rank_test`` (pooled), ``tracked`` (per-coordinate histograms), ``per_truth``, ``settings``, ``warning``.
+    """
+    s = settings or CalibrateSettings()
+    s.validate()
+    cfg = config if isinstance(config, Config) else Config(config or {}, known=CALIBRATE_TABLES)
+    solve_cfg = Config(_solve_config(cfg), known=SOLVE_TABLES)
+    G = load_prior(prior)
+    prior_label = prior if isinstance(prior, str) else type(prior).__name__
+    if s.noise_sigma is None and s.noise_relative is None:
+        s = CalibrateSettings(**{**asdict(s), "noise_relative": 0.1})
+    k = int(G.latent_dim)
+    d = int(np.prod(G.field_shape))
+    cover = {kind: {lvl: [] for lvl in LEVELS} for kind in ("latent", "field")}
+    ranks = {"latent": [], "field": []}
+    per_truth = []
+    L = None
+    t_start = time.perf_counter()
+    for t in range(s.n_truths):
+        t0 = time.perf_counter()
+        obs = simulate(problem, prior=G, operator_kwargs=solve_cfg.table("operator"),
+                       problem_kwargs=solve_cfg.table("problem"), noise_sigma=s.noise_sigma,
+                       noise_relative=s.noise_relative, seed=seed * 100_003 + t)
+        result = solve(obs, G, method=s.method, config=solve_cfg, seed=seed * 100_003 + t + 50_000, progress=False)
+        z = np.asarray(result.latent_samples, np.float64)
+        if s.shrink != 1.0:
+            z = z.mean(0) + s.shrink * (z - z.mean(0))
+        with torch.no_grad():
+            x = np.concatenate([G(torch.from_numpy(z[i:i + 1000]).float()).double().reshape(-1, d).numpy()
+                                for i in range(0, z.shape[0], 1000)])
+        z_true = obs.z_true.double().numpy()
+        x_true = obs.x_true.double().numpy().reshape(-1)
+        for lvl in LEVELS:
+            cover["latent"][lvl].append(coverage_indicators(z, z_true, lvl))
+            cover["field"][lvl].append(coverage_indicators(x, x_true, lvl))
+        L = min(s.n_rank_draws, z.shape[0])
+        idx = np.linspace(0, z.shape[0] - 1, L).round().astype(int)  # evenly spaced: thins MCMC draws
+        ranks["latent"].append(sbc_ranks(z[idx], z_true))
+        ranks["field"].append(sbc_ranks(x[idx], x_true))
+        row = {"truth": t, "noise_sigma": float(obs.noise_sigma), "wall_time_s": time.perf_counter() - t0}
+        for key in ("rel_l2_error", "coverage_95", "psis_khat", "is_ess_ratio", "ppc_p_value"):
+            if key in result.attrs:
+                row[key] = float(result.attrs[key])
+        per_truth.append(row)
+        if progress is not None:
+            progress(f"truth {t + 1}/{s.n_truths}: {row['wall_time_s']:.1f} s, rel. L2 error "
+                     f"{row.get('rel_l2_error', float('nan')):.3f}")
+    out = {
+        "problem": problem,
+        "prior": prior_label,
+        "method": s.method,
+        "seed": int(seed),
+        "settings": asdict(s),
+        "solve_config": solve_cfg.data,
+        "latent_dim": k,
+        "field_size": d,
+        "n_rank_draws": int(L),
+        "coverage": {kind: {str(int(lvl * 100)): float(np.mean(cover[kind][lvl])) for lvl in LEVELS}
+                     for kind in cover},
+        "n_indicators": {"latent": s.n_truths * k, "field": s.n_truths * d},
+        "rank_test": {kind: rank_uniformity(np.stack(ranks[kind]), L, s.n_bins) for kind in ranks},
+        "per_truth": per_truth,
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    track = {"latent": list(range(min(s.n_track_latent, k))),
+             "field": [int(i) for i in np.linspace(0, d - 1, s.n_track_field + 2)[1:-1].round()]
+             if s.n_track_field else []}
+    out["tracked"] = {kind: [{"index": i, **rank_uniformity(np.stack(ranks[kind])[:, i], L, s.n_bins)}
+                             for i in track[kind]] for kind in track}
+    out["warning"] = _verdict(out)
+    out["_ranks"] = {kind: np.stack(ranks[kind]) for kind in ranks}  # for the figure; not written to JSON
+    return out
+
+
+def _verdict(out: dict) -> str | None:
+    """A warning when the 90/95 % coverage is off by more than 3 binomial standard errors plus 2 points
+    (the entries are correlated, so the naive standard error is too small; the 2 points absorb that)."""
+    msgs = []
+    for kind in ("latent", "field"):
+        for lvl in ("90", "95"):
+            c = out["coverage"][kind][lvl]
+            nominal = int(lvl) / 100
+            se = np.sqrt(nominal * (1 - nominal) / out["n_indicators"][kind])
+            if abs(c - nominal) > 3 * se + 0.02:
+                msgs.append(f"{kind} {lvl}% coverage {c:.3f} ({'under' if c < nominal else 'over'}-coverage)")
+    if msgs:
+        return "miscalibrated posterior: " + "; ".join(msgs)
+    return None
+
+
+def plot_calibration(out: dict, path: str) -> str:
+    """The calibration figure: coverage vs nominal, pooled and per-coordinate rank histograms."""
+    from .plots import plt, save_figure
+
+    tracked = out["tracked"]
+    ncols = max(3, len(tracked["latent"]), len(tracked["field"]))
+    nrows = 1 + (1 if tracked["latent"] else 0) + (1 if tracked["field"] else 0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    ax = axes[0, 0]
+    ax.set_visible(True)
+    nominal = [int(v) / 100 for v in ("50", "90", "95")]
+    for kind, marker in (("latent", "o"), ("field", "s")):
+        ax.plot(nominal, [out["coverage"][kind][v] for v in ("50", "90", "95")], marker, ls="-", label=kind)
+    ax.plot([0.4, 1], [0.4, 1], "k--", lw=0.8)
+    ax.set_xlabel("nominal")
+    ax.set_ylabel("empirical coverage")
+    ax.legend(fontsize=7)
+    ax.set_title(f"coverage, T={out['settings']['n_truths']}, shrink={out['settings']['shrink']:g}", fontsize=8)
+
+    def hist(ax, test, title):
+        ax.set_visible(True)
+        counts = np.asarray(test["counts"])
+        expected = np.asarray(test["expected"])
+        ax.bar(np.arange(counts.size), counts, width=1.0, color="C0", alpha=0.7)
+        # 99 % band of a bin count under uniformity (binomial)
+        p = expected / expected.sum()
+        sd = np.sqrt(expected.sum() * p * (1 - p))
+        ax.fill_between(np.arange(counts.size), expected - 2.58 * sd, expected + 2.58 * sd, step="mid",
+                        color="gray", alpha=0.3)
+        ax.set_title(f"{title}\nchi2 p={test['p_value']:.2g}", fontsize=8)
+        ax.set_xticks([])
+
+    hist(axes[0, 1], out["rank_test"]["latent"], "ranks, all latent coords")
+    hist(axes[0, 2], out["rank_test"]["field"], "ranks, all field entries")
+    row = 1
+    for kind in ("latent", "field"):
+        if not tracked[kind]:
+            continue
+        for j, test in enumerate(tracked[kind]):
+            hist(axes[row, j], test, f"{kind}[{test['index']}]")
+        row += 1
+    fig.suptitle(f"SBC: {out['problem']}, {out['method']}" + (f" - {out['warning']}" if out["warning"] else ""),
+                 fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def run_calibration_cli(*, problem: str, prior: str, n_truths: int | None, method: str | None,
+                        noise_sigma: float | None, noise_relative: float | None, shrink: float | None, outdir: str,
+                        config_path: str | None, seed: int, progress: Callable[[str], None] | None) -> dict:
+    """`calibrate` with settings from ``[calibrate]`` overridden by options; writes ``outdir/calibration.json``
+    and ``outdir/calibration.png``; returns the summary with their paths under ``json`` and ``figure``."""
+    cfg = Config.from_file(config_path, known=CALIBRATE_TABLES)
+    table = cfg.table("calibrate")
+    for key, value in (("n_truths", n_truths), ("method", method), ("shrink", shrink)):
+        if value is not None:
+            table[key] = value
+    if noise_sigma is not None or noise_relative is not None:
+        table.pop("noise_sigma", None)
+        table.pop("noise_relative", None)
+        if noise_sigma is not None:
+            table["noise_sigma"] = noise_sigma
+        if noise_relative is not None:
+            table["noise_relative"] = noise_relative
+    settings = parse_settings(CalibrateSettings, table, "calibrate")
+    outdir = os.fspath(outdir)
+    parent = os.path.dirname(os.path.abspath(outdir))
+    if not os.path.isdir(parent):
+        raise GanflowError(f"output directory's parent does not exist: {parent}")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise GanflowError(f"output path is a file: {outdir}")
+    os.makedirs(outdir, exist_ok=True)
+    out = calibrate(problem, prior, settings, cfg, seed, progress)
+    ranks = out.pop("_ranks")
+    json_path = os.path.join(outdir, "calibration.json")
+    with atomic_path(json_path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    fig_path = plot_calibration(out, os.path.join(outdir, "calibration.png"))
+    out["_ranks"] = ranks
+    out["json"], out["figure"] = json_path, fig_path
+    return out

@@ -1,0 +1,440 @@
+"""Posterior-predictive statistics of quantities of interest (QoIs), written into posterior.h5.
+
+A QoI is a function ``f`` mapping a batch of fields ``[B, *field_shape]`` to values ``[B, *qoi_shape]`` (any
+shape): the problem's ``qois()`` by name, or a user spec ``path/file.py:attr`` / ``package.module:attr``
+(``NAME=SPEC`` renames it). For ``N`` posterior latent draws ``z_i`` -- fresh draws of the stored flow, or
+the stored draws of a sample-based method (Langevin, NUTS) -- the values ``f(G(z_i))`` are streamed:
+
+    mean, std      exact over all N draws (parallel Welford update, float64; weighted with --reweight)
+    quantiles      2.5, 25, 50, 75, 97.5 % over the first ``n_quantile`` draws (all of them by default)
+
+and written under ``/qoi/NAME/`` (see `ganflow.results`). With a known truth ``x*`` (``/truth/x``), also
+``f(x*)``, the error ``mean - f(x*)`` and whether ``f(x*)`` lies in the central 95 % interval.
+
+With ``reweight=True`` (flow only) every statistic is taken under the Pareto-smoothed importance weights of
+the draws (`ganflow.diagnostics.psis`): ``E_p[f] ~= sum_i w_i f(G(z_i))``, which corrects a flow that is slightly
+off; PSIS-reweighted field statistics go to ``/psis/field``. The diagnostics (PSIS ``k_hat``, ESS/N,
+posterior-predictive check) are recomputed from the same draws and replace the solve's attributes.
+
+posterior.h5 is updated safely: everything is computed first, then the file is copied to a temporary name
+beside it, modified, and renamed into place; on any error the original file is untouched.
+
+Example:
+    >>> report = predict("posterior.h5", qois=["total"], n=4000, seed=0)   # doctest: +SKIP
+    >>> report.qois["total"].mean, report.qois["total"].credible_interval(0.95)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .diagnostics import DiagnosticsResult, diagnose_draws, draw_flow, khat_warning
+from .errors import GanflowError
+from .io import atomic_path
+from .plugins import load_problem, resolve_spec
+from .posterior.flow import flow_from_state
+from .posterior.target import LatentTarget
+from .predictive import QUANTILES, StreamingMoments
+from .results import PosteriorResult, QoIStats, quantile_key, write_qoi
+
+__all__ = ["predict", "PredictReport", "resolve_qois", "WeightedMoments", "weighted_quantiles", "qoi_statistics",
+           "posterior_latent_draws"]
+
+DEFAULT_FLOW_DRAWS = 4_000
+
+
+class WeightedMoments:
+    """Exact running weighted mean and variance of batches ``[B, *shape]`` with weights ``[B]`` (West 1979).
+
+    ``var = M2 / (W - sum w^2 / W)`` (the unbiased estimator for reliability weights), which equals the sample
+    variance of `StreamingMoments` when all weights are equal.
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        self.w_sum = 0.0
+        self.w2_sum = 0.0
+        self._mean = np.zeros(self.shape)
+        self._m2 = np.zeros(self.shape)
+
+    def update(self, batch: np.ndarray, weights: np.ndarray) -> None:
+        b = np.asarray(batch, np.float64)
+        w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * len(self.shape))
+        wb = float(w.sum())
+        if wb <= 0:
+            return
+        mb = (w * b).sum(0) / wb
+        m2b = (w * (b - mb) ** 2).sum(0)
+        W = self.w_sum + wb
+        delta = mb - self._mean
+        self._mean = self._mean + delta * wb / W
+        self._m2 = self._m2 + m2b + delta**2 * self.w_sum * wb / W
+        self.w_sum = W
+        self.w2_sum += float((w * w).sum())
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._mean.copy()
+
+    @property
+    def std(self) -> np.ndarray:
+        denom = self.w_sum - self.w2_sum / self.w_sum if self.w_sum > 0 else 0.0
+        return np.sqrt(self._m2 / denom) if denom > 0 else np.zeros(self.shape)
+
+
+def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs=QUANTILES) -> dict[float, np.ndarray]:
+    """Quantiles of weighted draws ``values`` ``[N, *shape]``, ``weights`` ``[N]`` (>= 0): the weighted empirical
+    CDF through the midpoints ``(cumsum(w) - w/2) / sum(w)``, linearly interpolated, per element."""
+    v = np.asarray(values, np.float64)
+    flat = v.reshape(v.shape[0], -1)
+    w = np.asarray(weights, np.float64)
+    out = {q: np.empty(flat.shape[1]) for q in qs}
+    for j in range(flat.shape[1]):
+        order = np.argsort(flat[:, j], kind="stable")
+        ws = w[order]
+        cdf = (np.cumsum(ws) - 0.5 * ws) / ws.sum()
+        for q in qs:
+            out[q][j] = np.interp(q, cdf, flat[order, j])
+    return {q: a.reshape(v.shape[1:]) for q, a in out.items()}
+
+
+def _qoi_name(spec: str) -> str:
+    attr = spec.rsplit(":", 1)[1]
+    return attr.rsplit(".", 1)[-1]
+
+
+def resolve_qois(specs, problem: str | None, problem_kwargs: dict | None) -> dict[str, tuple[str, Callable]]:
+    """``NAME`` (a ``qois()`` entry of the problem), ``SPEC`` or ``NAME=SPEC`` -> ``{name: (spec, fn)}``.
+
+    No specs: every QoI of the problem. A spec's ``attr`` may be the function itself or a zero-argument
+    factory returning it (a class instance with ``__call__`` is used as is).
+    """
+    specs = list(specs or ())
+    problem_qois = None
+
+    def from_problem() -> dict:
+        nonlocal problem_qois
+        if problem_qois is None:
+            if not problem:
+                raise GanflowError("this posterior names no problem: give QoIs as --qoi path/file.py:attr")
+            p = load_problem(problem, **(problem_kwargs or {}))
+            fn = getattr(p, "qois", None)
+            problem_qois = dict(fn()) if callable(fn) else {}
+        return problem_qois
+
+    if not specs:
+        found = from_problem()
+        if not found:
+            raise GanflowError(f"problem '{problem}' defines no qois(); give --qoi path/file.py:attr")
+        return {name: (f"{problem}:qois()[{name}]", fn) for name, fn in found.items()}
+    out: dict[str, tuple[str, Callable]] = {}
+    for spec in specs:
+        spec = spec.strip()
+        name = None
+        if "=" in spec.split(":", 1)[0]:
+            name, spec = (s.strip() for s in spec.split("=", 1))
+        if ":" in spec:
+            obj = resolve_spec(spec)
+            if isinstance(obj, type) or (callable(obj) and _takes_no_args(obj)):
+                try:
+                    obj = obj()
+                except Exception as e:  # a user's factory failed: their error, one line
+                    raise GanflowError(f"QoI spec '{spec}': calling the factory failed: {type(e).__name__}: {e}"
+                                       ) from None
+            if not callable(obj):
+                raise GanflowError(f"QoI spec '{spec}' is not callable")
+            name = name or _qoi_name(spec)
+            out[name] = (spec, obj)
+        else:
+            found = from_problem()
+            if spec not in found:
+                raise GanflowError(f"unknown QoI '{spec}' (problem '{problem}' has: "
+                                   f"{', '.join(sorted(found)) or 'none'}; or give path/file.py:attr)")
+            out[name or spec] = (f"{problem}:qois()[{spec}]", found[spec])
+    for name in out:
+        if not name or "/" in name or name.startswith("."):
+            raise GanflowError(f"invalid QoI name '{name}' (no '/', not empty)")
+    return out
+
+
+def _takes_no_args(fn) -> bool:
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in sig.parameters.values()) and len(sig.parameters) == 0
+
+
+def _apply_qoi(name: str, fn: Callable, x: Tensor) -> np.ndarray:
+    """``fn(x)`` ``[B, ...]`` as float64 numpy, with one-line errors for failures and wrong shapes."""
+    try:
+        with torch.no_grad():
+            v = fn(x)
+    except GanflowError:
+        raise
+    except Exception as e:  # the user's QoI failed: report it as their error, in one line
+        raise GanflowError(f"QoI '{name}' failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                           ) from None
+    try:
+        v = v.detach().cpu().double().numpy() if isinstance(v, Tensor) else np.asarray(v, np.float64)
+    except (TypeError, ValueError) as e:
+        raise GanflowError(f"QoI '{name}' must return a tensor or array, got {type(v).__name__} ({e})") from None
+    if v.ndim == 0 or v.shape[0] != x.shape[0]:
+        raise GanflowError(f"QoI '{name}' returned shape {tuple(v.shape)} for a batch of {x.shape[0]} fields; "
+                           f"it must map [B, *field_shape] to [B, ...]")
+    if not np.isfinite(v).all():
+        raise GanflowError(f"QoI '{name}' returned non-finite values")
+    return v
+
+
+def qoi_statistics(fields: Callable[[int, int], Tensor], n: int, qois: dict[str, tuple[str, Callable]],
+                   weights: np.ndarray | None = None, batch_size: int = 500, n_quantile: int | None = None,
+                   n_keep: int | None = None, x_true: np.ndarray | None = None) -> dict[str, QoIStats]:
+    """Stream QoI statistics over ``n`` posterior fields.
+
+    Args:
+        fields: ``fields(start, stop) -> [stop - start, *field_shape]``, the posterior draws in a fixed order.
+        weights: optional ``[n]`` normalised importance weights (PSIS); default equal weights.
+        n_quantile: draws (the first ones) used for the quantiles; default all ``n``.
+        n_keep: draws stored as samples; default 1,000 for QoIs of at most 16 values, else 16.
+        x_true: the true field ``[*field_shape]``; adds ``truth`` to each result.
+    """
+    n_quantile = n if n_quantile is None else min(n_quantile, n)
+    moments: dict[str, StreamingMoments | WeightedMoments] = {}
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in qois}
+    keep_n: dict[str, int] = {}
+    done = 0
+    while done < n:
+        b = min(batch_size, n - done)
+        x = fields(done, done + b)
+        for name, (_, fn) in qois.items():
+            v = _apply_qoi(name, fn, x)
+            if name not in moments:
+                moments[name] = WeightedMoments(v.shape[1:]) if weights is not None else StreamingMoments(v.shape[1:])
+                keep_n[name] = n_keep if n_keep is not None else (1000 if int(np.prod(v.shape[1:])) <= 16 else 16)
+            elif v.shape[1:] != moments[name].shape:
+                raise GanflowError(f"QoI '{name}' changed its value shape between batches")
+            if weights is not None:
+                moments[name].update(v, weights[done:done + b])
+            else:
+                moments[name].update(v)
+            if done < max(n_quantile, keep_n[name]):
+                kept[name].append(v[: max(n_quantile, keep_n[name]) - done])
+        done += b
+    out = {}
+    for name, (spec, fn) in qois.items():
+        vals = np.concatenate(kept[name], 0)
+        qv = vals[:n_quantile]
+        if weights is not None:
+            quantiles = weighted_quantiles(qv, weights[:n_quantile])
+        else:
+            quantiles = {q: np.quantile(qv, q, axis=0) for q in QUANTILES}
+        truth = None
+        if x_true is not None:
+            truth = _apply_qoi(name, fn, torch.as_tensor(x_true, dtype=torch.float32)[None])[0]
+        out[name] = QoIStats(name=name, mean=moments[name].mean, std=moments[name].std, quantiles=quantiles,
+                             samples=vals[: keep_n[name]].astype(np.float32), n=n, n_quantile=qv.shape[0],
+                             spec=spec, weighting="psis" if weights is not None else "none", truth=truth)
+    return out
+
+
+def posterior_latent_draws(result: PosteriorResult, n: int | None, generator: torch.Generator,
+                           batch_size: int = 500) -> tuple[Tensor, Tensor | None]:
+    """Latent draws ``[n, k]`` and, for a flow, their ``log q`` ``[n]``.
+
+    A flow posterior is rebuilt from ``/flow/state`` and the ``config`` attribute and draws ``n`` fresh samples
+    (default 4,000); a sample-based method returns its stored ``/latent/samples`` (all of them by default, a
+    random subset of ``n`` otherwise; asking for more than are stored is an error).
+    """
+    if result.method == "flow" and result.flow_state:
+        settings = result.config.get("flow")
+        if not isinstance(settings, dict):
+            raise GanflowError(f"{result.path}: the config attribute has no [flow] settings to rebuild the flow")
+        try:
+            flow = flow_from_state(result.latent_dim, settings, result.flow_state)
+        except (RuntimeError, TypeError, KeyError) as e:
+            raise GanflowError(f"{result.path}: cannot rebuild the flow from /flow/state ({e})") from None
+        return draw_flow(flow, n or DEFAULT_FLOW_DRAWS, generator, batch_size)
+    stored = torch.from_numpy(np.asarray(result.latent_samples, np.float32))
+    N = stored.shape[0]
+    if n is None or n == N:
+        return stored, None
+    if n > N:
+        raise GanflowError(f"--n {n}: method '{result.method}' stores {N} posterior draws; ask for at most {N}")
+    return stored[torch.randperm(N, generator=generator)[:n]], None
+
+
+@dataclass
+class PredictReport:
+    """What `predict` computed and wrote: ``qois`` (name -> `QoIStats`), ``diagnostics`` (scalar attrs),
+    ``warnings`` (lines for the user), ``n`` draws, ``weighting``, ``path``."""
+
+    path: str
+    method: str
+    n: int
+    weighting: str
+    qois: dict[str, QoIStats] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _operator_for(result: PosteriorResult) -> nn.Module:
+    from .solve import resolve_operator
+
+    a = result.attrs
+
+    def js(key):
+        import json
+
+        v = a.get(key)
+        return json.loads(v) if isinstance(v, str) and v else (v or {})
+
+    op_spec = a.get("operator")
+    if isinstance(op_spec, str) and ":" in op_spec:
+        op, _ = resolve_operator(None, operator=op_spec, operator_kwargs=js("operator_kwargs"))
+    elif a.get("problem"):
+        op, _ = resolve_operator(None, problem=a["problem"], operator_kwargs=js("operator_kwargs"),
+                                 problem_kwargs=js("problem_kwargs"))
+    else:
+        raise GanflowError("the posterior records neither a problem nor an operator spec")
+    return op
+
+
+def predict(
+    posterior: str | os.PathLike,
+    qois=(),
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    reweight: bool = False,
+    prior: str | os.PathLike | nn.Module | None = None,
+    batch_size: int = 500,
+    n_quantile: int | None = None,
+    n_keep: int | None = None,
+    diag_draws: int = 2_000,
+    write: bool = True,
+) -> PredictReport:
+    """Compute QoI statistics and diagnostics of ``posterior`` (posterior.h5) and write them into it.
+
+    Args:
+        qois: QoI names / specs (see `resolve_qois`); empty: all of the problem's ``qois()``.
+        n: posterior draws (flow: fresh draws, default 4,000; others: stored draws, default all).
+        seed: seeds the one ``torch.Generator`` every draw comes from.
+        reweight: PSIS-reweighted statistics (flow only); the diagnostics then use all ``n`` draws.
+        prior: the generator (module, checkpoint or spec); default the posterior's ``prior`` attribute.
+        diag_draws: draws (the first ones) used for the diagnostics when not reweighting.
+        write: update posterior.h5 (atomically); False only computes.
+    """
+    from .solve import load_prior
+
+    path = os.fspath(posterior)
+    result = PosteriorResult.load(path)
+    if n is not None and n < 2:
+        raise GanflowError(f"--n must be >= 2, got {n}")
+    if batch_size < 1 or diag_draws < 10:
+        raise GanflowError("batch_size must be >= 1 and diag_draws >= 10")
+    if reweight and not (result.method == "flow" and result.flow_state):
+        raise GanflowError(f"--reweight needs a flow posterior (a density q(z)); this one is '{result.method}'")
+    prior = prior if prior is not None else result.attrs.get("prior")
+    if prior is None or (isinstance(prior, str) and not prior):
+        raise GanflowError(f"{path} records no prior: give --prior")
+    G = load_prior(prior)
+    if int(G.latent_dim) != result.latent_dim or tuple(G.field_shape) != tuple(result.field_shape):
+        raise GanflowError(f"prior {prior} (latent_dim {G.latent_dim}, field_shape {tuple(G.field_shape)}) does not "
+                           f"match the posterior (latent_dim {result.latent_dim}, field_shape {result.field_shape})")
+    problem_kwargs = result.attrs.get("problem_kwargs")
+    if isinstance(problem_kwargs, str):
+        import json
+
+        problem_kwargs = json.loads(problem_kwargs or "{}")
+    qoi_fns = resolve_qois(qois, result.attrs.get("problem") or None, problem_kwargs or {})
+
+    gen = torch.Generator().manual_seed(int(seed))
+    z, log_q = posterior_latent_draws(result, n, gen, batch_size)
+    n_draws = int(z.shape[0])
+    report = PredictReport(path=path, method=result.method, n=n_draws, weighting="psis" if reweight else "none")
+
+    # diagnostics first: --reweight needs the weights of every draw before any statistic is taken
+    diag: DiagnosticsResult | None = None
+    try:
+        op = _operator_for(result)
+    except GanflowError as e:
+        if reweight:
+            raise GanflowError(f"--reweight needs the forward operator: {e}") from None
+        op = None
+        report.warnings.append(f"diagnostics skipped: cannot rebuild the operator ({e})")
+    if op is not None:
+        target = LatentTarget(G, op, torch.as_tensor(result.y, dtype=torch.float32), result.noise_sigma)
+        m = n_draws if reweight else min(n_draws, diag_draws)
+        diag = diagnose_draws(target, z[:m], None if log_q is None else log_q[:m], gen, batch_size)
+        report.diagnostics = dict(diag.attrs)
+        warn = khat_warning(diag.attrs.get("psis_khat"))
+        if warn:
+            report.warnings.append(warn)
+    weights = np.exp(diag.psis.log_weights) if reweight else None
+
+    def fields(start: int, stop: int) -> Tensor:
+        with torch.no_grad():
+            x = G(z[start:stop])
+        if not torch.isfinite(x).all():
+            raise GanflowError("the generator produced non-finite fields for some posterior draws")
+        return x
+
+    report.qois = qoi_statistics(fields, n_draws, qoi_fns, weights, batch_size, n_quantile, n_keep, result.x_true)
+    psis_field = None
+    if reweight:
+        # the reweighted field summary: the field itself as a QoI (quantiles over at most 2,000 draws, as solve)
+        field_qoi = {"field": ("identity", lambda x: x)}
+        psis_field = qoi_statistics(fields, n_draws, field_qoi, weights, batch_size,
+                                    min(n_draws, 2_000) if n_quantile is None else n_quantile, 0)["field"]
+    if write:
+        _write_update(path, report, diag, psis_field, seed)
+    return report
+
+
+def _write_update(path: str, report: PredictReport, diag: DiagnosticsResult | None, psis_field: QoIStats | None,
+                  seed: int) -> None:
+    """Copy posterior.h5 beside itself, add the results, rename into place (the original is never opened for
+    writing, so a failure leaves it byte-identical)."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(path, tmp)
+        try:
+            with h5py.File(tmp, "a") as f:
+                for stats in report.qois.values():
+                    write_qoi(f, stats)
+                if diag is not None:
+                    for key, value in diag.attrs.items():
+                        f.attrs[key] = value
+                    if "psis_khat" not in diag.attrs:
+                        for key in ("psis_khat", "is_ess_ratio", "is_ess_ratio_raw", "is_n_draws"):
+                            if key in f.attrs:
+                                del f.attrs[key]
+                    for name, arr in diag.arrays.items():
+                        key = f"diagnostics/{name}"
+                        if key in f:
+                            del f[key]
+                        f.create_dataset(key, data=np.asarray(arr))
+                if psis_field is not None:
+                    if "psis/field" in f:
+                        del f["psis/field"]
+                    grp = f.create_group("psis/field")
+                    grp.create_dataset("mean", data=psis_field.mean.astype(np.float32))
+                    grp.create_dataset("std", data=psis_field.std.astype(np.float32))
+                    for q, arr in psis_field.quantiles.items():
+                        grp.create_dataset(quantile_key(q), data=np.asarray(arr, np.float32))
+                f.attrs["predict_n"] = int(report.n)
+                f.attrs["predict_seed"] = int(seed)
+                f.attrs["predict_weighting"] = report.weighting
+        except OSError as e:
+            raise GanflowError(f"cannot update {path}: {e}") from None
