@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 from .errors import GanflowError  # noqa: E402
 from .operators import ForwardOperator, GaussianNoise, Generator, Problem  # noqa: E402
 from .plugins import load_operator, load_problem  # noqa: E402
+from .solve import load_prior, solve  # noqa: E402
+from .results import PosteriorResult  # noqa: E402
+from .simulate import simulate  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -20,4 +23,8 @@ __all__ = [
     "GaussianNoise",
     "load_problem",
     "load_operator",
+    "load_prior",
+    "solve",
+    "simulate",
+    "PosteriorResult",
 ]

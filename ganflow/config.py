@@ -26,12 +26,16 @@ from typing import Any, TypeVar
 
 from .errors import GanflowError
 
-__all__ = ["load_toml", "parse_settings", "Config", "FREE_TABLES"]
+__all__ = ["load_toml", "parse_settings", "Config", "FREE_TABLES", "ALL_TABLES"]
 
 T = TypeVar("T")
 
 # Tables whose keys are keyword arguments of a plug-in factory.
 FREE_TABLES = ("operator", "problem", "generator")
+# Every table any command understands: one config file can serve the whole chain (data -> train-prior ->
+# simulate -> solve), and a misspelt table name is an error wherever the file is used.
+ALL_TABLES = FREE_TABLES + ("train", "data", "simulate", "solve", "flow", "langevin", "nuts", "predict",
+                            "calibrate", "bench")
 
 
 def load_toml(path: str | os.PathLike) -> dict:
@@ -137,7 +141,7 @@ class Config:
     ``known`` lists every table name the calling command understands; any other table is an error.
     """
 
-    def __init__(self, data: dict | None = None, path: str | None = None, known: tuple[str, ...] = ()):
+    def __init__(self, data: dict | None = None, path: str | None = None, known: tuple[str, ...] = ALL_TABLES):
         self.data = dict(data or {})
         self.path = path
         if known:
@@ -152,7 +156,7 @@ class Config:
                     raise GanflowError(f"config key '{key}' must be a table [{key}]")
 
     @classmethod
-    def from_file(cls, path: str | None, known: tuple[str, ...] = ()) -> "Config":
+    def from_file(cls, path: str | None, known: tuple[str, ...] = ALL_TABLES) -> "Config":
         if path is None:
             return cls({}, None, known)
         return cls(load_toml(path), os.fspath(path), known)

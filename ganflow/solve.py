@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config
+from .config import ALL_TABLES, Config
 from .errors import GanflowError
 from .io import Observation, read_obs
 from .operators import check_compatible, check_observation
@@ -34,7 +34,7 @@ __all__ = ["SolveSettings", "solve", "load_prior", "resolve_operator", "SOLVE_TA
 
 METHODS = ("flow", "langevin", "nuts")
 # Config tables `ganflow solve` understands.
-SOLVE_TABLES = ("solve", "flow", "langevin", "nuts", "operator", "problem", "generator")
+SOLVE_TABLES = ALL_TABLES
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ def device_option():
     return click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 
 
-def kw_option():
+def kw_option(target: str = "the operator"):
     return click.option("--kw", "kw", multiple=True, metavar="KEY=VALUE",
-                        help="Keyword argument for the operator (repeatable); values parsed as JSON when possible.")
+                        help=f"Keyword argument for {target} (repeatable); values parsed as JSON when possible.")
 
 
 def set_seed(seed: int) -> torch.Generator:

@@ -19,7 +19,7 @@ __all__ = ["data"]
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Output fields.h5.")
 @seed_option()
 @config_option()
-@kw_option()
+@kw_option("the problem factory")
 @force_option()
 def data(
     problem: str, n: int, out: str, seed: int, config_path: str | None, kw: tuple[str, ...], force: bool

@@ -24,8 +24,7 @@ from .common import config_option, force_option, kw_option, parse_kv, seed_optio
 def simulate(problem, prior, truth, noise_sigma, noise_relative, output, kw, config_path, seed, force):
     """Simulate y = A(x_true) + noise and write obs.h5 (with /x_true and, from a prior, /z_true)."""
     check_output_path(output, force, "observation")
-    cfg = Config.from_file(config_path, known=("operator", "problem", "simulate", "solve", "flow", "langevin",
-                                                 "nuts", "generator"))
+    cfg = Config.from_file(config_path)
     operator_kwargs = cfg.table("operator")
     operator_kwargs.update(parse_kv(kw))
     if noise_sigma is None and noise_relative is None:
