@@ -1,12 +1,14 @@
 """Simulation-based calibration (SBC; Talts, Betancourt, Simpson, Vehtari & Gelman 2018, arXiv 1804.06788).
 
-If the truth is drawn from the prior, ``z* ~ N(0, I)``, ``x* = G(z*)``, ``y ~ p(y | z*)``, and the posterior is
+If the truth is drawn from the prior, ``z* ~ N(0, I)``, ``x* = G(z*)``, ``y ~ p(y | z*)``, and the posterior
+is
 exact, then for every scalar ``theta`` (a latent coordinate, a field entry):
 
 - the rank of ``theta*`` among ``L`` independent posterior draws is uniform on ``{0, ..., L}``;
 - the central ``alpha`` credible interval contains ``theta*`` with probability exactly ``alpha``.
 
-`calibrate` draws ``T`` truths, simulates data, solves each with the chosen method (by default a cheaper flow),
+`calibrate` draws ``T`` truths, simulates data, solves each with the chosen method (by default a cheaper
+flow),
 and reports the empirical coverage of the 50 / 90 / 95 % central intervals (pooled over the latent
 coordinates, and over the field entries), rank histograms (pooled, and of a few tracked coordinates) with a
 chi-square uniformity test (``scipy.stats.chisquare``), a figure and a JSON summary.
@@ -39,8 +41,16 @@ from .io import atomic_path
 from .simulate import simulate
 from .solve import METHODS, SOLVE_TABLES, load_prior, solve
 
-__all__ = ["CalibrateSettings", "calibrate", "run_calibration_cli", "CALIBRATE_TABLES", "CHEAP_SOLVE_CONFIG",
-           "coverage_indicators", "sbc_ranks", "rank_uniformity"]
+__all__ = [
+    "CalibrateSettings",
+    "calibrate",
+    "run_calibration_cli",
+    "CALIBRATE_TABLES",
+    "CHEAP_SOLVE_CONFIG",
+    "coverage_indicators",
+    "sbc_ranks",
+    "rank_uniformity",
+]
 
 CALIBRATE_TABLES = SOLVE_TABLES + ("calibrate",)
 LEVELS = (0.5, 0.9, 0.95)
@@ -100,12 +110,18 @@ def rank_uniformity(ranks: np.ndarray, n_draws: int, n_bins: int) -> dict:
     ranks = np.asarray(ranks).ravel()
     edges = np.linspace(0, n_draws + 1, n_bins + 1)
     counts, _ = np.histogram(ranks, bins=edges)
-    # bin widths differ by at most one rank value when n_bins does not divide L + 1: expected counts follow them
+    # bin widths differ by at most one rank value when n_bins does not divide L + 1: expected counts follow
+    # them
     widths = np.diff(np.floor(edges))
     expected = counts.sum() * widths / widths.sum()
     stat, p = chisquare(counts, expected)
-    return {"counts": counts.tolist(), "expected": expected.tolist(), "chi2": float(stat), "p_value": float(p),
-            "n": int(ranks.size)}
+    return {
+        "counts": counts.tolist(),
+        "expected": expected.tolist(),
+        "chi2": float(stat),
+        "p_value": float(p),
+        "n": int(ranks.size),
+    }
 
 
 def _solve_config(cfg: Config) -> dict:
@@ -117,11 +133,18 @@ def _solve_config(cfg: Config) -> dict:
     return data
 
 
-def calibrate(problem: str, prior, settings: CalibrateSettings | None = None, config: Config | dict | None = None,
-              seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+def calibrate(
+    problem: str,
+    prior,
+    settings: CalibrateSettings | None = None,
+    config: Config | dict | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Run SBC and return the summary dict (written as ``calibration.json`` by `run_calibration_cli`).
 
-    Truth ``t`` is simulated with seed ``seed * 100_003 + t`` and solved with seed ``seed * 100_003 + t + 50_000``.
+    Truth ``t`` is simulated with seed ``seed * 100_003 + t`` and solved with seed ``seed * 100_003 + t +
+    50_000``.
     Returns keys ``coverage`` (``{"latent"|"field": {"50"|"90"|"95": fraction}}``), ``n_indicators``,
     ``rank_test`` (pooled), ``tracked`` (per-coordinate histograms), ``per_truth``, ``settings``, ``warning``.
     """
@@ -142,16 +165,28 @@ def calibrate(problem: str, prior, settings: CalibrateSettings | None = None, co
     t_start = time.perf_counter()
     for t in range(s.n_truths):
         t0 = time.perf_counter()
-        obs = simulate(problem, prior=G, operator_kwargs=solve_cfg.table("operator"),
-                       problem_kwargs=solve_cfg.table("problem"), noise_sigma=s.noise_sigma,
-                       noise_relative=s.noise_relative, seed=seed * 100_003 + t)
-        result = solve(obs, G, method=s.method, config=solve_cfg, seed=seed * 100_003 + t + 50_000, progress=False)
+        obs = simulate(
+            problem,
+            prior=G,
+            operator_kwargs=solve_cfg.table("operator"),
+            problem_kwargs=solve_cfg.table("problem"),
+            noise_sigma=s.noise_sigma,
+            noise_relative=s.noise_relative,
+            seed=seed * 100_003 + t,
+        )
+        result = solve(
+            obs, G, method=s.method, config=solve_cfg, seed=seed * 100_003 + t + 50_000, progress=False
+        )
         z = np.asarray(result.latent_samples, np.float64)
         if s.shrink != 1.0:
             z = z.mean(0) + s.shrink * (z - z.mean(0))
         with torch.no_grad():
-            x = np.concatenate([G(torch.from_numpy(z[i:i + 1000]).float()).double().reshape(-1, d).numpy()
-                                for i in range(0, z.shape[0], 1000)])
+            x = np.concatenate(
+                [
+                    G(torch.from_numpy(z[i : i + 1000]).float()).double().reshape(-1, d).numpy()
+                    for i in range(0, z.shape[0], 1000)
+                ]
+            )
         z_true = obs.z_true.double().numpy()
         x_true = obs.x_true.double().numpy().reshape(-1)
         for lvl in LEVELS:
@@ -167,8 +202,10 @@ def calibrate(problem: str, prior, settings: CalibrateSettings | None = None, co
                 row[key] = float(result.attrs[key])
         per_truth.append(row)
         if progress is not None:
-            progress(f"truth {t + 1}/{s.n_truths}: {row['wall_time_s']:.1f} s, rel. L2 error "
-                     f"{row.get('rel_l2_error', float('nan')):.3f}")
+            progress(
+                f"truth {t + 1}/{s.n_truths}: {row['wall_time_s']:.1f} s, rel. L2 error "
+                f"{row.get('rel_l2_error', float('nan')):.3f}"
+            )
     out = {
         "problem": problem,
         "prior": prior_label,
@@ -179,18 +216,24 @@ def calibrate(problem: str, prior, settings: CalibrateSettings | None = None, co
         "latent_dim": k,
         "field_size": d,
         "n_rank_draws": int(L),
-        "coverage": {kind: {str(int(lvl * 100)): float(np.mean(cover[kind][lvl])) for lvl in LEVELS}
-                     for kind in cover},
+        "coverage": {
+            kind: {str(int(lvl * 100)): float(np.mean(cover[kind][lvl])) for lvl in LEVELS} for kind in cover
+        },
         "n_indicators": {"latent": s.n_truths * k, "field": s.n_truths * d},
         "rank_test": {kind: rank_uniformity(np.stack(ranks[kind]), L, s.n_bins) for kind in ranks},
         "per_truth": per_truth,
         "wall_time_s": time.perf_counter() - t_start,
     }
-    track = {"latent": list(range(min(s.n_track_latent, k))),
-             "field": [int(i) for i in np.linspace(0, d - 1, s.n_track_field + 2)[1:-1].round()]
-             if s.n_track_field else []}
-    out["tracked"] = {kind: [{"index": i, **rank_uniformity(np.stack(ranks[kind])[:, i], L, s.n_bins)}
-                             for i in track[kind]] for kind in track}
+    track = {
+        "latent": list(range(min(s.n_track_latent, k))),
+        "field": [int(i) for i in np.linspace(0, d - 1, s.n_track_field + 2)[1:-1].round()]
+        if s.n_track_field
+        else [],
+    }
+    out["tracked"] = {
+        kind: [{"index": i, **rank_uniformity(np.stack(ranks[kind])[:, i], L, s.n_bins)} for i in track[kind]]
+        for kind in track
+    }
     out["warning"] = _verdict(out)
     out["_ranks"] = {kind: np.stack(ranks[kind]) for kind in ranks}  # for the figure; not written to JSON
     return out
@@ -231,7 +274,9 @@ def plot_calibration(out: dict, path: str) -> str:
     ax.set_xlabel("nominal")
     ax.set_ylabel("empirical coverage")
     ax.legend(fontsize=7)
-    ax.set_title(f"coverage, T={out['settings']['n_truths']}, shrink={out['settings']['shrink']:g}", fontsize=8)
+    ax.set_title(
+        f"coverage, T={out['settings']['n_truths']}, shrink={out['settings']['shrink']:g}", fontsize=8
+    )
 
     def hist(ax, test, title):
         ax.set_visible(True)
@@ -241,8 +286,14 @@ def plot_calibration(out: dict, path: str) -> str:
         # 99 % band of a bin count under uniformity (binomial)
         p = expected / expected.sum()
         sd = np.sqrt(expected.sum() * p * (1 - p))
-        ax.fill_between(np.arange(counts.size), expected - 2.58 * sd, expected + 2.58 * sd, step="mid",
-                        color="gray", alpha=0.3)
+        ax.fill_between(
+            np.arange(counts.size),
+            expected - 2.58 * sd,
+            expected + 2.58 * sd,
+            step="mid",
+            color="gray",
+            alpha=0.3,
+        )
         ax.set_title(f"{title}\nchi2 p={test['p_value']:.2g}", fontsize=8)
         ax.set_xticks([])
 
@@ -255,16 +306,30 @@ def plot_calibration(out: dict, path: str) -> str:
         for j, test in enumerate(tracked[kind]):
             hist(axes[row, j], test, f"{kind}[{test['index']}]")
         row += 1
-    fig.suptitle(f"SBC: {out['problem']}, {out['method']}" + (f" - {out['warning']}" if out["warning"] else ""),
-                 fontsize=9)
+    fig.suptitle(
+        f"SBC: {out['problem']}, {out['method']}" + (f" - {out['warning']}" if out["warning"] else ""),
+        fontsize=9,
+    )
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def run_calibration_cli(*, problem: str, prior: str, n_truths: int | None, method: str | None,
-                        noise_sigma: float | None, noise_relative: float | None, shrink: float | None, outdir: str,
-                        config_path: str | None, seed: int, progress: Callable[[str], None] | None) -> dict:
-    """`calibrate` with settings from ``[calibrate]`` overridden by options; writes ``outdir/calibration.json``
+def run_calibration_cli(
+    *,
+    problem: str,
+    prior: str,
+    n_truths: int | None,
+    method: str | None,
+    noise_sigma: float | None,
+    noise_relative: float | None,
+    shrink: float | None,
+    outdir: str,
+    config_path: str | None,
+    seed: int,
+    progress: Callable[[str], None] | None,
+) -> dict:
+    """`calibrate` with settings from ``[calibrate]`` overridden by options; writes
+    ``outdir/calibration.json``
     and ``outdir/calibration.png``; returns the summary with their paths under ``json`` and ``figure``."""
     cfg = Config.from_file(config_path, known=CALIBRATE_TABLES)
     table = cfg.table("calibrate")

@@ -1,4 +1,4 @@
-""""Is my posterior good?": importance-sampling and posterior-predictive diagnostics.
+""" "Is my posterior good?": importance-sampling and posterior-predictive diagnostics.
 
 **Importance weights of a variational posterior.** For draws ``z_i ~ q`` (the flow),
 
@@ -23,7 +23,8 @@ with ``m`` observed values,
     p = P(D_rep >= D_obs)  (estimated by the fraction of draws).
 
 ``chi2_per_dof = mean(D_obs) / m`` should be near 1 (much larger: the prior or the operator cannot explain the
-data; much smaller: over-fitting / sigma too large); ``p`` near 0 flags misfit, near 1 an over-estimated noise.
+data; much smaller: over-fitting / sigma too large); ``p`` near 0 flags misfit, near 1 an over-estimated
+noise.
 
 Example:
     >>> import numpy as np
@@ -82,14 +83,16 @@ class DiagnosticSettings:
             raise GanflowError("diagnostics: n_draws must be >= 10 and batch_size >= 1")
 
 
-# --- generalized Pareto fit and PSIS ---------------------------------------------------------------------------
+# --- generalized Pareto fit and PSIS ------------------------------------------------------------------------
 def gpd_fit(x: np.ndarray, prior_k: float = 10.0) -> tuple[float, float]:
     """Fit a GPD ``(k, sigma)`` with location 0 to exceedances ``x > 0`` (Zhang & Stephens 2009).
 
     The profile-likelihood posterior over ``theta = -k / sigma`` is evaluated on ``m = 30 + floor(sqrt(n))``
     quadrature points ``theta_j = 1/x_(n) + (1 - sqrt(m / (j - 1/2))) / (3 x_(n/4))``; the estimate is the
-    posterior mean of ``theta``, ``k = mean(log(1 - theta x))``, ``sigma = -k / theta``. With ``prior_k > 0`` the
-    weakly informative prior of Vehtari et al. (2024) shrinks ``k`` towards 0.5: ``(n k + prior_k/2)/(n + prior_k)``.
+    posterior mean of ``theta``, ``k = mean(log(1 - theta x))``, ``sigma = -k / theta``. With ``prior_k > 0``
+    the
+    weakly informative prior of Vehtari et al. (2024) shrinks ``k`` towards 0.5: ``(n k + prior_k/2)/(n +
+    prior_k)``.
 
     Args:
         x: ``[n]`` exceedances (> 0), any order.
@@ -127,7 +130,8 @@ def gpd_quantile(p: np.ndarray, k: float, sigma: float) -> np.ndarray:
 
 @dataclass
 class PsisResult:
-    """Output of `psis`: ``khat``; ``log_weights`` ``[N]`` (smoothed, normalised: logsumexp = 0); ``ess_ratio``
+    """Output of `psis`: ``khat``; ``log_weights`` ``[N]`` (smoothed, normalised: logsumexp = 0);
+    ``ess_ratio``
     (Kish ESS / N of the smoothed weights) and ``ess_ratio_raw`` (of the raw weights); ``tail_len`` ``M``."""
 
     khat: float
@@ -181,14 +185,25 @@ def psis(log_w: np.ndarray) -> PsisResult:
                 new = np.log(gpd_quantile(p, khat, sigma) + math.exp(cutoff))
                 smoothed[tail] = np.minimum(new, 0.0)  # never above the largest raw weight
     smoothed = smoothed - np.logaddexp.reduce(smoothed)
-    return PsisResult(khat=float(khat), log_weights=smoothed, ess_ratio=ess_ratio(smoothed),
-                      ess_ratio_raw=raw_ess, tail_len=M)
+    return PsisResult(
+        khat=float(khat),
+        log_weights=smoothed,
+        ess_ratio=ess_ratio(smoothed),
+        ess_ratio_raw=raw_ess,
+        tail_len=M,
+    )
 
 
-# --- torch side: weights and predictive checks of a fitted posterior -------------------------------------------
-def discrepancies(predict: Callable[[Tensor], Tensor], y: Tensor, noise_sigma: float, z: Tensor,
-                  generator: torch.Generator, batch_size: int = 500,
-                  on_pred: Callable[[Tensor, Tensor, slice], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+# --- torch side: weights and predictive checks of a fitted posterior ----------------------------------------
+def discrepancies(
+    predict: Callable[[Tensor], Tensor],
+    y: Tensor,
+    noise_sigma: float,
+    z: Tensor,
+    generator: torch.Generator,
+    batch_size: int = 500,
+    on_pred: Callable[[Tensor, Tensor, slice], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``D_obs`` and ``D_rep`` ``[N]`` (module docstring) for latent draws ``z`` ``[N, k]``.
 
     Args:
@@ -200,21 +215,25 @@ def discrepancies(predict: Callable[[Tensor], Tensor], y: Tensor, noise_sigma: f
     yv = y.reshape(-1).double()
     with torch.no_grad():
         for s in range(0, z.shape[0], batch_size):
-            zb = z[s:s + batch_size]
+            zb = z[s : s + batch_size]
             pred = predict(zb)
             if on_pred is not None:
                 on_pred(zb, pred, slice(s, s + zb.shape[0]))
             pred = pred.reshape(-1, yv.numel()).double()
             eps = torch.randn(pred.shape, generator=generator, dtype=torch.float64)
             d_obs.append(((yv - pred) ** 2).sum(1) / noise_sigma**2)
-            d_rep.append((eps * eps).sum(1))  # ||y_rep - A(G(z))||^2 / sigma^2 with y_rep = A(G(z)) + sigma eps
+            d_rep.append(
+                (eps * eps).sum(1)
+            )  # ||y_rep - A(G(z))||^2 / sigma^2 with y_rep = A(G(z)) + sigma eps
     return torch.cat(d_obs).numpy(), torch.cat(d_rep).numpy()
 
 
-def posterior_predictive_check(d_obs: np.ndarray, d_rep: np.ndarray, n_obs: int,
-                               log_weights: np.ndarray | None = None) -> dict:
+def posterior_predictive_check(
+    d_obs: np.ndarray, d_rep: np.ndarray, n_obs: int, log_weights: np.ndarray | None = None
+) -> dict:
     """``ppc_p_value = P(D_rep >= D_obs)``, ``ppc_chi2_per_dof = E[D_obs] / m``, ``ppc_chi2_rep_per_dof``,
-    ``ppc_n_draws``; expectations under the normalised ``log_weights`` ``[N]`` when given (PSIS), else uniform."""
+    ``ppc_n_draws``; expectations under the normalised ``log_weights`` ``[N]`` when given (PSIS), else
+    uniform."""
     d_obs, d_rep = np.asarray(d_obs, np.float64), np.asarray(d_rep, np.float64)
     w = np.full(d_obs.size, 1.0 / d_obs.size) if log_weights is None else np.exp(log_weights)
     return {
@@ -243,8 +262,10 @@ class DiagnosticsResult:
 def khat_warning(khat: float | None) -> str | None:
     """The warning line for ``khat > 0.7`` (else None)."""
     if khat is not None and math.isfinite(khat) and khat > KHAT_BAD:
-        return (f"PSIS k-hat = {khat:.2f} > {KHAT_BAD}: the flow posterior is unreliable (it misses posterior "
-                "mass); fit longer or larger, compare with --method nuts, or use `ganflow predict --reweight`")
+        return (
+            f"PSIS k-hat = {khat:.2f} > {KHAT_BAD}: the flow posterior is unreliable (it misses posterior "
+            "mass); fit longer or larger, compare with --method nuts, or use `ganflow predict --reweight`"
+        )
     return None
 
 
@@ -259,8 +280,9 @@ def draw_flow(flow, n: int, generator: torch.Generator, batch_size: int = 500) -
     return torch.cat(zs), torch.cat(lqs)
 
 
-def diagnose_draws(target, z: Tensor, log_q: Tensor | None, generator: torch.Generator,
-                   batch_size: int = 500) -> DiagnosticsResult:
+def diagnose_draws(
+    target, z: Tensor, log_q: Tensor | None, generator: torch.Generator, batch_size: int = 500
+) -> DiagnosticsResult:
     """Diagnostics of latent draws ``z`` ``[N, k]`` on ``target`` (a `LatentTarget`), one forward evaluation
     per draw. With ``log_q`` ``[N]`` (draws from a density ``q``, i.e. the flow) also the importance weights:
     ``psis_khat``, ``is_ess_ratio`` (smoothed weights), ``is_ess_ratio_raw``, ``is_n_draws``, and the
@@ -272,10 +294,19 @@ def diagnose_draws(target, z: Tensor, log_q: Tensor | None, generator: torch.Gen
     log_joint = np.empty(n)
 
     def keep_log_joint(zb: Tensor, pred: Tensor, rows: slice) -> None:
-        log_joint[rows] = (target.noise.log_likelihood(pred, target.y) + target.log_prior(zb)).double().cpu().numpy()
+        log_joint[rows] = (
+            (target.noise.log_likelihood(pred, target.y) + target.log_prior(zb)).double().cpu().numpy()
+        )
 
-    d_obs, d_rep = discrepancies(target.predict, target.y, target.noise_sigma, z, generator, batch_size,
-                                 keep_log_joint if log_q is not None else None)
+    d_obs, d_rep = discrepancies(
+        target.predict,
+        target.y,
+        target.noise_sigma,
+        z,
+        generator,
+        batch_size,
+        keep_log_joint if log_q is not None else None,
+    )
     m = target.y.numel()
     out.arrays["ppc_d_obs"], out.arrays["ppc_d_rep"] = d_obs, d_rep
     out.attrs.update(posterior_predictive_check(d_obs, d_rep, m))
@@ -285,8 +316,14 @@ def diagnose_draws(target, z: Tensor, log_q: Tensor | None, generator: torch.Gen
         res = psis(log_w)
         out.psis = res
         out.arrays["log_weights"] = log_w
-        out.attrs.update({"psis_khat": res.khat, "is_ess_ratio": res.ess_ratio,
-                          "is_ess_ratio_raw": res.ess_ratio_raw, "is_n_draws": int(n)})
+        out.attrs.update(
+            {
+                "psis_khat": res.khat,
+                "is_ess_ratio": res.ess_ratio,
+                "is_ess_ratio_raw": res.ess_ratio_raw,
+                "is_n_draws": int(n),
+            }
+        )
         ppc_w = posterior_predictive_check(d_obs, d_rep, m, res.log_weights)
         out.attrs["ppc_p_value_psis"] = ppc_w["ppc_p_value"]
         out.attrs["ppc_chi2_per_dof_psis"] = ppc_w["ppc_chi2_per_dof"]
@@ -295,11 +332,18 @@ def diagnose_draws(target, z: Tensor, log_q: Tensor | None, generator: torch.Gen
     return out
 
 
-def posterior_diagnostics(target, *, flow=None, samples: Tensor | None = None,
-                          settings: DiagnosticSettings | None = None,
-                          generator: torch.Generator | None = None) -> DiagnosticsResult:
-    """End-of-solve diagnostics: ``n_draws`` fresh draws of a ``flow`` (``sample(n, generator) -> (z, log_q)``)
-    with importance weights, or up to ``n_draws`` of the stored ``samples`` ``[N, k]`` (Langevin, NUTS) with the
+def posterior_diagnostics(
+    target,
+    *,
+    flow=None,
+    samples: Tensor | None = None,
+    settings: DiagnosticSettings | None = None,
+    generator: torch.Generator | None = None,
+) -> DiagnosticsResult:
+    """End-of-solve diagnostics: ``n_draws`` fresh draws of a ``flow`` (``sample(n, generator) -> (z,
+    log_q)``)
+    with importance weights, or up to ``n_draws`` of the stored ``samples`` ``[N, k]`` (Langevin, NUTS) with
+    the
     predictive check only. See `diagnose_draws`."""
     s = settings or DiagnosticSettings()
     s.validate()
@@ -307,7 +351,7 @@ def posterior_diagnostics(target, *, flow=None, samples: Tensor | None = None,
     if flow is not None:
         z, log_q = draw_flow(flow, s.n_draws, g, s.batch_size)
     elif samples is not None:
-        idx = torch.randperm(samples.shape[0], generator=g)[:s.n_draws]
+        idx = torch.randperm(samples.shape[0], generator=g)[: s.n_draws]
         z, log_q = samples[idx].float(), None
     else:
         raise GanflowError("posterior_diagnostics needs a flow or stored samples")

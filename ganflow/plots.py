@@ -95,7 +95,7 @@ def plot_qois(result, path: str) -> str | None:
         return None
     n = len(result.qois)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
-    for ax, stats in zip(axes[0], result.qois.values()):
+    for ax, stats in zip(axes[0], result.qois.values(), strict=True):
         plot_qoi_hist(stats, ax)
     fig.suptitle(f"{result.method}: quantities of interest", fontsize=10)
     return save_figure(fig, path)
@@ -109,7 +109,7 @@ def plot_diagnostics(result, path: str) -> str | None:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     a = result.attrs
-    for ax, p in zip(axes[0], panels):
+    for ax, p in zip(axes[0], panels, strict=True):
         if p == "log_weights":
             lw = np.sort(np.asarray(arr["log_weights"], float))[::-1]
             lw = lw[np.isfinite(lw)]

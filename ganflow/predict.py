@@ -12,7 +12,8 @@ and written under ``/qoi/NAME/`` (see `ganflow.results`). With a known truth ``x
 ``f(x*)``, the error ``mean - f(x*)`` and whether ``f(x*)`` lies in the central 95 % interval.
 
 With ``reweight=True`` (flow only) every statistic is taken under the Pareto-smoothed importance weights of
-the draws (`ganflow.diagnostics.psis`): ``E_p[f] ~= sum_i w_i f(G(z_i))``, which corrects a flow that is slightly
+the draws (`ganflow.diagnostics.psis`): ``E_p[f] ~= sum_i w_i f(G(z_i))``, which corrects a flow that is
+slightly
 off; PSIS-reweighted field statistics go to ``/psis/field``. The diagnostics (PSIS ``k_hat``, ESS/N,
 posterior-predictive check) are recomputed from the same draws and replace the solve's attributes.
 
@@ -45,8 +46,15 @@ from .posterior.target import LatentTarget
 from .predictive import QUANTILES, StreamingMoments
 from .results import PosteriorResult, QoIStats, quantile_key, write_qoi
 
-__all__ = ["predict", "PredictReport", "resolve_qois", "WeightedMoments", "weighted_quantiles", "qoi_statistics",
-           "posterior_latent_draws"]
+__all__ = [
+    "predict",
+    "PredictReport",
+    "resolve_qois",
+    "WeightedMoments",
+    "weighted_quantiles",
+    "qoi_statistics",
+    "posterior_latent_draws",
+]
 
 DEFAULT_FLOW_DRAWS = 4_000
 
@@ -91,7 +99,8 @@ class WeightedMoments:
 
 
 def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs=QUANTILES) -> dict[float, np.ndarray]:
-    """Quantiles of weighted draws ``values`` ``[N, *shape]``, ``weights`` ``[N]`` (>= 0): the weighted empirical
+    """Quantiles of weighted draws ``values`` ``[N, *shape]``, ``weights`` ``[N]`` (>= 0): the weighted
+    empirical
     CDF through the midpoints ``(cumsum(w) - w/2) / sum(w)``, linearly interpolated, per element."""
     v = np.asarray(values, np.float64)
     flat = v.reshape(v.shape[0], -1)
@@ -147,8 +156,9 @@ def resolve_qois(specs, problem: str | None, problem_kwargs: dict | None) -> dic
                 try:
                     obj = obj()
                 except Exception as e:  # a user's factory failed: their error, one line
-                    raise GanflowError(f"QoI spec '{spec}': calling the factory failed: {type(e).__name__}: {e}"
-                                       ) from None
+                    raise GanflowError(
+                        f"QoI spec '{spec}': calling the factory failed: {type(e).__name__}: {e}"
+                    ) from None
             if not callable(obj):
                 raise GanflowError(f"QoI spec '{spec}' is not callable")
             name = name or _qoi_name(spec)
@@ -156,8 +166,10 @@ def resolve_qois(specs, problem: str | None, problem_kwargs: dict | None) -> dic
         else:
             found = from_problem()
             if spec not in found:
-                raise GanflowError(f"unknown QoI '{spec}' (problem '{problem}' has: "
-                                   f"{', '.join(sorted(found)) or 'none'}; or give path/file.py:attr)")
+                raise GanflowError(
+                    f"unknown QoI '{spec}' (problem '{problem}' has: "
+                    f"{', '.join(sorted(found)) or 'none'}; or give path/file.py:attr)"
+                )
             out[name or spec] = (f"{problem}:qois()[{spec}]", found[spec])
     for name in out:
         if not name or "/" in name or name.startswith("."):
@@ -172,8 +184,13 @@ def _takes_no_args(fn) -> bool:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return False
-    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in sig.parameters.values()) and len(sig.parameters) == 0
+    return (
+        all(
+            p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            for p in sig.parameters.values()
+        )
+        and len(sig.parameters) == 0
+    )
 
 
 def _apply_qoi(name: str, fn: Callable, x: Tensor) -> np.ndarray:
@@ -184,23 +201,35 @@ def _apply_qoi(name: str, fn: Callable, x: Tensor) -> np.ndarray:
     except GanflowError:
         raise
     except Exception as e:  # the user's QoI failed: report it as their error, in one line
-        raise GanflowError(f"QoI '{name}' failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                           ) from None
+        raise GanflowError(
+            f"QoI '{name}' failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     try:
         v = v.detach().cpu().double().numpy() if isinstance(v, Tensor) else np.asarray(v, np.float64)
     except (TypeError, ValueError) as e:
-        raise GanflowError(f"QoI '{name}' must return a tensor or array, got {type(v).__name__} ({e})") from None
+        raise GanflowError(
+            f"QoI '{name}' must return a tensor or array, got {type(v).__name__} ({e})"
+        ) from None
     if v.ndim == 0 or v.shape[0] != x.shape[0]:
-        raise GanflowError(f"QoI '{name}' returned shape {tuple(v.shape)} for a batch of {x.shape[0]} fields; "
-                           f"it must map [B, *field_shape] to [B, ...]")
+        raise GanflowError(
+            f"QoI '{name}' returned shape {tuple(v.shape)} for a batch of {x.shape[0]} fields; "
+            f"it must map [B, *field_shape] to [B, ...]"
+        )
     if not np.isfinite(v).all():
         raise GanflowError(f"QoI '{name}' returned non-finite values")
     return v
 
 
-def qoi_statistics(fields: Callable[[int, int], Tensor], n: int, qois: dict[str, tuple[str, Callable]],
-                   weights: np.ndarray | None = None, batch_size: int = 500, n_quantile: int | None = None,
-                   n_keep: int | None = None, x_true: np.ndarray | None = None) -> dict[str, QoIStats]:
+def qoi_statistics(
+    fields: Callable[[int, int], Tensor],
+    n: int,
+    qois: dict[str, tuple[str, Callable]],
+    weights: np.ndarray | None = None,
+    batch_size: int = 500,
+    n_quantile: int | None = None,
+    n_keep: int | None = None,
+    x_true: np.ndarray | None = None,
+) -> dict[str, QoIStats]:
     """Stream QoI statistics over ``n`` posterior fields.
 
     Args:
@@ -221,12 +250,16 @@ def qoi_statistics(fields: Callable[[int, int], Tensor], n: int, qois: dict[str,
         for name, (_, fn) in qois.items():
             v = _apply_qoi(name, fn, x)
             if name not in moments:
-                moments[name] = WeightedMoments(v.shape[1:]) if weights is not None else StreamingMoments(v.shape[1:])
-                keep_n[name] = n_keep if n_keep is not None else (1000 if int(np.prod(v.shape[1:])) <= 16 else 16)
+                moments[name] = (
+                    WeightedMoments(v.shape[1:]) if weights is not None else StreamingMoments(v.shape[1:])
+                )
+                keep_n[name] = (
+                    n_keep if n_keep is not None else (1000 if int(np.prod(v.shape[1:])) <= 16 else 16)
+                )
             elif v.shape[1:] != moments[name].shape:
                 raise GanflowError(f"QoI '{name}' changed its value shape between batches")
             if weights is not None:
-                moments[name].update(v, weights[done:done + b])
+                moments[name].update(v, weights[done : done + b])
             else:
                 moments[name].update(v)
             if done < max(n_quantile, keep_n[name]):
@@ -243,24 +276,37 @@ def qoi_statistics(fields: Callable[[int, int], Tensor], n: int, qois: dict[str,
         truth = None
         if x_true is not None:
             truth = _apply_qoi(name, fn, torch.as_tensor(x_true, dtype=torch.float32)[None])[0]
-        out[name] = QoIStats(name=name, mean=moments[name].mean, std=moments[name].std, quantiles=quantiles,
-                             samples=vals[: keep_n[name]].astype(np.float32), n=n, n_quantile=qv.shape[0],
-                             spec=spec, weighting="psis" if weights is not None else "none", truth=truth)
+        out[name] = QoIStats(
+            name=name,
+            mean=moments[name].mean,
+            std=moments[name].std,
+            quantiles=quantiles,
+            samples=vals[: keep_n[name]].astype(np.float32),
+            n=n,
+            n_quantile=qv.shape[0],
+            spec=spec,
+            weighting="psis" if weights is not None else "none",
+            truth=truth,
+        )
     return out
 
 
-def posterior_latent_draws(result: PosteriorResult, n: int | None, generator: torch.Generator,
-                           batch_size: int = 500) -> tuple[Tensor, Tensor | None]:
+def posterior_latent_draws(
+    result: PosteriorResult, n: int | None, generator: torch.Generator, batch_size: int = 500
+) -> tuple[Tensor, Tensor | None]:
     """Latent draws ``[n, k]`` and, for a flow, their ``log q`` ``[n]``.
 
-    A flow posterior is rebuilt from ``/flow/state`` and the ``config`` attribute and draws ``n`` fresh samples
+    A flow posterior is rebuilt from ``/flow/state`` and the ``config`` attribute and draws ``n`` fresh
+    samples
     (default 4,000); a sample-based method returns its stored ``/latent/samples`` (all of them by default, a
     random subset of ``n`` otherwise; asking for more than are stored is an error).
     """
     if result.method == "flow" and result.flow_state:
         settings = result.config.get("flow")
         if not isinstance(settings, dict):
-            raise GanflowError(f"{result.path}: the config attribute has no [flow] settings to rebuild the flow")
+            raise GanflowError(
+                f"{result.path}: the config attribute has no [flow] settings to rebuild the flow"
+            )
         try:
             flow = flow_from_state(result.latent_dim, settings, result.flow_state)
         except (RuntimeError, TypeError, KeyError) as e:
@@ -271,7 +317,9 @@ def posterior_latent_draws(result: PosteriorResult, n: int | None, generator: to
     if n is None or n == N:
         return stored, None
     if n > N:
-        raise GanflowError(f"--n {n}: method '{result.method}' stores {N} posterior draws; ask for at most {N}")
+        raise GanflowError(
+            f"--n {n}: method '{result.method}' stores {N} posterior draws; ask for at most {N}"
+        )
     return stored[torch.randperm(N, generator=generator)[:n]], None
 
 
@@ -304,8 +352,12 @@ def _operator_for(result: PosteriorResult) -> nn.Module:
     if isinstance(op_spec, str) and ":" in op_spec:
         op, _ = resolve_operator(None, operator=op_spec, operator_kwargs=js("operator_kwargs"))
     elif a.get("problem"):
-        op, _ = resolve_operator(None, problem=a["problem"], operator_kwargs=js("operator_kwargs"),
-                                 problem_kwargs=js("problem_kwargs"))
+        op, _ = resolve_operator(
+            None,
+            problem=a["problem"],
+            operator_kwargs=js("operator_kwargs"),
+            problem_kwargs=js("problem_kwargs"),
+        )
     else:
         raise GanflowError("the posterior records neither a problem nor an operator spec")
     return op
@@ -345,14 +397,18 @@ def predict(
     if batch_size < 1 or diag_draws < 10:
         raise GanflowError("batch_size must be >= 1 and diag_draws >= 10")
     if reweight and not (result.method == "flow" and result.flow_state):
-        raise GanflowError(f"--reweight needs a flow posterior (a density q(z)); this one is '{result.method}'")
+        raise GanflowError(
+            f"--reweight needs a flow posterior (a density q(z)); this one is '{result.method}'"
+        )
     prior = prior if prior is not None else result.attrs.get("prior")
     if prior is None or (isinstance(prior, str) and not prior):
         raise GanflowError(f"{path} records no prior: give --prior")
     G = load_prior(prior)
     if int(G.latent_dim) != result.latent_dim or tuple(G.field_shape) != tuple(result.field_shape):
-        raise GanflowError(f"prior {prior} (latent_dim {G.latent_dim}, field_shape {tuple(G.field_shape)}) does not "
-                           f"match the posterior (latent_dim {result.latent_dim}, field_shape {result.field_shape})")
+        raise GanflowError(
+            f"prior {prior} (latent_dim {G.latent_dim}, field_shape {tuple(G.field_shape)}) does not "
+            f"match the posterior (latent_dim {result.latent_dim}, field_shape {result.field_shape})"
+        )
     problem_kwargs = result.attrs.get("problem_kwargs")
     if isinstance(problem_kwargs, str):
         import json
@@ -363,7 +419,9 @@ def predict(
     gen = torch.Generator().manual_seed(int(seed))
     z, log_q = posterior_latent_draws(result, n, gen, batch_size)
     n_draws = int(z.shape[0])
-    report = PredictReport(path=path, method=result.method, n=n_draws, weighting="psis" if reweight else "none")
+    report = PredictReport(
+        path=path, method=result.method, n=n_draws, weighting="psis" if reweight else "none"
+    )
 
     # diagnostics first: --reweight needs the weights of every draw before any statistic is taken
     diag: DiagnosticsResult | None = None
@@ -391,20 +449,31 @@ def predict(
             raise GanflowError("the generator produced non-finite fields for some posterior draws")
         return x
 
-    report.qois = qoi_statistics(fields, n_draws, qoi_fns, weights, batch_size, n_quantile, n_keep, result.x_true)
+    report.qois = qoi_statistics(
+        fields, n_draws, qoi_fns, weights, batch_size, n_quantile, n_keep, result.x_true
+    )
     psis_field = None
     if reweight:
-        # the reweighted field summary: the field itself as a QoI (quantiles over at most 2,000 draws, as solve)
+        # the reweighted field summary: the field itself as a QoI (quantiles over at most 2,000 draws, as
+        # solve)
         field_qoi = {"field": ("identity", lambda x: x)}
-        psis_field = qoi_statistics(fields, n_draws, field_qoi, weights, batch_size,
-                                    min(n_draws, 2_000) if n_quantile is None else n_quantile, 0)["field"]
+        psis_field = qoi_statistics(
+            fields,
+            n_draws,
+            field_qoi,
+            weights,
+            batch_size,
+            min(n_draws, 2_000) if n_quantile is None else n_quantile,
+            0,
+        )["field"]
     if write:
         _write_update(path, report, diag, psis_field, seed)
     return report
 
 
-def _write_update(path: str, report: PredictReport, diag: DiagnosticsResult | None, psis_field: QoIStats | None,
-                  seed: int) -> None:
+def _write_update(
+    path: str, report: PredictReport, diag: DiagnosticsResult | None, psis_field: QoIStats | None, seed: int
+) -> None:
     """Copy posterior.h5 beside itself, add the results, rename into place (the original is never opened for
     writing, so a failure leaves it byte-identical)."""
     with atomic_path(path) as tmp:

@@ -14,7 +14,8 @@ Schema (DESIGN.md; extended, never changed):
     /qoi/<name>/samples             [S, *qoi_shape]   a few draws of the QoI
     /qoi/<name>/truth, error, inside_95   [*qoi_shape] when the truth is known (error = mean - truth)
         attrs: spec, n, n_quantile, weighting ("none" | "psis"), coverage_95, abs_error_mean
-    /diagnostics/log_weights [N], /diagnostics/ppc_d_obs [N], /diagnostics/ppc_d_rep [N]   (ganflow.diagnostics)
+    /diagnostics/log_weights [N], /diagnostics/ppc_d_obs [N], /diagnostics/ppc_d_rep [N]
+    (ganflow.diagnostics)
     /psis/field/mean, std, q025 ... [*field_shape]   PSIS-reweighted field statistics (``predict --reweight``)
     attrs: method, config (JSON), ganflow_version, seed, latent_dim, noise_sigma, n_forward_evals,
            wall_time_s, field_shape (JSON), prior, problem, operator, operator_kwargs (JSON), problem_kwargs
@@ -43,13 +44,13 @@ from .io import atomic_h5, check_output_path, open_h5, read_json_attr
 from .posterior.base import LatentFit
 from .predictive import QUANTILES, FieldSummary
 
-__all__ = ["PosteriorResult", "QoIStats", "truth_metrics", "REQUIRED_DATASETS", "REQUIRED_ATTRS", "quantile_key",
-           "write_qoi", "read_qoi", "DIAGNOSTIC_ATTRS"]
+__all__ = ["PosteriorResult", "QoIStats", "truth_metrics", "REQUIRED_DATASETS", "REQUIRED_ATTRS",
+           "quantile_key", "write_qoi", "read_qoi", "DIAGNOSTIC_ATTRS"]
 
 # Scalar diagnostics a posterior.h5 may carry (written by solve and by ``ganflow predict``).
-DIAGNOSTIC_ATTRS = ("psis_khat", "is_ess_ratio", "is_ess_ratio_raw", "is_n_draws", "ppc_p_value", "ppc_chi2_per_dof",
-                    "ppc_chi2_rep_per_dof", "ppc_n_draws", "ppc_p_value_psis", "ppc_chi2_per_dof_psis", "rhat_max",
-                    "ess_min")
+DIAGNOSTIC_ATTRS = ("psis_khat", "is_ess_ratio", "is_ess_ratio_raw", "is_n_draws", "ppc_p_value",
+                    "ppc_chi2_per_dof", "ppc_chi2_rep_per_dof", "ppc_n_draws", "ppc_p_value_psis",
+                    "ppc_chi2_per_dof_psis", "rhat_max", "ess_min")
 
 REQUIRED_DATASETS = (
     "latent/samples", "field/mean", "field/std", "field/q025", "field/q975", "field/samples", "obs/y",
@@ -85,10 +86,13 @@ def truth_metrics(mean: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray, x_true: 
 class QoIStats:
     """Posterior-predictive statistics of one quantity of interest ``f(x)`` (values ``[*qoi_shape]``).
 
-    ``mean``, ``std`` are over all ``n`` draws (exact streaming moments); ``quantiles`` (levels 2.5, 25, 50, 75,
-    97.5 %) over the first ``n_quantile`` draws; ``samples`` ``[S, *qoi_shape]`` a few draws. With a known truth:
+    ``mean``, ``std`` are over all ``n`` draws (exact streaming moments); ``quantiles`` (levels 2.5, 25, 50,
+    75,
+    97.5 %) over the first ``n_quantile`` draws; ``samples`` ``[S, *qoi_shape]`` a few draws. With a known
+    truth:
     ``truth``, ``error = mean - truth`` and ``inside_95`` (truth inside the central 95 % interval).
-    ``weighting`` is ``"psis"`` for PSIS-reweighted statistics (``ganflow predict --reweight``), else ``"none"``.
+    ``weighting`` is ``"psis"`` for PSIS-reweighted statistics (``ganflow predict --reweight``), else
+    ``"none"``.
     """
 
     name: str
@@ -238,7 +242,8 @@ class PosteriorResult:
         return plot_posterior(self, outdir)
 
     def plot_qoi(self, name: str, ax=None):
-        """Histogram of a scalar QoI's stored draws with its mean, 95 % interval and the truth; returns the axes."""
+        """Histogram of a scalar QoI's stored draws with its mean, 95 % interval and the truth; returns the
+        axes."""
         from .plots import plot_qoi_hist
 
         return plot_qoi_hist(self.qoi(name), ax=ax)

@@ -15,9 +15,18 @@ from ganflow.calibrate import CalibrateSettings, calibrate, rank_uniformity
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRIOR = os.path.join(ROOT, "problems", "linear_gaussian.py") + ":generator"
 # A cheap flow per truth: the Laplace start is exact on this problem, a short fit keeps it a flow.
-CHEAP = {"flow": {"max_iter": 60, "min_iter": 20, "warmup": 20, "n_layers": 2, "hidden": 16, "map_starts": 2,
-                  "map_iter": 150},
-         "solve": {"n_samples": 1000, "n_quantile": 1000}}
+CHEAP = {
+    "flow": {
+        "max_iter": 60,
+        "min_iter": 20,
+        "warmup": 20,
+        "n_layers": 2,
+        "hidden": 16,
+        "map_starts": 2,
+        "map_iter": 150,
+    },
+    "solve": {"n_samples": 1000, "n_quantile": 1000},
+}
 
 
 def test_rank_uniformity_test_against_scipy():
@@ -47,10 +56,29 @@ def test_cli_detects_overconfident_posterior(tmp_path):
     from ganflow.cli import cli as group
 
     cfg = tmp_path / "cal.toml"
-    cfg.write_text("\n".join(f"[{t}]\n" + "\n".join(f"{k} = {v!r}" for k, v in tab.items()) for t, tab in CHEAP.items()))
+    cfg.write_text(
+        "\n".join(f"[{t}]\n" + "\n".join(f"{k} = {v!r}" for k, v in tab.items()) for t, tab in CHEAP.items())
+    )
     outdir = tmp_path / "cal"
-    r = CliRunner().invoke(group, ["calibrate", "--problem", "linear_gaussian", "--prior", PRIOR, "--n-truths", "8",
-                                   "--shrink", "0.5", "--config", str(cfg), "--quiet", "-o", str(outdir)])
+    r = CliRunner().invoke(
+        group,
+        [
+            "calibrate",
+            "--problem",
+            "linear_gaussian",
+            "--prior",
+            PRIOR,
+            "--n-truths",
+            "8",
+            "--shrink",
+            "0.5",
+            "--config",
+            str(cfg),
+            "--quiet",
+            "-o",
+            str(outdir),
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads((outdir / "calibration.json").read_text())
     assert (outdir / "calibration.png").stat().st_size > 0

@@ -61,19 +61,20 @@ def test_psis_weights_normalised_and_bounded():
     lw = _gaussian_log_weights(0.6, 3)
     res = psis(lw)
     assert np.exp(res.log_weights).sum() == pytest.approx(1.0)
-    tail = np.argsort(lw)[-res.tail_len:]
+    tail = np.argsort(lw)[-res.tail_len :]
     body = np.setdiff1d(np.arange(lw.size), tail)
     shift = res.log_weights[body] - lw[body]  # outside the tail the weights are only renormalised
     assert np.ptp(shift) < 1e-9
-    assert (res.log_weights[tail] - shift[0]).max() <= lw.max() + 1e-9  # smoothed tail never above the raw max
+    assert (
+        res.log_weights[tail] - shift[0]
+    ).max() <= lw.max() + 1e-9  # smoothed tail never above the raw max
     assert np.all(np.diff(res.log_weights[tail]) >= -1e-12)  # GPD order statistics keep the ranking
     assert res.tail_len == int(np.ceil(min(4000 / 5, 3 * np.sqrt(4000))))
 
 
 def test_predictive_check_detects_wrong_noise_level():
-    from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
-
     from ganflow.diagnostics import discrepancies
+    from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
 
     p = LinearGaussianProblem()
     G, A = p.generator(), p.make_operator()
@@ -84,9 +85,13 @@ def test_predictive_check_detects_wrong_noise_level():
     rng = np.random.default_rng(0)
 
     def check(assumed_sigma):
-        post = exact_posterior(G, A, y, assumed_sigma)  # exact draws: the reference is not the code under test
+        post = exact_posterior(
+            G, A, y, assumed_sigma
+        )  # exact draws: the reference is not the code under test
         z = torch.from_numpy(rng.multivariate_normal(post.latent_mean, post.latent_cov, size=2000)).float()
-        d_obs, d_rep = discrepancies(lambda zz: A(G(zz)), y, assumed_sigma, z, torch.Generator().manual_seed(1))
+        d_obs, d_rep = discrepancies(
+            lambda zz: A(G(zz)), y, assumed_sigma, z, torch.Generator().manual_seed(1)
+        )
         return posterior_predictive_check(d_obs, d_rep, y.numel())
 
     good = check(sigma)

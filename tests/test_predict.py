@@ -22,15 +22,23 @@ from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRIOR = os.path.join(ROOT, "problems", "linear_gaussian.py") + ":generator"
-SMALL = {"flow": {"max_iter": 300, "min_iter": 100, "n_layers": 4, "hidden": 32}, "solve": {"n_samples": 2000}}
+SMALL = {
+    "flow": {"max_iter": 300, "min_iter": 100, "n_layers": 4, "hidden": 32},
+    "solve": {"n_samples": 2000},
+}
 
 
 @pytest.fixture(scope="module")
 def posterior(tmp_path_factory):
     """A flow posterior of linear_gaussian (truth known) and the exact posterior of the same data."""
     d = tmp_path_factory.mktemp("predict")
-    obs = simulate("linear_gaussian", prior=LinearGaussianProblem().generator(), noise_relative=0.2, seed=3,
-                   prior_label=PRIOR)
+    obs = simulate(
+        "linear_gaussian",
+        prior=LinearGaussianProblem().generator(),
+        noise_relative=0.2,
+        seed=3,
+        prior_label=PRIOR,
+    )
     write_obs(d / "obs.h5", obs)
     result = solve(str(d / "obs.h5"), PRIOR, method="flow", config=SMALL, seed=0, progress=False)
     path = str(d / "posterior.h5")
@@ -64,7 +72,7 @@ def test_streaming_statistics_match_numpy():
     w /= w.sum()
     wm = WeightedMoments((3, 4))
     for a in range(0, 1003, 97):
-        wm.update(xf[a:a + 97], w[a:a + 97])
+        wm.update(xf[a : a + 97], w[a : a + 97])
     mu = np.average(xf, axis=0, weights=w)
     var = np.average((xf - mu) ** 2, axis=0, weights=w) / (1 - (w**2).sum())
     np.testing.assert_allclose(wm.mean, mu, rtol=1e-12)
@@ -98,8 +106,19 @@ def test_linear_qoi_matches_exact_posterior(posterior, tmp_path):
     lo, hi = t.credible_interval(0.95)
     assert bool(t.inside_95) == bool(lo <= t.truth <= hi)
     with h5py.File(p) as f:
-        assert set(f["qoi/total"]) >= {"mean", "std", "q025", "q25", "q50", "q75", "q975", "samples", "truth",
-                                       "error", "inside_95"}
+        assert set(f["qoi/total"]) >= {
+            "mean",
+            "std",
+            "q025",
+            "q25",
+            "q50",
+            "q75",
+            "q975",
+            "samples",
+            "truth",
+            "error",
+            "inside_95",
+        }
         assert f["qoi/total/samples"].shape[0] == 1000
         assert f.attrs["is_n_draws"] == 2000 and "ppc_p_value" in f.attrs
     with pytest.raises(GanflowError, match="no QoI 'nope'"):
@@ -128,7 +147,9 @@ def test_reweight_and_user_spec(posterior, tmp_path):
     with h5py.File(p) as f:
         assert f["qoi/corner"].attrs["weighting"] == "psis"
         assert f["psis/field/mean"].shape == (16, 16)
-        np.testing.assert_allclose(f["psis/field/mean"][()], exact.field_mean, atol=0.15 * exact.field_std.max())
+        np.testing.assert_allclose(
+            f["psis/field/mean"][()], exact.field_mean, atol=0.15 * exact.field_std.max()
+        )
 
 
 def test_sample_based_posterior_uses_stored_draws(posterior, tmp_path):

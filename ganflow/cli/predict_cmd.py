@@ -18,16 +18,33 @@ def _fmt(a) -> str:
 
 @click.command("predict")
 @click.argument("posterior", type=click.Path(dir_okay=False))
-@click.option("--qoi", "qois", multiple=True, metavar="NAME|SPEC",
-              help="A QoI of the problem by name, or path/file.py:attr / module:attr (NAME=SPEC renames); "
-                   "repeatable. Default: all of the problem's qois().")
-@click.option("--n", "n", type=int, default=None,
-              help="Posterior draws: fresh flow draws [default 4000]; sample-based methods: stored draws [all].")
+@click.option(
+    "--qoi",
+    "qois",
+    multiple=True,
+    metavar="NAME|SPEC",
+    help="A QoI of the problem by name, or path/file.py:attr / module:attr (NAME=SPEC renames); "
+    "repeatable. Default: all of the problem's qois().",
+)
+@click.option(
+    "--n",
+    "n",
+    type=int,
+    default=None,
+    help="Posterior draws: fresh flow draws [default 4000]; sample-based methods: stored draws [all].",
+)
 @click.option("--reweight", is_flag=True, help="PSIS-reweighted statistics (flow only).")
-@click.option("--prior", default=None, help="Generator (checkpoint or spec); default: the posterior's prior attr.")
+@click.option(
+    "--prior", default=None, help="Generator (checkpoint or spec); default: the posterior's prior attr."
+)
 @click.option("--batch-size", type=int, default=500, show_default=True)
-@click.option("--diag-draws", type=int, default=2000, show_default=True,
-              help="Draws used for k-hat / ESS / predictive check (all --n draws with --reweight).")
+@click.option(
+    "--diag-draws",
+    type=int,
+    default=2000,
+    show_default=True,
+    help="Draws used for k-hat / ESS / predictive check (all --n draws with --reweight).",
+)
 @seed_option()
 def predict(posterior, qois, n, reweight, prior, batch_size, diag_draws, seed):
     """Posterior-predictive statistics of quantities of interest, and diagnostics, written into POSTERIOR.
@@ -38,22 +55,33 @@ def predict(posterior, qois, n, reweight, prior, batch_size, diag_draws, seed):
     """
     from ..predict import predict as run_predict
 
-    report = run_predict(posterior, qois, n=n, seed=seed, reweight=reweight, prior=prior, batch_size=batch_size,
-                         diag_draws=diag_draws)
+    report = run_predict(
+        posterior,
+        qois,
+        n=n,
+        seed=seed,
+        reweight=reweight,
+        prior=prior,
+        batch_size=batch_size,
+        diag_draws=diag_draws,
+    )
     click.echo(f"{report.method}: {report.n} posterior draws, weighting {report.weighting}")
     for name, s in report.qois.items():
         lo, hi = s.credible_interval(0.95)
         line = f"  {name}: mean {_fmt(s.mean)}, std {_fmt(s.std)}, 95% [{_fmt(lo)}, {_fmt(hi)}]"
         if s.truth is not None:
-            line += f", truth {_fmt(s.truth)}, error {_fmt(s.error)}, inside 95% {_fmt(s.inside_95.astype(float))}"
+            inside = _fmt(s.inside_95.astype(float))
+            line += f", truth {_fmt(s.truth)}, error {_fmt(s.error)}, inside 95% {inside}"
         click.echo(line)
     d = report.diagnostics
     parts = []
     if "psis_khat" in d:
         parts.append(f"PSIS k-hat {d['psis_khat']:.3g}, ESS/N {d['is_ess_ratio']:.3g}")
     if "ppc_p_value" in d:
-        parts.append(f"predictive check chi2/dof {d['ppc_chi2_per_dof']:.3g} (replicated "
-                     f"{d['ppc_chi2_rep_per_dof']:.3g}), p {d['ppc_p_value']:.3g}")
+        parts.append(
+            f"predictive check chi2/dof {d['ppc_chi2_per_dof']:.3g} (replicated "
+            f"{d['ppc_chi2_rep_per_dof']:.3g}), p {d['ppc_p_value']:.3g}"
+        )
     if parts:
         click.echo("  diagnostics: " + "; ".join(parts))
     for w in report.warnings:
@@ -63,38 +91,73 @@ def predict(posterior, qois, n, reweight, prior, batch_size, diag_draws, seed):
 
 @click.command("calibrate")
 @click.option("--problem", required=True, help="Problem spec (name, module:attr or file.py:attr).")
-@click.option("--prior", required=True, help="Prior checkpoint or generator spec (truths are G(z), z ~ N(0, I)).")
+@click.option(
+    "--prior", required=True, help="Prior checkpoint or generator spec (truths are G(z), z ~ N(0, I))."
+)
 @click.option("--n-truths", type=int, default=None, help="Number of simulated truths T [default 20].")
-@click.option("--method", type=click.Choice(["flow", "langevin", "nuts"]), default=None,
-              help="Posterior method [default flow].")
+@click.option(
+    "--method",
+    type=click.Choice(["flow", "langevin", "nuts"]),
+    default=None,
+    help="Posterior method [default flow].",
+)
 @click.option("--noise-sigma", type=float, default=None, help="Absolute noise sigma.")
-@click.option("--noise-relative", type=float, default=None,
-              help="Noise sigma as a fraction of max |A(x_true)| [default 0.1 when neither is given].")
-@click.option("--shrink", type=float, default=None,
-              help="Diagnostic aid: scale latent posterior draws about their mean by this factor (< 1 makes the "
-                   "posterior overconfident) to check that the calibration detects it [default 1].")
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
-              help="Directory for calibration.json and calibration.png.")
+@click.option(
+    "--noise-relative",
+    type=float,
+    default=None,
+    help="Noise sigma as a fraction of max |A(x_true)| [default 0.1 when neither is given].",
+)
+@click.option(
+    "--shrink",
+    type=float,
+    default=None,
+    help="Diagnostic aid: scale latent posterior draws about their mean by this factor (< 1 makes the "
+    "posterior overconfident) to check that the calibration detects it [default 1].",
+)
+@click.option(
+    "-o",
+    "--output",
+    "outdir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for calibration.json and calibration.png.",
+)
 @config_option()
 @seed_option()
 @click.option("--quiet", is_flag=True, help="No per-truth progress lines.")
-def calibrate(problem, prior, n_truths, method, noise_sigma, noise_relative, shrink, outdir, config_path, seed, quiet):
+def calibrate(
+    problem, prior, n_truths, method, noise_sigma, noise_relative, shrink, outdir, config_path, seed, quiet
+):
     """Simulation-based calibration: coverage of 50/90/95 % intervals and rank histograms over T truths.
 
     Config tables: [calibrate] (n_truths, method, noise_sigma, noise_relative, shrink, n_rank_draws, ...),
-    and the solve tables ([solve], [flow], [langevin], [nuts], [operator], [problem]); by default a cheaper flow
+    and the solve tables ([solve], [flow], [langevin], [nuts], [operator], [problem]); by default a cheaper
+    flow
     (max_iter 500) and 1,000 posterior draws per truth.
     """
     from ..calibrate import run_calibration_cli
 
-    report = run_calibration_cli(problem=problem, prior=prior, n_truths=n_truths, method=method,
-                                 noise_sigma=noise_sigma, noise_relative=noise_relative, shrink=shrink,
-                                 outdir=outdir, config_path=config_path, seed=seed,
-                                 progress=(lambda msg: click.echo(msg, err=True)) if not quiet else None)
+    report = run_calibration_cli(
+        problem=problem,
+        prior=prior,
+        n_truths=n_truths,
+        method=method,
+        noise_sigma=noise_sigma,
+        noise_relative=noise_relative,
+        shrink=shrink,
+        outdir=outdir,
+        config_path=config_path,
+        seed=seed,
+        progress=(lambda msg: click.echo(msg, err=True)) if not quiet else None,
+    )
     for kind in ("latent", "field"):
         cov = report["coverage"][kind]
-        click.echo(f"{kind} coverage: " + ", ".join(f"{lvl}% {cov[lvl]:.3f}" for lvl in ("50", "90", "95")) +
-                   f"  (uniformity p = {report['rank_test'][kind]['p_value']:.3g})")
+        click.echo(
+            f"{kind} coverage: "
+            + ", ".join(f"{lvl}% {cov[lvl]:.3f}" for lvl in ("50", "90", "95"))
+            + f"  (uniformity p = {report['rank_test'][kind]['p_value']:.3g})"
+        )
     if report.get("warning"):
         click.echo(f"warning: {report['warning']}", err=True)
     click.echo(f"wrote {report['json']} and {report['figure']}")
