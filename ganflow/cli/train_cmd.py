@@ -48,6 +48,8 @@ def train_prior(data_path, out, config_path, seed, device, resume, force, steps,
         progress=not no_progress,
         report=not no_report,
     )
+    if res.rank != 0:  # torchrun: rank 0 speaks for the run
+        return
     click.echo(
         f"trained {res.steps_run} generator steps to step {res.step} in {res.wall_time_s:.1f} s "
         f"({res.steps_per_s:.2f} steps/s), Wasserstein estimate {res.wasserstein:.4g}; wrote {res.path}"

@@ -23,6 +23,17 @@ training device) and ``data`` (batch indices, CPU), plus split/initialisation st
 All their states are stored in the checkpoint, so an interrupted run resumed with ``resume=True`` ends with
 exactly the same weights as an uninterrupted one (on CPU).
 
+Data parallel (``torchrun --nproc_per_node N -m ganflow train-prior ...``, see docs/scale.md): ``batch_size`` is
+the global batch; each of the N ranks draws ``batch_size / N`` fields per step from its own disjoint shard of
+the training split (rows ``rank, rank + N, ...``) with its own noise and batch-order streams (rank 0's are the
+single-process streams), computes the losses and the gradient penalty on its local samples, and the gradients
+are averaged by one all-reduce after each ``backward()`` (`ganflow.distributed.all_reduce_grads`; explicit
+rather than DDP because of the penalty's double backward). Every rank then takes the same Adam step, so the
+weights and the EMA stay identical (checked at the end). Only rank 0 writes checkpoints, the report and the
+progress bar; the checkpoint holds rank 0's RNG states. Resuming with another number of processes is allowed
+and reproducible, but not bit-identical to an uninterrupted run. One process runs exactly the code it ran
+before data parallelism existed.
+
 Example:
     >>> s = TrainSettings(steps=2, batch_size=8)
     >>> s.validate() is None
@@ -41,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from .. import distributed
 from ..config import Config
 from ..data import FieldData, load_fields
 from ..errors import GanflowError
@@ -159,6 +171,8 @@ class TrainResult:
     wasserstein: float
     report: dict | None = None
     history: dict = field(default_factory=dict)
+    rank: int = 0  # this process's rank under torchrun (only rank 0 wrote anything)
+    world_size: int = 1
 
 
 def _gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, noise: torch.Generator) -> Tensor:
@@ -211,7 +225,16 @@ def train_prior(
 
     Returns:
         `TrainResult` with the EMA generator (eval mode, physical units).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every rank calls this; see the module docstring.
     """
+    with distributed.session(device) as ctx:
+        return _train_prior(data, out, settings, seed=seed, device=device, resume=resume, force=force,
+                            steps=steps, progress=progress, report=report, ctx=ctx)
+
+
+def _train_prior(data, out, settings, *, seed, device, resume, force, steps, progress, report,
+                 ctx: distributed.DistContext) -> TrainResult:
     out = os.fspath(out)
     if resume:
         if not os.path.exists(out):
@@ -222,7 +245,8 @@ def train_prior(
         raise GanflowError(f"device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise GanflowError("--device cuda: no CUDA device is available")
-    dev = torch.device(device)
+    dev = ctx.device  # cuda:LOCAL_RANK under torchrun
+    rank, world = ctx.rank, ctx.world_size
 
     fd = data if isinstance(data, FieldData) else load_fields(data)
     ckpt = load_checkpoint(out, map_location="cpu") if resume else None
@@ -271,7 +295,16 @@ def train_prior(
             )
     else:
         mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
-    u_train = ((x_train - mean) / std).to(dev)
+    if settings.batch_size % world:
+        raise GanflowError(
+            f"train.batch_size {settings.batch_size} must be divisible by the number of processes ({world}): "
+            "it is the global batch, split evenly across ranks"
+        )
+    # Each rank trains on its own disjoint shard of the training split (all of it for one process).
+    x_shard = x_train if world == 1 else distributed.shard_tensor(x_train, rank, world)
+    if x_shard.shape[0] < 1:
+        raise GanflowError(f"{x_train.shape[0]} training fields cannot be shared by {world} processes")
+    u_train = ((x_shard - mean) / std).to(dev)
 
     # Networks: initialised from a seeded stream under fork_rng so the global RNG is left alone.
     with torch.random.fork_rng(devices=[]):
@@ -280,12 +313,15 @@ def train_prior(
         G_ema = build_generator_net(arch)
     G_ema.load_state_dict(G.state_dict())
     G, D, G_ema = G.to(dev), D.to(dev), G_ema.to(dev)
+    for net in (G, D, G_ema):
+        distributed.broadcast_module(net)  # a guard: replicas start identical (they do by seeding)
     for p in G_ema.parameters():
         p.requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=settings.lr_g, betas=tuple(settings.betas))
     opt_d = torch.optim.Adam(D.parameters(), lr=settings.lr_d, betas=tuple(settings.betas))
-    noise = torch.Generator(device=dev).manual_seed(_substream(seed, 3))
-    order = torch.Generator().manual_seed(_substream(seed, 4))
+    # Rank r > 0 gets its own streams; rank 0 (and a single process) keeps the original ones.
+    noise = torch.Generator(device=dev).manual_seed(_substream(seed, 3 + 100 * rank))
+    order = torch.Generator().manual_seed(_substream(seed, 4 + 100 * rank))
     history = {"step": [], "wasserstein": [], "loss_g": []}
     wall0 = 0.0
     if ckpt is not None:
@@ -296,13 +332,19 @@ def train_prior(
             opt_g.load_state_dict(ckpt["opt_G"])
             opt_d.load_state_dict(ckpt["opt_D"])
             rng = ckpt["rng"]
-            if ckpt.get("device", "cpu") == device:
+            if rank > 0:
+                # The checkpoint holds rank 0's streams only: other ranks continue with fresh streams tied to
+                # the step (reproducible; bit-identical only for the world size and ranks that wrote it).
+                noise.manual_seed(_substream(seed, 3 + 100 * rank) + start)
+                order.manual_seed(_substream(seed, 4 + 100 * rank) + start)
+            elif ckpt.get("device", "cpu") == device:
                 noise.set_state(rng["noise"])
+                order.set_state(rng["data"])
             else:
                 # A CPU and a CUDA generator have different states: continue with a fresh stream tied to the
                 # step (reproducible, but not bit-identical to an uninterrupted run on one device).
                 noise.manual_seed(_substream(seed, 3) + start)
-            order.set_state(rng["data"])
+                order.set_state(rng["data"])
             torch.set_rng_state(rng["torch_cpu"])
             if device == "cuda" and "cuda" in rng:
                 torch.cuda.set_rng_state_all(list(rng["cuda"]))
@@ -335,6 +377,7 @@ def train_prior(
             "data": provenance,
             "seed": int(seed),
             "device": device,
+            "world_size": int(world),
             "step": int(step),
             "G": cpu(G.state_dict()),
             "D": cpu(D.state_dict()),
@@ -352,11 +395,11 @@ def train_prior(
 
     from tqdm.auto import tqdm
 
-    n_train, B = u_train.shape[0], settings.batch_size
+    n_train, B = u_train.shape[0], settings.batch_size // world  # B: this rank's share of the batch
     bar = tqdm(
         total=settings.steps,
         initial=start,
-        disable=not progress,
+        disable=not (progress and ctx.is_main),
         desc="train-prior",
         unit="step",
         dynamic_ncols=True,
@@ -381,16 +424,21 @@ def train_prior(
                     loss_d = loss_d + settings.gp_weight * _gradient_penalty(D, real, fake, noise)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
+                distributed.all_reduce_grads(D)
                 opt_d.step()
             z = torch.randn(B, arch["latent_dim"], generator=noise, device=dev)
             loss_g = -D(G(z)).mean()
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
+            distributed.all_reduce_grads(G)
             opt_g.step()
             _ema_update(G_ema, G, min(settings.ema_decay, (1.0 + step) / (10.0 + step)))
 
             if step % settings.log_every == 0 or step == settings.steps:
                 w_est, loss_g_val = float((d_real - d_fake).detach()), float(loss_g.detach())
+                if world > 1:
+                    # Rank means, so every rank logs (and stops on divergence) alike.
+                    w_est, loss_g_val = distributed.all_reduce_mean([w_est, loss_g_val], dev)
                 if not (math.isfinite(w_est) and math.isfinite(loss_g_val)):
                     raise GanflowError(
                         f"training diverged at step {step} (non-finite loss); try smaller lr_g/lr_d"
@@ -401,13 +449,15 @@ def train_prior(
                 bar.set_postfix(W=f"{w_est:.3f}")
             bar.update(1)
             now = time.perf_counter()
-            if now - t_last_save >= settings.checkpoint_every_s and step < settings.steps:
+            if ctx.is_main and now - t_last_save >= settings.checkpoint_every_s and step < settings.steps:
                 save_checkpoint(out, make_checkpoint(step, wall0 + now - t_start))
                 t_last_save = now
     finally:
         bar.close()
     elapsed = time.perf_counter() - t_start
-    save_checkpoint(out, make_checkpoint(step, wall0 + elapsed))
+    distributed.check_in_sync({"G": G, "D": D, "G_ema": G_ema}, dev)
+    if ctx.is_main:
+        save_checkpoint(out, make_checkpoint(step, wall0 + elapsed))
 
     generator = generator_from_checkpoint(
         {
@@ -425,8 +475,10 @@ def train_prior(
         steps_per_s=(step - start) / max(elapsed, 1e-9),
         wasserstein=w_est,
         history=history,
+        rank=rank,
+        world_size=world,
     )
-    if report:
+    if report and ctx.is_main:
         from .report import prior_report
 
         result.report = prior_report(
@@ -435,6 +487,7 @@ def train_prior(
             prefix=report_prefix(out),
             seed=seed,
         )
+    distributed.barrier()  # the other ranks return once the checkpoint and report exist
     return result
 
 
