@@ -140,6 +140,8 @@ def make_fields(
 ) -> str:
     """``ganflow data``: draw ``n`` fields from the spec ``problem`` and write ``out`` (``fields.h5``)."""
     check_output_path(out, force, "fields")
+    if n < 1:  # before the problem is built, so the message names the option
+        raise GanflowError(f"--n must be >= 1, got {n}")
     problem_kwargs = dict(problem_kwargs or {})
     try:
         json.dumps(problem_kwargs)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .errors import GanflowError
+from .operators import call_plugin
 from .operators import check_operator as check_operator_contract
 from .plugins import load_operator, load_problem, resolve_spec
 
@@ -123,7 +124,7 @@ def check_operator(
     x = x.detach()
 
     with torch.no_grad():
-        out = op(x)
+        out = call_plugin(op, x, "operator (at the check field)")
     if not isinstance(out, Tensor) or tuple(out.shape) != (batch, *obs_shape):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise GanflowError(f"operator returned {got} for a batch of {batch}, declared obs_shape {obs_shape}")

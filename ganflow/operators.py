@@ -30,6 +30,7 @@ __all__ = [
     "check_problem",
     "check_compatible",
     "check_observation",
+    "call_plugin",
 ]
 
 
@@ -141,6 +142,17 @@ def check_observation(y: Tensor, noise_sigma: float) -> None:
     GaussianNoise(noise_sigma)  # validates sigma
 
 
+def call_plugin(fn, x: Tensor, what: str):
+    """``fn(x)`` for a user's plug-in at a check point: an exception there is the user's error, one line."""
+    try:
+        return fn(x)
+    except GanflowError:
+        raise
+    except Exception as e:  # user code: report what failed and where (--debug shows the traceback)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise GanflowError(f"{what} {type(fn).__name__} raised {type(e).__name__}: {first}") from e
+
+
 def check_compatible(generator, operator, y: Tensor | None = None, probe: bool = True) -> None:
     """The checks made before any solve, each with its own message.
 
@@ -165,10 +177,14 @@ def check_compatible(generator, operator, y: Tensor | None = None, probe: bool =
         param = next(iter(list(generator.parameters()) + list(generator.buffers())), None)
         device = param.device if param is not None else torch.device("cpu")
         with torch.no_grad():
-            x = generator(torch.zeros(1, generator.latent_dim, device=device))
-            if tuple(x.shape) != (1, *gshape):
-                raise GanflowError(f"generator returned shape {tuple(x.shape)[1:]}, declared {gshape}")
-            pred = operator(x)
+            x = call_plugin(generator, torch.zeros(1, generator.latent_dim, device=device),
+                            "generator (at z = 0)")
+            if not isinstance(x, Tensor) or tuple(x.shape) != (1, *gshape):
+                got = tuple(x.shape)[1:] if isinstance(x, Tensor) else type(x).__name__
+                raise GanflowError(f"generator returned shape {got}, declared {gshape}")
+            pred = call_plugin(operator, x, "operator (at the generator's field for z = 0)")
+        if not isinstance(pred, Tensor):
+            raise GanflowError(f"operator returned a {type(pred).__name__}, not a tensor")
         if tuple(pred.shape) != (1, *tuple(operator.obs_shape)):
             raise GanflowError(
                 f"operator returned shape {tuple(pred.shape)[1:]}, declared obs_shape {tuple(operator.obs_shape)}"

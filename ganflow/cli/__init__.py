@@ -43,6 +43,15 @@ class GanflowGroup(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except click.UsageError as e:
+            # A subcommand's bad option (missing, wrong type, a file that is a directory): one line naming the
+            # command, like every other bad input, instead of click's three-line usage block.
+            if debug:
+                raise
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            message = " ".join(e.format_message().split())
+            click.echo(f"error: {where}: {message} (see --help)", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)

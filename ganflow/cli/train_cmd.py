@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..io import check_output_path
 from ..prior import report_from_checkpoint
 from ..prior import train_prior as _train_prior
 from ..prior.report import format_summary
@@ -73,9 +74,13 @@ def train_prior(data_path, out, config_path, seed, device, resume, force, steps,
 @click.option(
     "--seed", type=int, default=None, help="Seed for the generated samples (default: the training seed)."
 )
-def prior_report(checkpoint, data_path, prefix, seed):
+@force_option()
+def prior_report(checkpoint, data_path, prefix, seed, force):
     """Recompute a prior's quality report against held-out fields (<prefix>.h5 and <prefix>.png)."""
     prefix = prefix or report_prefix(checkpoint)
+    # Both outputs are checked before any work, so a refused run leaves no half of a report behind.
+    for suffix in (".h5", ".png"):
+        check_output_path(prefix + suffix, force, "report")
     metrics = report_from_checkpoint(checkpoint, data_path, prefix, seed=seed)
     click.echo(format_summary(metrics))
     click.echo(f"wrote {prefix}.h5 and {prefix}.png")

@@ -241,6 +241,9 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
             raise GanflowError(f"--resume: no checkpoint at {out}")
     else:
         check_output_path(out, force, "prior checkpoint")
+        if report:  # the report beside the checkpoint is output too: not replaced without force
+            for suffix in (".h5", ".png"):
+                check_output_path(report_prefix(out) + suffix, force, "prior report")
     if device not in ("cpu", "cuda"):
         raise GanflowError(f"device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
