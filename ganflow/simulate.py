@@ -17,7 +17,7 @@ from .io import Observation, open_h5
 from .operators import GaussianNoise, check_compatible, check_operator
 from .plugins import load_operator, normalize_spec
 
-__all__ = ["simulate", "read_truth"]
+__all__ = ["simulate", "simulate_stack", "read_truth"]
 
 
 def read_truth(path: str | os.PathLike) -> torch.Tensor:
@@ -46,9 +46,12 @@ def simulate(
     noise_relative: float | None = None,
     seed: int = 0,
     prior_label: str | None = None,
+    device: str = "cpu",
 ) -> Observation:
     """Make a synthetic observation. Exactly one of ``prior`` (a generator; the truth is ``G(z)``,
-    ``z ~ N(0, I)``) and ``truth`` (a field); exactly one of ``noise_sigma`` and ``noise_relative``."""
+    ``z ~ N(0, I)``) and ``truth`` (a field); exactly one of ``noise_sigma`` and ``noise_relative``.
+    ``device`` runs the prior and the operator there; the draws come from a CPU generator either way, so the
+    observation does not depend on the device beyond floating-point rounding."""
     if (prior is None) == (truth is None):
         raise GanflowError("give exactly one of --prior and --truth")
     if (noise_sigma is None) == (noise_relative is None):
@@ -58,19 +61,27 @@ def simulate(
         raise GanflowError(f"noise level must be finite and > 0, got {level}")
     gen = torch.Generator().manual_seed(seed)
     op = check_operator(load_operator(problem=problem, problem_kwargs=problem_kwargs, **(operator_kwargs or {})))
+    if device != "cpu":  # --- issue 10: --device
+        from .distributed import check_device
+
+        check_device(device)
+        op = op.to(device)
+        prior = prior.to(device) if prior is not None else None
+    # --- end issue 10 ---
     z_true = None
     with torch.no_grad():
         if prior is not None:
             check_compatible(prior, op, None)
             z_true = torch.randn(1, prior.latent_dim, generator=gen)
-            x_true = prior(z_true)[0].float()
+            x_true = prior(z_true.to(device))[0].float()
             z_true = z_true[0]
         else:
             x_true = truth.float()
             if tuple(x_true.shape) != tuple(op.field_shape):
                 raise GanflowError(f"truth shape {tuple(x_true.shape)} does not match operator field_shape "
                                    f"{tuple(op.field_shape)}")
-        clean = op(x_true[None])[0]
+        clean = op(x_true[None].to(device))[0].cpu()
+        x_true = x_true.cpu()
         if not torch.isfinite(clean).all():
             raise GanflowError("the operator returned non-finite values for the truth")
         sigma = noise_sigma if noise_sigma is not None else noise_relative * float(clean.abs().max())
@@ -81,3 +92,14 @@ def simulate(
         y=y, noise_sigma=float(sigma), problem=normalize_spec(problem), operator_kwargs=dict(operator_kwargs or {}),
         problem_kwargs=dict(problem_kwargs or {}), x_true=x_true, z_true=z_true, prior=prior_label,
     )
+
+
+# --- issue 10: stacks (ganflow simulate --n-obs M) ---
+def simulate_stack(problem: str, n_obs: int, *, seed: int = 0, **kwargs) -> list[Observation]:
+    """``n_obs`` observations; observation ``i`` is exactly what `simulate` writes with seed ``seed + i``
+    (same truth source, noise settings and operator; ``kwargs`` are `simulate`'s)."""
+    if n_obs < 1:
+        raise GanflowError(f"--n-obs must be >= 1, got {n_obs}")
+    # With --truth every observation sees the same field under independent noise.
+    return [simulate(problem, seed=seed + i, **kwargs) for i in range(n_obs)]
+# --- end issue 10 ---

@@ -3,11 +3,11 @@
 import click
 
 from ..config import Config
-from ..io import check_output_path, write_obs
+from ..io import check_output_path, write_obs, write_obs_stack
 from ..plugins import normalize_spec
-from ..simulate import read_truth, simulate as simulate_obs
+from ..simulate import read_truth, simulate as simulate_obs, simulate_stack
 from ..solve import load_prior
-from .common import config_option, force_option, kw_option, parse_kv, seed_option
+from .common import config_option, device_option, force_option, kw_option, parse_kv, seed_option
 
 
 @click.command("simulate")
@@ -21,7 +21,11 @@ from .common import config_option, force_option, kw_option, parse_kv, seed_optio
 @config_option()
 @seed_option()
 @force_option()
-def simulate(problem, prior, truth, noise_sigma, noise_relative, output, kw, config_path, seed, force):
+@click.option("--n-obs", "n_obs", type=int, default=None,
+              help="Write a stack of N observations (/y [N, *obs_shape]); observation i uses seed + i.")
+@device_option()
+def simulate(problem, prior, truth, noise_sigma, noise_relative, output, kw, config_path, seed, force, n_obs,
+             device):
     """Simulate y = A(x_true) + noise and write obs.h5 (with /x_true and, from a prior, /z_true)."""
     check_output_path(output, force, "observation")
     cfg = Config.from_file(config_path)
@@ -32,9 +36,14 @@ def simulate(problem, prior, truth, noise_sigma, noise_relative, output, kw, con
         noise_sigma, noise_relative = sim.get("noise_sigma"), sim.get("noise_relative")
     gen = load_prior(prior) if prior is not None else None
     x = read_truth(truth) if truth is not None else None
-    obs = simulate_obs(problem, prior=gen, truth=x, operator_kwargs=operator_kwargs,
-                       problem_kwargs=cfg.table("problem"), noise_sigma=noise_sigma,
-                       noise_relative=noise_relative, seed=seed,
-                       prior_label=normalize_spec(prior) if prior and ":" in prior else prior)
+    common = dict(prior=gen, truth=x, operator_kwargs=operator_kwargs, problem_kwargs=cfg.table("problem"),
+                  noise_sigma=noise_sigma, noise_relative=noise_relative, device=device,
+                  prior_label=normalize_spec(prior) if prior and ":" in prior else prior)
+    if n_obs is not None:  # --- issue 10: a stack of observations
+        stack = simulate_stack(problem, n_obs, seed=seed, **common)
+        write_obs_stack(output, stack)
+        click.echo(f"wrote {output}: {n_obs} observations y {tuple(stack[0].y.shape)}, problem {stack[0].problem}")
+        return
+    obs = simulate_obs(problem, seed=seed, **common)
     write_obs(output, obs)
     click.echo(f"wrote {output}: y {tuple(obs.y.shape)}, noise_sigma {obs.noise_sigma:.4g}, problem {obs.problem}")

@@ -1,9 +1,13 @@
 """``ganflow solve``: stage two, the posterior of the field given obs.h5 and a prior."""
 
+import os
+
 import click
+import numpy as np
 
 from ..config import Config
-from ..io import check_output_path
+from ..errors import GanflowError
+from ..io import check_output_path, is_obs_stack
 from ..solve import METHODS, SOLVE_TABLES, solve as solve_posterior
 from .common import config_option, force_option, kw_option, parse_kv, seed_option
 
@@ -20,15 +24,41 @@ from .common import config_option, force_option, kw_option, parse_kv, seed_optio
 @seed_option()
 @force_option()
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def solve(obs_path, prior, problem, operator, method, output, kw, config_path, seed, force, quiet):
-    """Fit the latent posterior and write posterior statistics to posterior.h5."""
-    check_output_path(output, force, "posterior")
+# --- issue 10: stacks of observations (ganflow.multi), --device ---
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: the flow fit checkpointed in <output>.ckpt; for a stacked obs.h5, "
+                   "keep the observations already finished (<output>.parts/) and solve the rest.")
+@click.option("--max-obs", type=int, default=None,
+              help="Stacked obs.h5: stop after this many more observations (continue with --resume).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where the generator and operator run [default: [solve] device, cpu].")
+# --- end issue 10 ---
+def solve(obs_path, prior, problem, operator, method, output, kw, config_path, seed, force, quiet, resume, max_obs,
+          device):
+    """Fit the latent posterior and write posterior statistics to posterior.h5.
+
+    A stacked obs.h5 (ganflow simulate --n-obs M) is solved observation by observation into one file with a
+    group per observation; under torchrun the observations are shared among the processes (docs/scale.md).
+    """
     cfg = Config.from_file(config_path, known=SOLVE_TABLES)
     if kw:
         cfg.data.setdefault("operator", {}).update(parse_kv(kw))
+    # --- issue 10 ---
+    if device is not None:
+        cfg.data["solve"] = {**cfg.data.get("solve", {}), "device": device}
+    if is_obs_stack(obs_path):
+        return _solve_stack(obs_path, prior, problem, operator, method, output, cfg, seed, force, quiet, resume,
+                            max_obs)
+    if max_obs is not None:
+        raise GanflowError(f"--max-obs applies to stacked observation files; {obs_path} holds one")
+    # --- end issue 10 ---
+    check_output_path(output, force, "posterior")
+    checkpoint = _fit_checkpoint(output, resume, force)  # issue 9
     result = solve_posterior(obs_path, prior, operator=operator, problem=problem, method=method, config=cfg,
-                             seed=seed, progress=not quiet)
+                             seed=seed, progress=not quiet, checkpoint_path=checkpoint, resume=resume)
     result.save(output, force=force)
+    if os.path.exists(checkpoint):  # the result is safe on disk: the interrupted-fit state is no longer needed
+        os.remove(checkpoint)
     a = result.attrs
     line = (f"{result.method}: {a['n_forward_evals']} forward evaluations, fit {a['fit_wall_time_s']:.1f} s, "
             f"total {a['wall_time_s']:.1f} s")
@@ -37,3 +67,42 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
         line += ", " + ", ".join(f"{k} {v:.4g}" for k, v in m.items())
     click.echo(line)
     click.echo(f"wrote {output}")
+
+
+# --- issue 10: stacks of observations ---
+def _solve_stack(obs_path, prior, problem, operator, method, output, cfg, seed, force, quiet, resume, max_obs):
+    from ..multi import solve_stack
+
+    def report(i, res):
+        m = ", ".join(f"{k} {v:.4g}" for k, v in res.metrics.items())
+        click.echo(f"obs {i}: {res.attrs['wall_time_s']:.1f} s" + (f", {m}" if m else ""), err=True)
+
+    r = solve_stack(obs_path, prior, output, operator=operator, problem=problem, method=method, config=cfg,
+                    seed=seed, resume=resume, force=force, max_obs=max_obs, progress=not quiet, on_done=report)
+    if r.rank != 0:  # torchrun: rank 0 speaks for the run
+        return
+    if r.skipped:
+        click.echo(f"skipped {len(r.skipped)} finished observation(s)")
+    if r.merged:
+        line = f"{r.n_obs} observations in {r.wall_time_s:.1f} s on {r.world_size} process(es)"
+        for key in ("rel_l2_error", "coverage_95"):
+            if key in r.summary:
+                line += f", mean {key} {float(np.nanmean(r.summary[key])):.4g}"
+        click.echo(line)
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(f"{r.n_obs - len(r.remaining)} of {r.n_obs} observations finished; "
+                   f"continue with --resume (parts in {output}.parts)")
+# --- end issue 10 ---
+
+
+def _fit_checkpoint(output: str, resume: bool, force: bool) -> str:
+    """issue 9: the flow fit's checkpoint beside the output; a stale one is continued (--resume) or, with
+    --force, started over, never silently replaced."""
+    checkpoint = os.fspath(output) + ".ckpt"
+    if resume and not os.path.exists(checkpoint):
+        raise GanflowError(f"--resume: no checkpoint of an interrupted fit at {checkpoint}")
+    if not resume and os.path.exists(checkpoint) and not force:
+        raise GanflowError(f"{checkpoint} holds an interrupted fit: continue it with --resume, or start over with "
+                           "--force")
+    return checkpoint

@@ -1,0 +1,198 @@
+"""Scale-out (issue 10): train-prior and stacked solves under torchrun (2 gloo processes), --resume across
+process counts, stacked obs.h5, CUDA guards, and the GPU check script.
+
+References that do not come from the code under test: the Gaussian-process moments of the training data
+(`test_prior.GP_MEAN`, `GP_COV`) and the closed-form linear-Gaussian posterior (`exact_posterior`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from ganflow.data import write_fields
+from ganflow.io import read_obs, read_obs_stack
+from ganflow.prior import TrainSettings, load_checkpoint, train_prior
+from ganflow.prior.checkpoint import generator_from_checkpoint
+from problems.linear_gaussian import exact_posterior, generator, operator
+from test_prior import gp_fields, moment_errors
+
+GP_TRAIN = """
+[train]
+latent_dim = 8
+steps = 300
+batch_size = 128
+mlp_hidden = 64
+mlp_depth = 2
+lr_g = 1e-3
+lr_d = 1e-3
+"""
+
+# Small flow settings: the Laplace start is exact for this problem; the flow must not spoil it.
+SOLVE_SMALL = """
+[solve]
+n_samples = 2000
+[flow]
+max_iter = 400
+n_layers = 4
+hidden = 16
+map_starts = 2
+map_iter = 100
+progress = false
+"""
+
+
+def torchrun(nproc: int, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m ganflow ARGS`` as users run it (free port, gloo on CPU)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ganflow", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_train_prior_two_processes_matches_single_and_resumes_with_one(tmp_path):
+    data = write_fields(tmp_path / "gp.h5", gp_fields(2000, 0), problem="gp-test", seed=0)
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(GP_TRAIN)
+    out = tmp_path / "prior2.pt"
+    r = torchrun(2, "train-prior", "--data", data, "-o", out, "--config", cfg, "--no-progress", "--no-report")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Rank 0 alone speaks and writes: one summary line, one checkpoint, no temporary files.
+    assert r.stdout.count("trained 300 generator steps") == 1, r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["gp.h5", "prior2.pt", "train.toml"]
+    ckpt = load_checkpoint(out)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 300
+
+    settings = TrainSettings(latent_dim=8, steps=300, batch_size=128, mlp_hidden=64, mlp_depth=2, lr_g=1e-3,
+                             lr_d=1e-3)
+    single = train_prior(data, tmp_path / "prior1.pt", settings, seed=0, report=False)
+    errs1 = moment_errors(single.generator)
+    errs2 = moment_errors(generator_from_checkpoint(ckpt))
+    # Both against the data's known distribution (test_prior's bounds; an untrained generator is > 0.5).
+    for errs in (errs1, errs2):
+        assert errs[0] < 0.15 and errs[1] < 0.35 and errs[2] < 0.3, (errs1, errs2)
+    # ... and the two runs' statistics agree with each other about as well as either agrees with the truth.
+    assert abs(errs1[2] - errs2[2]) < 0.2, (errs1, errs2)
+
+    # A checkpoint written by 2 processes resumes in 1 (rank 0's RNG states; reproducible, not bit-identical).
+    resumed = train_prior(data, out, resume=True, steps=310, report=False)
+    assert resumed.step == 310 and resumed.steps_run == 10
+    assert load_checkpoint(out)["world_size"] == 1
+
+
+def _latent_checks(path, observations, label):
+    with h5py.File(path) as f:
+        assert f.attrs["kind"] == "ganflow.posterior_stack" and f.attrs["n_obs"] == len(observations)
+        assert sorted(k for k in f if k.startswith("obs_")) == [f"obs_{i:04d}" for i in range(len(observations))]
+        out = []
+        for i, obs in enumerate(observations):
+            g = f[f"obs_{i:04d}"]
+            z = g["latent/samples"][()]
+            ex = exact_posterior(generator(), operator(), obs.y, obs.noise_sigma)
+            mean_err = np.abs(z.mean(0) - ex.latent_mean) / ex.latent_std
+            sd_err = np.abs(z.std(0) / ex.latent_std - 1)
+            assert mean_err.max() < 0.1 and sd_err.max() < 0.1, (label, i, mean_err.max(), sd_err.max())
+            assert g.attrs["obs_index"] == i and g.attrs["seed"] == 7 + i
+            np.testing.assert_array_equal(g["truth/z"][()], obs.z_true.numpy())
+            out.append((z, float(g.attrs["finished_unix"])))
+        s = f["summary"]
+        assert s["rel_l2_error"].shape == (len(observations),) and np.isfinite(s["coverage_95"][()]).all()
+        np.testing.assert_array_equal(s["seed"][()], 7 + np.arange(len(observations)))
+    return out
+
+
+def test_stacked_solve_two_processes_resume_and_max_obs(tmp_path):
+    obs = tmp_path / "obs.h5"
+    r = run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
+                "--n-obs", 4, "--noise-relative", 0.2, "--seed", 3, "-o", obs)
+    assert r.returncode == 0, r.stderr
+    observations = read_obs_stack(obs)
+    assert len(observations) == 4 and observations[0].y.shape == (64,)
+    # Observation i of the stack is the single observation simulated with seed 3 + i.
+    run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
+            "--noise-relative", 0.2, "--seed", 5, "-o", tmp_path / "single.h5")
+    torch.testing.assert_close(read_obs(tmp_path / "single.h5").y, observations[2].y, rtol=0, atol=0)
+    cfg = tmp_path / "solve.toml"
+    cfg.write_text(SOLVE_SMALL)
+    common = ["--obs", obs, "--prior", "problems.linear_gaussian:generator", "--config", cfg, "--seed", 7,
+              "--quiet"]
+
+    # A full run on 2 processes (observations 0, 2 on rank 0 and 1, 3 on rank 1).
+    full = tmp_path / "full.h5"
+    r = torchrun(2, "solve", *common, "-o", full)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1 and not os.path.exists(f"{full}.parts"), r.stdout
+    ref = _latent_checks(full, observations, "2 processes")
+
+    # Interrupted after 2 observations (2 processes), then resumed by 1 process: the first two are not redone.
+    part = tmp_path / "part.h5"
+    r = torchrun(2, "solve", *common, "-o", part, "--max-obs", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not part.exists() and sorted(os.listdir(f"{part}.parts")) == ["obs_0000.h5", "obs_0001.h5", "run.json"]
+    r = run_cli("solve", *common, "-o", part)  # without --resume the parts are protected
+    assert r.returncode == 2 and "--resume" in r.stderr
+    t_resume = time.time()
+    r = run_cli("solve", *common, "-o", part, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "skipped 2 finished" in r.stdout and "obs 2:" in r.stderr and "obs 0:" not in r.stderr
+    got = _latent_checks(part, observations, "resumed")
+    assert got[0][1] < t_resume and got[1][1] < t_resume and got[2][1] >= t_resume and got[3][1] >= t_resume
+    # Observation i is solved with seed 7 + i wherever it runs: 1 process and 2 processes agree.
+    for i in range(4):
+        np.testing.assert_allclose(got[i][0], ref[i][0], rtol=0, atol=1e-5)
+    # A finished result resumes to "nothing to do".
+    r = run_cli("solve", *common, "-o", part, "--resume")
+    assert r.returncode == 0 and "skipped 4 finished" in r.stdout
+
+
+def test_stack_resume_refuses_other_inputs(tmp_path):
+    obs = tmp_path / "obs.h5"
+    run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
+            "--n-obs", 2, "--noise-relative", 0.2, "-o", obs)
+    cfg = tmp_path / "solve.toml"
+    cfg.write_text(SOLVE_SMALL.replace("max_iter = 400", "max_iter = 20\nmin_iter = 20"))
+    base = ["solve", "--obs", obs, "--prior", "problems.linear_gaussian:generator", "--config", cfg, "--quiet",
+            "-o", tmp_path / "p.h5"]
+    assert run_cli(*base, "--max-obs", 1).returncode == 0
+    r = run_cli(*base, "--resume", "--seed", 1)
+    assert r.returncode == 2 and "seed" in r.stderr and r.stderr.count("\n") == 1
+    # --resume on a single observation is a clear error.
+    run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
+            "--noise-relative", 0.2, "-o", tmp_path / "one.h5")
+    r = run_cli("solve", "--obs", tmp_path / "one.h5", "--prior", "problems.linear_gaussian:generator",
+                "-o", tmp_path / "q.h5", "--resume")
+    assert r.returncode == 2 and "stacked" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):
+    data = write_fields(tmp_path / "gp.h5", gp_fields(50, 0), problem="gp-test", seed=0)
+    obs = tmp_path / "obs.h5"
+    run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
+            "--noise-relative", 0.2, "-o", obs)
+    runs = {
+        "train-prior": run_cli("train-prior", "--data", data, "-o", tmp_path / "p.pt", "--device", "cuda"),
+        "simulate": run_cli("simulate", "--problem", "linear_gaussian", "--prior",
+                            "problems.linear_gaussian:generator", "--noise-relative", 0.2, "-o",
+                            tmp_path / "o2.h5", "--device", "cuda"),
+        "solve": run_cli("solve", "--obs", obs, "--prior", "problems.linear_gaussian:generator", "-o",
+                         tmp_path / "post.h5", "--device", "cuda"),
+    }
+    for name, r in runs.items():
+        assert r.returncode == 2 and "cuda" in r.stderr.lower() and r.stderr.count("\n") == 1, (name, r.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["gp.h5", "obs.h5"]
+
+
+def test_gpu_check_script_parses():
+    script = os.path.join(ROOT, "scripts", "gpu_check.sh")
+    r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
