@@ -29,6 +29,9 @@ __all__ = [
     "Observation",
     "read_obs",
     "write_obs",
+    "is_obs_stack",
+    "read_obs_stack",
+    "write_obs_stack",
 ]
 
 
@@ -133,6 +136,9 @@ def read_obs(path: str | os.PathLike) -> Observation:
     """Read and validate ``obs.h5`` (``/y`` finite, ``noise_sigma`` finite and > 0)."""
     path = os.fspath(path)
     with open_h5(path, "observation file") as f:
+        if "n_obs" in f.attrs:  # --- issue 10: a stack is read with read_obs_stack
+            raise GanflowError(f"{path} holds a stack of {int(f.attrs['n_obs'])} observations; "
+                               "use read_obs_stack (ganflow solve handles both)")
         y = _read_dataset(f, "y", path)
         if "noise_sigma" not in f.attrs:
             raise GanflowError(f"{path}: missing attribute noise_sigma")
@@ -179,3 +185,88 @@ def write_obs(path: str | os.PathLike, obs: Observation) -> None:
             f.create_dataset("x_true", data=obs.x_true.detach().cpu().numpy().astype(np.float32))
         if obs.z_true is not None:
             f.create_dataset("z_true", data=obs.z_true.detach().cpu().numpy().astype(np.float32))
+
+
+# --- issue 10: stacks of observations (ganflow simulate --n-obs M; ganflow solve solves each) ---------------
+# A stack is marked by the attribute ``n_obs`` = M (an explicit marker: /y's rank alone cannot tell a stack of
+# 1-D observations from one 2-D observation without building the operator). Datasets carry a leading axis M:
+# /y [M, *obs_shape], optional /x_true [M, *field_shape], /z_true [M, k]; ``noise_sigma`` is one number for
+# all or an array attribute of M numbers; the other attributes are those of a single obs.h5.
+
+
+def is_obs_stack(path: str | os.PathLike) -> bool:
+    """Whether ``obs.h5`` holds a stack of observations (attribute ``n_obs``)."""
+    with open_h5(path, "observation file") as f:
+        return "n_obs" in f.attrs
+
+
+def read_obs_stack(path: str | os.PathLike) -> list[Observation]:
+    """The M observations of a stacked ``obs.h5`` (each validated like `read_obs`; ``path`` set to the stack)."""
+    path = os.fspath(path)
+    with open_h5(path, "observation file") as f:
+        if "n_obs" not in f.attrs:
+            raise GanflowError(f"{path} is a single observation (no attribute n_obs); use read_obs")
+        m = int(f.attrs["n_obs"])
+        y = _read_dataset(f, "y", path)
+        if m < 1 or y.ndim < 2 or y.shape[0] != m:
+            raise GanflowError(f"{path}: /y has shape {y.shape}, expected [n_obs={m}, *obs_shape]")
+        if "noise_sigma" not in f.attrs:
+            raise GanflowError(f"{path}: missing attribute noise_sigma")
+        try:
+            sig = np.asarray(f.attrs["noise_sigma"], np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise GanflowError(f"{path}: attribute noise_sigma is not a number") from None
+        if sig.size == 1:
+            sig = np.repeat(sig, m)
+        if sig.size != m or not np.isfinite(sig).all() or (sig <= 0).any():
+            raise GanflowError(f"{path}: noise_sigma must be one or {m} finite numbers > 0")
+        if not np.isfinite(y).all():
+            raise GanflowError(f"{path}: /y has {int((~np.isfinite(y)).sum())} non-finite value(s)")
+        truths = {}
+        for name in ("x_true", "z_true"):
+            if name in f:
+                arr = _read_dataset(f, name, path)
+                if arr.shape[0] != m:
+                    raise GanflowError(f"{path}: /{name} has {arr.shape[0]} entries, /y has {m}")
+                truths[name] = torch.from_numpy(np.ascontiguousarray(arr)).float()
+
+        def text(key):
+            v = f.attrs.get(key)
+            return (v.decode() if isinstance(v, bytes) else str(v)) if v is not None else None
+
+        common = dict(problem=text("problem") or None, operator_kwargs=read_json_attr(f, "operator_kwargs", {}, path),
+                      problem_kwargs=read_json_attr(f, "problem_kwargs", {}, path), prior=text("prior"), path=path)
+        yt = torch.from_numpy(np.ascontiguousarray(y)).float()
+        return [Observation(y=yt[i], noise_sigma=float(sig[i]),
+                            x_true=truths["x_true"][i] if "x_true" in truths else None,
+                            z_true=truths["z_true"][i] if "z_true" in truths else None, **common)
+                for i in range(m)]
+
+
+def write_obs_stack(path: str | os.PathLike, observations: list[Observation]) -> None:
+    """Write a stacked ``obs.h5`` atomically; the observations share problem, operator and prior attributes."""
+    if not observations:
+        raise GanflowError("no observations to write")
+    first = observations[0]
+    if any((o.problem, o.operator_kwargs, o.problem_kwargs, o.prior) !=
+           (first.problem, first.operator_kwargs, first.problem_kwargs, first.prior) for o in observations):
+        raise GanflowError("a stack's observations must share problem, operator_kwargs, problem_kwargs and prior")
+
+    def stack(ts):
+        return np.stack([t.detach().cpu().numpy().astype(np.float32) for t in ts])
+
+    with atomic_h5(path) as f:
+        f.attrs["n_obs"] = len(observations)
+        f.create_dataset("y", data=stack([o.y for o in observations]))
+        sigmas = np.asarray([o.noise_sigma for o in observations], np.float64)
+        f.attrs["noise_sigma"] = float(sigmas[0]) if np.all(sigmas == sigmas[0]) else sigmas
+        f.attrs["problem"] = first.problem or ""
+        f.attrs["operator_kwargs"] = json.dumps(first.operator_kwargs or {})
+        f.attrs["problem_kwargs"] = json.dumps(first.problem_kwargs or {})
+        if first.prior:
+            f.attrs["prior"] = first.prior
+        for name in ("x_true", "z_true"):
+            values = [getattr(o, name) for o in observations]
+            if all(v is not None for v in values):
+                f.create_dataset(name, data=stack(values))
+# --- end issue 10 ---
