@@ -175,7 +175,10 @@ def solve(
     op, op_info = resolve_operator(obs, operator, problem, cfg.table("operator") or None, cfg.table("problem") or None)
     op = op.to(device)
     check_compatible(generator_module, op, obs.y.to(device))
-    target = LatentTarget(generator_module, op, obs.y.to(device), obs.noise_sigma, check=False)
+    if device == "cpu":
+        target = LatentTarget(generator_module, op, obs.y.to(device), obs.noise_sigma, check=False)
+    else:  # --- issue 10: G and A on the device, latents on the host (see _DeviceTarget)
+        target = _DeviceTarget(generator_module, op, obs.y, obs.noise_sigma, device)
     gen = torch.Generator().manual_seed(seed)
     fit = _run_method(method, target, cfg, gen, progress)
 
@@ -232,6 +235,30 @@ def solve(
         fit=fit,
         generator=generator_module,
     )
+
+
+# --- issue 10: --device cuda ---
+class _DeviceTarget(LatentTarget):
+    """A `LatentTarget` whose generator and operator run on ``device`` while its face stays on the host.
+
+    The posterior methods work on ``[B, k]`` latents with CPU ``torch.Generator`` s (flow, MAP, Langevin,
+    NUTS): the latents cross to the device and only the ``[B]`` log-likelihoods come back in the fitting loops,
+    so the costly ``A(G(z))`` runs on the device and nothing large moves per step. ``y`` and ``predict`` are on
+    the host for the callers (diagnostics, summaries) that combine them with host tensors.
+    """
+
+    def __init__(self, generator: nn.Module, operator: nn.Module, y: torch.Tensor, noise_sigma: float,
+                 device: str):
+        super().__init__(generator, operator, y.detach().cpu(), noise_sigma, check=False)
+        self._y_device = y.detach().to(device)
+
+    def predict(self, z: torch.Tensor) -> torch.Tensor:
+        return super().predict(z.to(self._y_device.device)).to(z.device)
+
+    def log_likelihood(self, z: torch.Tensor) -> torch.Tensor:
+        pred = super().predict(z.to(self._y_device.device))
+        return self.noise.log_likelihood(pred, self._y_device).to(z.device)
+# --- end issue 10 ---
 
 
 def _nan_to_none(x):
