@@ -100,12 +100,14 @@ def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any
     return op, {"problem": obs.problem, "operator_kwargs": kw, "problem_kwargs": pkw}
 
 
-def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Generator, progress: bool) -> LatentFit:
+def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Generator, progress: bool,
+                checkpoint: dict | None = None) -> LatentFit:
     if method == "flow":
         fs = cfg.section(FlowSettings, "flow")
         if not progress:
             fs = dataclasses.replace(fs, progress=False)
-        return fit_flow(target, fs, gen)
+        # issue 9: periodic, resumable checkpoints of the fit (`checkpoint` = fit_flow's checkpoint options)
+        return fit_flow(target, fs, gen, **(checkpoint or {}))
     if method == "langevin":
         from .posterior.langevin import LangevinSettings, run_langevin
 
@@ -142,6 +144,8 @@ def solve(
     config: Config | dict | str | None = None,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> PosteriorResult:
     """Solve the inverse problem in the latent space of ``prior`` and summarise the field posterior.
 
@@ -153,6 +157,9 @@ def solve(
         method: ``flow`` (default), ``langevin`` or ``nuts``; overrides ``[solve] method``.
         config: a `Config`, a dict of tables, or a TOML path.
         seed: every random draw of the solve comes from ``torch.Generator().manual_seed(seed)``.
+        checkpoint_path: where ``method="flow"`` writes its fit state every ``[flow] checkpoint_every_s``
+            (atomically; other methods ignore it); ``resume=True`` continues from it (bit-identical on CPU).
+            The caller deletes it after saving the result.
     """
     t0 = time.perf_counter()
     if isinstance(config, Config):
@@ -180,7 +187,10 @@ def solve(
     else:  # --- issue 10: G and A on the device, latents on the host (see _DeviceTarget)
         target = _DeviceTarget(generator_module, op, obs.y, obs.noise_sigma, device)
     gen = torch.Generator().manual_seed(seed)
-    fit = _run_method(method, target, cfg, gen, progress)
+    if resume and method != "flow":
+        raise GanflowError(f"--resume of a single solve applies to --method flow, not {method}")
+    ckpt = {"checkpoint_path": checkpoint_path, "resume": resume} if checkpoint_path is not None else None
+    fit = _run_method(method, target, cfg, gen, progress, ckpt)
 
     def draw(b: int) -> torch.Tensor:
         return fit.draw(b, gen).to(device)

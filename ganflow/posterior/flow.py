@@ -35,7 +35,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -54,7 +56,8 @@ from ..errors import GanflowError
 from .base import LatentFit
 from .target import LatentTarget
 
-__all__ = ["FlowSettings", "LatentFlow", "fit_flow", "laplace_approximation", "flow_from_state"]
+__all__ = ["FlowSettings", "LatentFlow", "fit_flow", "laplace_approximation", "flow_from_state",
+           "load_flow_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class FlowSettings:
     tol: float = 0.01  # nats
     smoothing: float = 0.99  # EMA factor of the smoothed ELBO
     max_failures: int = 20  # non-finite steps tolerated (each undone, lr halved)
+    checkpoint_every_s: float = 60.0  # resumable fit checkpoints (when a checkpoint path is given)
     progress: bool = True
 
     def validate(self) -> None:
@@ -104,6 +108,7 @@ class FlowSettings:
             (self.patience >= 1, "flow.patience must be >= 1"),
             (0 <= self.smoothing < 1, "flow.smoothing must be in [0, 1)"),
             (self.max_failures >= 0, "flow.max_failures must be >= 0"),
+            (self.checkpoint_every_s >= 0, "flow.checkpoint_every_s must be >= 0"),
             (self.map_starts >= 1 and self.map_iter >= 1, "flow.map_starts and flow.map_iter must be >= 1"),
         ]
         for ok, msg in checks:
@@ -261,13 +266,45 @@ def _all_finite(tensors) -> bool:
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
+FLOW_CHECKPOINT_KIND = "ganflow.flow_fit"
+FLOW_CHECKPOINT_VERSION = 1
+# Settings that may differ on resume: they change neither the computation nor the result.
+_RESUME_FREE = {"progress", "max_iter", "patience", "min_iter", "max_failures", "checkpoint_every_s"}
+
+
+def _target_fingerprint(target: LatentTarget) -> str:
+    """What a checkpoint must have been fitted against: the data, sigma and the latent dimension."""
+    h = hashlib.sha1(target.y.detach().cpu().float().numpy().tobytes())
+    h.update(f"{target.noise_sigma!r}|{target.latent_dim}|{tuple(target.obs_shape)}".encode())
+    return h.hexdigest()
+
+
+def load_flow_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a flow-fit checkpoint with ``weights_only=True`` (a pickle payload is refused, never run)."""
+    from ..prior.checkpoint import load_weights_only
+
+    ckpt = load_weights_only(path, "flow checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != FLOW_CHECKPOINT_KIND:
+        raise GanflowError(f"{path} is not a ganflow flow-fit checkpoint")
+    if ckpt.get("format_version") != FLOW_CHECKPOINT_VERSION:
+        raise GanflowError(f"flow checkpoint {path} has format_version {ckpt.get('format_version')!r}; "
+                           f"this ganflow reads {FLOW_CHECKPOINT_VERSION}")
+    return ckpt
+
+
 def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generator: torch.Generator | None = None,
-             ) -> LatentFit:
+             *, checkpoint_path: str | os.PathLike | None = None, resume: bool = False) -> LatentFit:
     """Fit ``q_phi`` to ``p(z|y)`` by reverse KL; return a `LatentFit` whose ``sampler`` draws from it.
 
     Each step draws ``batch_size`` base samples from ``generator``, so the same seed gives the same fit on CPU.
     A step whose loss or gradient is not finite is undone (model and optimiser go back to the last good
     snapshot) and the learning rate is halved; after ``max_failures`` such steps the fit stops with an error.
+
+    With ``checkpoint_path`` the whole fit state (flow, optimiser, rollback snapshot, the generator's RNG state,
+    step, traces, the Laplace start) is written there atomically every ``settings.checkpoint_every_s`` seconds
+    (tensors and plain types: ``weights_only``-loadable). ``resume=True`` continues from that file instead of
+    starting over; on CPU the result is bit-identical to an uninterrupted fit with the same generator seed,
+    and ``generator`` is left in the same state. The caller deletes the file once the result is saved.
     """
     s = settings or FlowSettings()
     s.validate()
@@ -277,13 +314,34 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
     k = target.latent_dim
     attrs: dict = {}
     loc = scale_tril = None
-    if s.init == "laplace":
+    ckpt = None
+    if resume:
+        if checkpoint_path is None:
+            raise GanflowError("resume needs a checkpoint path")
+        if not os.path.exists(checkpoint_path):
+            raise GanflowError(f"--resume: no flow checkpoint at {checkpoint_path}")
+        ckpt = load_flow_checkpoint(checkpoint_path)
+        try:
+            saved = dict(ckpt["settings"])
+            fingerprint = ckpt["target"]
+        except (KeyError, TypeError, ValueError):
+            raise GanflowError(f"flow checkpoint {checkpoint_path} lacks its settings or target") from None
+        bad = sorted(key for key in set(saved) | set(asdict(s))
+                     if key not in _RESUME_FREE and saved.get(key) != asdict(s).get(key))
+        if bad:
+            raise GanflowError(f"--resume: flow settings differ from the checkpoint's: {', '.join(bad)}")
+        if fingerprint != _target_fingerprint(target):
+            raise GanflowError(f"--resume: {checkpoint_path} was fitted to other data, noise or prior")
+        if ckpt.get("init_loc") is not None:
+            loc, scale_tril = ckpt["init_loc"], ckpt["init_scale_tril"]
+        attrs.update(ckpt.get("attrs", {}))
+    elif s.init == "laplace":
         loc, scale_tril, lp_map = laplace_approximation(target, s, g)
         attrs["laplace_log_joint_map"] = float(lp_map)
         attrs["laplace_forward_evals"] = target.n_forward_evals - evals0
     # Layer initialisation draws from torch's global RNG: seed it from `g` (and restore it) so the fit
-    # depends only on the generator passed in.
-    init_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    # depends only on the generator passed in. (On resume the draw is repeated but overwritten below.)
+    init_seed = int(torch.randint(0, 2**62, (1,), generator=g)) if ckpt is None else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         flow = LatentFlow(k, s, loc, scale_tril)
@@ -299,8 +357,59 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
     smooth = None
     best_smooth, best_step = -math.inf, 0
     failures = 0
-    bar = tqdm(total=s.max_iter, desc="flow", disable=not s.progress, file=sys.stderr, leave=False)
     step = 0
+    evals_before = 0  # forward evaluations of the interrupted run(s)
+    wall_before = 0.0
+    if ckpt is not None:
+        try:
+            flow.load_state_dict(ckpt["flow"])
+            opt.load_state_dict(ckpt["opt"])
+            good = (ckpt["good_flow"], ckpt["good_opt"])
+            g.set_state(ckpt["rng"])
+            step, failures, lr_scale = int(ckpt["step"]), int(ckpt["failures"]), float(ckpt["lr_scale"])
+            smooth = None if ckpt["smooth"] is None else float(ckpt["smooth"])
+            best_smooth, best_step = float(ckpt["best_smooth"]), int(ckpt["best_step"])
+            losses = ckpt["losses"].tolist()
+            elbo_smooth_trace = ckpt["elbo_smooth"].tolist()
+            lrs = ckpt["lrs"].tolist()
+            evals_before, wall_before = int(ckpt["n_forward_evals"]), float(ckpt["wall_time_s"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise GanflowError(f"flow checkpoint {checkpoint_path} does not fit this flow ({first[:160]})") from None
+
+    def save_fit_checkpoint() -> None:
+        from ..prior.checkpoint import save_checkpoint
+
+        cpu = lambda sd: copy.deepcopy({k_: v for k_, v in sd.items()})  # noqa: E731
+        save_checkpoint(checkpoint_path, {
+            "kind": FLOW_CHECKPOINT_KIND,
+            "format_version": FLOW_CHECKPOINT_VERSION,
+            "settings": asdict(s),
+            "target": _target_fingerprint(target),
+            "latent_dim": k,
+            "init_loc": None if loc is None else loc.detach().cpu().clone(),
+            "init_scale_tril": None if scale_tril is None else scale_tril.detach().cpu().clone(),
+            "attrs": {k_: v for k_, v in attrs.items() if isinstance(v, (int, float, str, bool))},
+            "flow": cpu(flow.state_dict()),
+            "opt": cpu(opt.state_dict()),
+            "good_flow": good[0],
+            "good_opt": good[1],
+            "rng": g.get_state(),
+            "step": step,
+            "failures": failures,
+            "lr_scale": lr_scale,
+            "smooth": smooth,
+            "best_smooth": best_smooth,
+            "best_step": best_step,
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "elbo_smooth": torch.tensor(elbo_smooth_trace, dtype=torch.float64),
+            "lrs": torch.tensor(lrs, dtype=torch.float64),
+            "n_forward_evals": evals_before + target.n_forward_evals - evals0,
+            "wall_time_s": wall_before + time.perf_counter() - t0,
+        })
+
+    t_last_save = time.perf_counter()
+    bar = tqdm(total=s.max_iter, initial=step, desc="flow", disable=not s.progress, file=sys.stderr, leave=False)
     stopped = "max_iter"
     while step < s.max_iter:
         lr = s.lr * _lr_factor(step, s) * lr_scale
@@ -326,7 +435,9 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
         if not ok:
             failures += 1
             flow.load_state_dict(good[0])
-            opt.load_state_dict(good[1])
+            # A copy: the optimiser adopts the given tensors and updates them in place, which would corrupt the
+            # snapshot for a second rollback.
+            opt.load_state_dict(copy.deepcopy(good[1]))
             lr_scale *= 0.5
             if failures > s.max_failures:
                 bar.close()
@@ -351,6 +462,9 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
         if step >= max(s.min_iter, s.warmup) and step - best_step > s.patience:
             stopped = "converged"
             break
+        if checkpoint_path is not None and time.perf_counter() - t_last_save >= s.checkpoint_every_s:
+            save_fit_checkpoint()
+            t_last_save = time.perf_counter()
     bar.close()
     flow.eval()
     for p in flow.parameters():
@@ -374,8 +488,8 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
         attrs=attrs,
         state={k_: v.detach().cpu().clone() for k_, v in flow.state_dict().items()},
         settings=asdict(s),
-        n_forward_evals=target.n_forward_evals - evals0,
-        wall_time_s=time.perf_counter() - t0,
+        n_forward_evals=evals_before + target.n_forward_evals - evals0,
+        wall_time_s=wall_before + time.perf_counter() - t0,
         model=flow,
     )
 

@@ -40,6 +40,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "save_checkpoint",
     "load_checkpoint",
+    "load_weights_only",
     "generator_from_checkpoint",
 ]
 
@@ -70,32 +71,31 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
         torch.save(ckpt, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load and validate a prior checkpoint with ``weights_only=True`` (a pickle payload is refused, not run).
+def load_weights_only(path: str | os.PathLike, what: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with one-line `GanflowError` s for every way a file can be bad.
 
-    A missing, empty, corrupt or truncated file, another format version or a missing key is a one-line
-    `GanflowError`.
+    A missing, empty, corrupt or truncated file is an error; so is a pickle payload (or any object beyond
+    tensors and plain types), which ``weights_only`` refuses before it runs.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise GanflowError(f"prior checkpoint not found: {path}")
+        raise GanflowError(f"{what} not found: {path}")
     if os.path.isdir(path):
-        raise GanflowError(f"prior checkpoint is a directory: {path}")
+        raise GanflowError(f"{what} is a directory: {path}")
     if os.path.getsize(path) == 0:
-        raise GanflowError(f"prior checkpoint is empty: {path}")
+        raise GanflowError(f"{what} is empty: {path}")
     try:
         with warnings.catch_warnings():
             # torch warns about foreign pickle protocols before refusing them; the refusal is our message.
             warnings.simplefilter("ignore", UserWarning)
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only stops at the first opcode or global it does not allow: a pickle payload, a foreign
         # object or garbage. Nothing was executed.
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "unsupported" in ln.lower()), lines[-1] if lines else "")
         raise GanflowError(
-            f"prior checkpoint {path} is not a weights-only torch checkpoint "
-            f"(refused, not executed: {detail[:120]})"
+            f"{what} {path} is not a weights-only torch checkpoint (refused, not executed: {detail[:120]})"
         ) from None
     except (
         RuntimeError,
@@ -109,7 +109,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         IndexError,
     ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GanflowError(f"prior checkpoint {path} is corrupt or truncated ({first[:160]})") from None
+        raise GanflowError(f"{what} {path} is corrupt or truncated ({first[:160]})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load and validate a prior checkpoint with ``weights_only=True`` (a pickle payload is refused, not run).
+
+    A missing, empty, corrupt or truncated file, another format version or a missing key is a one-line
+    `GanflowError`.
+    """
+    path = os.fspath(path)
+    ckpt = load_weights_only(path, "prior checkpoint", map_location)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "ganflow.prior":
         raise GanflowError(f"{path} is not a ganflow prior checkpoint")
     version = ckpt.get("format_version")

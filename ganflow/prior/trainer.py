@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -81,6 +82,9 @@ class TrainSettings:
         base_channels: channels of the finest conv layer (2-D fields).
         mlp_hidden, mlp_depth: width and number of hidden layers of the MLP pair (1-D fields).
         log_every: record the Wasserstein estimate every this many generator steps.
+        max_failures: non-finite generator steps tolerated; each is undone (networks, EMA and optimisers go
+            back to the last good step) and halves both learning rates; one more stops the run with the last
+            good state saved.
     """
 
     latent_dim: int = 64
@@ -98,6 +102,7 @@ class TrainSettings:
     mlp_hidden: int = 256
     mlp_depth: int = 3
     log_every: int = 10
+    max_failures: int = 20
 
     def validate(self) -> None:
         """Raise `GanflowError` naming the first bad setting."""
@@ -117,6 +122,7 @@ class TrainSettings:
             ("mlp_hidden", self.mlp_hidden >= 1, ">= 1"),
             ("mlp_depth", self.mlp_depth >= 1, ">= 1"),
             ("log_every", self.log_every >= 1, ">= 1"),
+            ("max_failures", self.max_failures >= 0, ">= 0"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -190,8 +196,9 @@ def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
 
 
 def _settings_mismatch(a: dict, b: dict) -> list[str]:
-    # steps and checkpoint_every_s may change on resume; everything else shapes the computation.
-    free = {"steps", "checkpoint_every_s"}
+    # steps, checkpoint_every_s and max_failures may change on resume (older checkpoints lack max_failures);
+    # everything else shapes the computation.
+    free = {"steps", "checkpoint_every_s", "max_failures"}
     return sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
 
 
@@ -327,6 +334,7 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
     order = torch.Generator().manual_seed(_substream(seed, 4 + 100 * rank))
     history = {"step": [], "wasserstein": [], "loss_g": []}
     wall0 = 0.0
+    failures, lr_scale = 0, 1.0  # non-finite steps undone so far, and the learning-rate factor they left
     if ckpt is not None:
         try:
             G.load_state_dict(ckpt["G"])
@@ -354,6 +362,8 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
             h = ckpt.get("history", {})
             history = {k: [v.item() for v in h[k]] if k in h else [] for k in history}
             wall0 = float(ckpt.get("wall_time_s", 0.0))
+            failures = int(ckpt.get("nonfinite_steps", 0))
+            lr_scale = float(ckpt.get("lr_scale", 1.0))
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise GanflowError(
@@ -394,6 +404,8 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
                 "loss_g": torch.tensor(history["loss_g"], dtype=torch.float64),
             },
             "wall_time_s": float(wall),
+            "nonfinite_steps": int(failures),
+            "lr_scale": float(lr_scale),
         }
 
     from tqdm.auto import tqdm
@@ -413,8 +425,12 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
     step = start
     G.train()
     D.train()
+    good = _snapshot(G, D, G_ema, opt_g, opt_d)
     try:
-        for step in range(start + 1, settings.steps + 1):
+        while step < settings.steps:
+            step += 1
+            # Finiteness of every loss of this generator step, checked once at its end (one device sync).
+            finite = torch.ones((), dtype=torch.bool, device=dev)
             for _ in range(settings.n_critic):
                 idx = torch.randint(n_train, (B,), generator=order)
                 real = u_train[idx.to(dev)]
@@ -429,12 +445,38 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
                 loss_d.backward()
                 distributed.all_reduce_grads(D)
                 opt_d.step()
+                finite &= torch.isfinite(loss_d.detach())
             z = torch.randn(B, arch["latent_dim"], generator=noise, device=dev)
             loss_g = -D(G(z)).mean()
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             distributed.all_reduce_grads(G)
             opt_g.step()
+            finite &= torch.isfinite(loss_g.detach())
+            # A non-finite gradient shows up in the weights Adam just wrote.
+            finite &= _all_finite(list(G.parameters()) + list(D.parameters()))
+            ok = bool(finite)
+            if world > 1:  # every rank takes the same decision
+                ok = distributed.all_reduce_mean([0.0 if ok else 1.0], dev)[0] == 0.0
+            if not ok:
+                # Undo the step: networks, EMA and optimisers back to the last good step, learning rates halved.
+                # The random streams go on, so the retry sees other batches.
+                failures += 1
+                step -= 1
+                lr_scale *= 0.5
+                _restore(good, G, D, G_ema, opt_g, opt_d)
+                for opt, lr in ((opt_g, settings.lr_g), (opt_d, settings.lr_d)):
+                    for group in opt.param_groups:
+                        group["lr"] = lr * lr_scale
+                if failures > settings.max_failures:
+                    if ctx.is_main:
+                        save_checkpoint(out, make_checkpoint(step, wall0 + time.perf_counter() - t_start))
+                    raise GanflowError(
+                        f"training diverged: {failures} non-finite steps (loss or gradient), each undone with "
+                        f"halved learning rates; the last good state (step {step}) is saved in {out}; check the "
+                        "data and try smaller lr_g/lr_d"
+                    )
+                continue
             _ema_update(G_ema, G, min(settings.ema_decay, (1.0 + step) / (10.0 + step)))
 
             if step % settings.log_every == 0 or step == settings.steps:
@@ -451,6 +493,7 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
                 history["loss_g"].append(loss_g_val)
                 bar.set_postfix(W=f"{w_est:.3f}")
             bar.update(1)
+            good = _snapshot(G, D, G_ema, opt_g, opt_d)
             now = time.perf_counter()
             if ctx.is_main and now - t_last_save >= settings.checkpoint_every_s and step < settings.steps:
                 save_checkpoint(out, make_checkpoint(step, wall0 + now - t_start))
@@ -498,6 +541,27 @@ def report_prefix(checkpoint_path: str | os.PathLike) -> str:
     """``dir/prior.pt`` -> ``dir/prior_report`` (the report files get ``.h5`` and ``.png``)."""
     root, _ = os.path.splitext(os.fspath(checkpoint_path))
     return root + "_report"
+
+
+def _all_finite(tensors) -> Tensor:
+    """A 0-d bool tensor: every value of every tensor is finite (no device sync)."""
+    return torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
+
+
+def _snapshot(G: nn.Module, D: nn.Module, G_ema: nn.Module, opt_g, opt_d) -> dict:
+    """An in-memory copy of the training state a non-finite step rolls back to."""
+    clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
+    return {"G": clone(G.state_dict()), "D": clone(D.state_dict()), "G_ema": clone(G_ema.state_dict()),
+            "opt_G": copy.deepcopy(opt_g.state_dict()), "opt_D": copy.deepcopy(opt_d.state_dict())}
+
+
+def _restore(snap: dict, G: nn.Module, D: nn.Module, G_ema: nn.Module, opt_g, opt_d) -> None:
+    G.load_state_dict(snap["G"])
+    D.load_state_dict(snap["D"])
+    G_ema.load_state_dict(snap["G_ema"])
+    # load_state_dict copies (and casts) the saved tensors, so the snapshot stays valid for another rollback.
+    opt_g.load_state_dict(copy.deepcopy(snap["opt_G"]))
+    opt_d.load_state_dict(copy.deepcopy(snap["opt_D"]))
 
 
 def _optimizer_state_cpu(opt: torch.optim.Optimizer) -> dict:
