@@ -61,7 +61,7 @@ def _kill_when(proc: subprocess.Popen, path, timeout: float = 120.0) -> None:
 TRAIN_TOML = textwrap.dedent('''
     [train]
     latent_dim = 4
-    steps = 300
+    steps = 200
     batch_size = 16
     n_critic = 2
     mlp_hidden = 16
@@ -80,14 +80,14 @@ def test_train_prior_sigkill_then_resume_is_bit_identical(tmp_path):
                   "--no-report")
     _kill_when(proc, out)
     step_at_kill = int(load_checkpoint(out)["step"])
-    assert 0 < step_at_kill < 300
+    assert 0 < step_at_kill < 200
     r = run_cli("train-prior", "--data", fields, "-o", out, "--resume", "--no-progress", "--no-report")
     assert r.returncode == 0, r.stderr
 
     settings = trainer_mod.load_train_settings(str(cfg))
     train_prior(fields, tmp_path / "full.pt", settings, seed=3, report=False)
     a, b = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(out)
-    assert a["step"] == b["step"] == 300
+    assert a["step"] == b["step"] == 200
     for net in ("G", "D", "G_ema"):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), (net, key, step_at_kill)
@@ -142,8 +142,8 @@ SOLVE_TOML = textwrap.dedent('''
     [flow]
     n_layers = 2
     hidden = 16
-    max_iter = 300
-    min_iter = 300
+    max_iter = 200
+    min_iter = 200
     map_iter = 30
     map_starts = 2
     batch_size = 32
@@ -188,7 +188,7 @@ def test_flow_solve_sigkill_then_resume_is_bit_identical(solve_case):
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "full.h5.ckpt").exists()
     with h5py.File(full) as fa, h5py.File(out) as fb:
-        assert fa.attrs["iterations"] == fb.attrs["iterations"] == 300
+        assert fa.attrs["iterations"] == fb.attrs["iterations"] == 200
         for name in ("latent/samples", "field/mean", "field/std", "field/q025", "obs/pred_mean", "trace/loss"):
             np.testing.assert_array_equal(fa[name][()], fb[name][()], err_msg=name)
         state_a, state_b = {}, {}

@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -552,16 +551,28 @@ def _snapshot(G: nn.Module, D: nn.Module, G_ema: nn.Module, opt_g, opt_d) -> dic
     """An in-memory copy of the training state a non-finite step rolls back to."""
     clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
     return {"G": clone(G.state_dict()), "D": clone(D.state_dict()), "G_ema": clone(G_ema.state_dict()),
-            "opt_G": copy.deepcopy(opt_g.state_dict()), "opt_D": copy.deepcopy(opt_d.state_dict())}
+            "opt_G": _clone_optimizer_state(opt_g), "opt_D": _clone_optimizer_state(opt_d)}
+
+
+def _clone_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    # Tensor clones, not deepcopy: taken every step, so it has to be cheap.
+    sd = opt.state_dict()
+    return {"state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in st.items()}
+                      for k, st in sd["state"].items()},
+            "param_groups": [dict(g) for g in sd["param_groups"]]}
 
 
 def _restore(snap: dict, G: nn.Module, D: nn.Module, G_ema: nn.Module, opt_g, opt_d) -> None:
     G.load_state_dict(snap["G"])
     D.load_state_dict(snap["D"])
     G_ema.load_state_dict(snap["G_ema"])
-    # load_state_dict copies (and casts) the saved tensors, so the snapshot stays valid for another rollback.
-    opt_g.load_state_dict(copy.deepcopy(snap["opt_G"]))
-    opt_d.load_state_dict(copy.deepcopy(snap["opt_D"]))
+    # The optimiser adopts the given tensors and updates them in place: hand it copies, so the snapshot stays
+    # valid for another rollback.
+    for opt, key in ((opt_g, "opt_G"), (opt_d, "opt_D")):
+        st = snap[key]
+        opt.load_state_dict({"state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+                                       for k, s in st["state"].items()},
+                             "param_groups": [dict(g) for g in st["param_groups"]]})
 
 
 def _optimizer_state_cpu(opt: torch.optim.Optimizer) -> dict:
