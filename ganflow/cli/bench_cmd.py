@@ -1,0 +1,37 @@
+"""``ganflow bench``: the benchmark suite (accuracy and cost of flow / Langevin / NUTS, operator throughput)."""
+
+import click
+
+from ..bench import BENCH_PROBLEMS, run_bench
+from .common import config_option, seed_option
+
+
+@click.command("bench")
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for results.json and results.md.")
+@click.option("--quick", is_flag=True, help="Tiny settings (short NUTS, few flow iterations, small n): minutes.")
+@click.option("--problem", "problems", multiple=True, type=click.Choice(BENCH_PROBLEMS),
+              help="Problem to benchmark (repeatable; default: all).")
+@click.option("--no-throughput", is_flag=True, help="Skip the operator-throughput comparison.")
+@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
+@seed_option()
+@config_option()
+def bench(output_dir, quick, problems, no_throughput, threads, seed, config_path):
+    """Benchmark the posterior methods against exact / NUTS references and the operators against numpy/scipy.
+
+    A config file may hold [flow], [langevin] and [nuts] tables, merged over every problem's settings.
+    """
+    import torch
+
+    from ..config import Config
+    from ..errors import GanflowError
+
+    if threads is not None:
+        if threads < 1:
+            raise GanflowError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    overrides = Config.from_file(config_path).data if config_path else {}
+    records = run_bench(output_dir, problems=problems or None, quick=quick, seed=seed,
+                        throughput=not no_throughput, overrides=overrides, echo=click.echo)
+    missed = [r for r in records if r.get("method") == "target" and r.get("met") is False]
+    click.echo(f"wrote {output_dir}/results.json and results.md ({len(missed)} target(s) missed)")
