@@ -74,9 +74,9 @@ class BenchPlan:
 
 def bench_plan(quick: bool = False) -> BenchPlan:
     # Langevin on the expensive problems: the sample-covariance entropy (the elliptic solver's backward is not
-    # itself differentiable, and exact Hessians would cost k extra backward passes per step) and a coarse
-    # search, so the search costs about as much as the final run.
-    cheap_search = {"entropy": "gaussian", "n_steps": 10, "search_chains": 64, "search_grid": 5,
+    # itself differentiable, and exact Hessians would cost k extra backward passes per step), which needs more
+    # than 2k chains (k = 32 for the elliptic prior), and a coarse search costing about as much as the final run.
+    cheap_search = {"entropy": "gaussian", "n_steps": 10, "search_chains": 80, "search_grid": 5,
                     "search_refine": 2, "n_samples": 500, "batch_size": 250}
     if quick:
         return BenchPlan(
@@ -89,9 +89,9 @@ def bench_plan(quick: bool = False) -> BenchPlan:
                                       "map_starts": 2, "map_iter": 20, "warmup": 5, "n_layers": 4, "hidden": 32}},
             langevin={"linear_gaussian": {"n_samples": 500, "search_chains": 64, "search_grid": 5,
                                           "search_refine": 2},
-                      "elliptic": dict(cheap_search, n_steps=3, search_chains=33, search_grid=3, search_refine=0,
+                      "elliptic": dict(cheap_search, n_steps=3, search_chains=80, search_grid=3, search_refine=0,
                                        n_samples=64, batch_size=64),
-                      "phase_retrieval": dict(cheap_search, n_steps=3, search_chains=33, search_grid=3,
+                      "phase_retrieval": dict(cheap_search, n_steps=3, search_chains=80, search_grid=3,
                                               search_refine=0, n_samples=64, batch_size=64)},
             nuts={"linear_gaussian": {"num_chains": 2, "warmup_steps": 50, "num_samples": 100},
                   "elliptic": {"num_chains": 2, "warmup_steps": 10, "num_samples": 20, "max_tree_depth": 4,
