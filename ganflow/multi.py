@@ -178,6 +178,7 @@ def solve_stack(
             if os.path.exists(pdir) and not force:
                 raise GanflowError(f"{pdir} holds observations of an earlier run: --resume continues it, "
                                    "--force starts over")
+        distributed.barrier()  # every rank has checked before rank 0 creates or clears anything
         if ctx.is_main:
             if os.path.exists(pdir) and not resume:
                 shutil.rmtree(pdir)
