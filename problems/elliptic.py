@@ -511,3 +511,14 @@ class EllipticProblem:
             self._qoi_operator = EllipticOperator(self.n, self.bc, "full")
         op = self._qoi_operator
         return {"pressure": lambda m: op.solve(m).to(m.dtype), "flux_top": op.flux_top}
+
+    # Optional hook used by `ganflow demo` and `ganflow bench` (ganflow itself knows no physics) ----------
+    def bundled_prior(self) -> str | None:
+        """The demo prior shipped with ganflow (``problems/data/elliptic_<n>.pt``): 32x32 channel media with the
+        default conductivities and correlation lengths; None for other settings."""
+        import os
+
+        default_channels = (self.prior == "channels" and tuple(self.conductivities) == (12.0, 3.0)
+                            and self.corr_length == (0.06, 0.3))
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"elliptic_{self.n}.pt")
+        return path if default_channels and os.path.isfile(path) else None

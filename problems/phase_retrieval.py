@@ -40,8 +40,10 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -392,3 +394,47 @@ class PhaseRetrievalProblem:
             "total_mass": lambda x: x.flatten(-2).sum(-1),
             "support_area": lambda x: (x.flatten(-2) > level).float().mean(-1),
         }
+
+    # Optional hooks used by `ganflow demo` (ganflow itself knows no physics) ---------------------------
+    def bundled_prior(self) -> str | None:
+        """The demo prior shipped with ganflow for this ``n`` (``problems/data/phase_retrieval_<n>.pt``)."""
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"phase_retrieval_{self.n}.pt")
+        return path if os.path.isfile(path) else None
+
+    def metrics(self, x_est: Tensor, x_true: Tensor) -> dict:
+        """Errors that respect the ambiguities: relative L2 error modulo the twin image (and translations)."""
+        x_est, x_true = torch.as_tensor(x_est).float(), torch.as_tensor(x_true).float()
+        return {
+            "rel_l2_error_mod_twin": float(error_modulo_twin(x_est, x_true)),
+            "rel_l2_error_mod_twin_shift": float(error_modulo_twin(x_est, x_true, translations=True)),
+        }
+
+    def figures(self, result, operator, outdir: str) -> list[str]:
+        """``measurements.png``: log-magnitudes of the truth's spectrum, the mask, and the data."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from ganflow.plots import save_figure
+
+        mask = operator.mask.cpu().numpy()
+        panels = []
+        if result.x_true is not None:
+            with torch.no_grad():
+                full = PhaseRetrievalOperator(self.n, operator.oversampling, 1.0)(
+                    torch.as_tensor(result.x_true)[None].float())[0]
+            size = mask.shape[0]
+            panels.append(("log10 |F(truth)|", np.log10(full.reshape(size, size).numpy() + 1e-6)))
+        panels.append(("mask (measured frequencies)", mask.astype(float)))
+        data = np.full(mask.shape, np.nan)
+        data[mask] = np.asarray(result.y).ravel()
+        panels.append(("log10 data y (masked)", np.log10(np.abs(data) + 1e-6)))
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2))
+        for ax, (title, img) in zip(np.atleast_1d(axes), panels):
+            im = ax.imshow(np.fft.fftshift(img), cmap="magma")
+            ax.set_title(title + " (fftshifted)", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            plt.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        return [save_figure(fig, os.path.join(outdir, "measurements.png"))]
