@@ -38,7 +38,7 @@ import torch
 
 from .errors import GanflowError
 
-__all__ = ["BENCH_PROBLEMS", "BenchPlan", "bench_plan", "run_bench", "sliced_wasserstein", "numpy_phase_vjp",
+__all__ = ["BENCH_PROBLEMS", "BenchPlan", "bench_plan", "run_bench", "merge_results", "sliced_wasserstein", "numpy_phase_vjp",
            "scipy_elliptic_vjp", "write_markdown"]
 
 BENCH_PROBLEMS = ("linear_gaussian", "elliptic", "phase_retrieval")
@@ -76,8 +76,8 @@ def bench_plan(quick: bool = False) -> BenchPlan:
     # Langevin on the expensive problems: the sample-covariance entropy (the elliptic solver's backward is not
     # itself differentiable, and exact Hessians would cost k extra backward passes per step), which needs more
     # than 2k chains (k = 32 for the elliptic prior), and a coarse search costing about as much as the final run.
-    cheap_search = {"entropy": "gaussian", "n_steps": 10, "search_chains": 80, "search_grid": 5,
-                    "search_refine": 2, "n_samples": 500, "batch_size": 250}
+    cheap_search = {"entropy": "gaussian", "n_steps": 10, "search_chains": 72, "search_grid": 4,
+                    "search_refine": 1, "n_samples": 400, "batch_size": 200}
     if quick:
         return BenchPlan(
             quick=True,
@@ -107,14 +107,17 @@ def bench_plan(quick: bool = False) -> BenchPlan:
               # the demo settings (ganflow.demo.DEMOS)
               "elliptic": {"batch_size": 16, "max_iter": 1000, "patience": 150},
               "phase_retrieval": {"batch_size": 16, "max_iter": 1000, "patience": 150}},
-        langevin={"linear_gaussian": {"n_samples": 2000},
+        langevin={"linear_gaussian": {"n_samples": 1000},
                   "elliptic": dict(cheap_search),
                   "phase_retrieval": dict(cheap_search)},
         # Dense mass matrix (k <= 64) and an optimised start keep the warm-up short on these near-Gaussian
-        # latent posteriors; 2 x 400 draws give R-hat ~ 1.00x when the chains mix.
-        nuts={"linear_gaussian": {"num_chains": 4, "warmup_steps": 500, "num_samples": 1000},
-              "elliptic": {"num_chains": 2, "warmup_steps": 200, "num_samples": 400, "init": "optimize"},
-              "phase_retrieval": {"num_chains": 2, "warmup_steps": 200, "num_samples": 400, "init": "optimize"}},
+        # latent posteriors; 2 x 300 draws give R-hat ~ 1.00x when the chains mix (and the 20-minute budget on
+        # 2 cores holds: a NUTS gradient of the elliptic problem costs ~30 ms).
+        nuts={"linear_gaussian": {"num_chains": 4, "warmup_steps": 300, "num_samples": 500},
+              "elliptic": {"num_chains": 2, "warmup_steps": 150, "num_samples": 300, "init": "optimize",
+                           "max_tree_depth": 6},
+              "phase_retrieval": {"num_chains": 2, "warmup_steps": 150, "num_samples": 300, "init": "optimize",
+                                  "max_tree_depth": 6}},
         n_draws=2000, n_ref_exact=2000, n_timing=2000, overhead_steps=(5, 25), n_projections=256,
         elliptic_sizes=(32, 64), elliptic_batch=64, phase_sizes=((64, 64), (256, 16)), repeats=3,
     )
@@ -644,6 +647,43 @@ def run_bench(outdir: str, problems=None, quick: bool = False, seed: int = 0, th
     header["notes"] = notes
     _write(outdir, records, notes)
     return records
+
+
+def merge_results(parts: list[str], outdir: str) -> list[dict]:
+    """Combine the ``results.json`` of several runs (e.g. one problem per process or machine) into one
+    ``outdir/results.json`` / ``results.md``: the first header (load averages and notes of all parts), the
+    records of every part, and the targets recomputed over all of them."""
+    records: list[dict] = []
+    header: dict | None = None
+    notes: list[str] = []
+    for part in parts:
+        path = os.path.join(part, "results.json")
+        try:
+            with open(path) as f:
+                recs = json.load(f)
+        except (OSError, ValueError) as e:
+            raise GanflowError(f"bench --merge: cannot read {path}: {e}") from None
+        for r in recs:
+            if r.get("method") == "header":
+                if header is None:
+                    header = dict(r, parts=[])
+                    header["problems"] = []
+                header["parts"].append({k: r.get(k) for k in ("date", "load_average_start", "load_average_end",
+                                                               "total_wall_s", "problems")})
+                header["problems"] += [p for p in r.get("problems", []) if p not in header["problems"]]
+                notes += [n for n in r.get("notes", []) if n not in notes]
+            elif r.get("method") != "target":
+                records.append(r)
+    if header is None:
+        raise GanflowError("bench --merge: no header record in the given parts")
+    header["notes"] = notes
+    header["load_average_end"] = max((p["load_average_end"] for p in header["parts"] if p.get("load_average_end")),
+                                     default=None, key=lambda v: v[0])
+    out = [header] + records
+    out += _targets(out)
+    os.makedirs(outdir, exist_ok=True)
+    _write(outdir, out, notes)
+    return out
 
 
 def _jsonable(x):

@@ -13,18 +13,28 @@ from .common import config_option, seed_option
 @click.option("--problem", "problems", multiple=True, type=click.Choice(BENCH_PROBLEMS),
               help="Problem to benchmark (repeatable; default: all).")
 @click.option("--no-throughput", is_flag=True, help="Skip the operator-throughput comparison.")
+@click.option("--merge", "merge", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="Instead of running: combine the results of earlier runs (repeatable) into -o.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
 @seed_option()
 @config_option()
-def bench(output_dir, quick, problems, no_throughput, threads, seed, config_path):
+def bench(output_dir, quick, problems, no_throughput, merge, threads, seed, config_path):
     """Benchmark the posterior methods against exact / NUTS references and the operators against numpy/scipy.
 
     A config file may hold [flow], [langevin] and [nuts] tables, merged over every problem's settings.
+    --merge combines runs made separately (one problem per process or machine) into one table.
     """
     import torch
 
+    from ..bench import merge_results
     from ..config import Config
     from ..errors import GanflowError
+
+    if merge:
+        records = merge_results(list(merge), output_dir)
+        missed = [r for r in records if r.get("method") == "target" and r.get("met") is False]
+        click.echo(f"merged {len(merge)} run(s) into {output_dir} ({len(missed)} target(s) missed)")
+        return
 
     if threads is not None:
         if threads < 1:
