@@ -26,12 +26,12 @@ case "$SCALE" in
         PRIOR_N=64; PRIOR_FIELDS=2000; PRIOR_STEPS=300; PRIOR_BATCH=64; PRIOR_BASE=32
         BIG_CONFIG=configs/phase_retrieval_256.toml; BIG_FIELDS=256; BIG_STEPS=20
         ELL_FIELDS=1000; ELL_STEPS=200; ELL_OBS=${GPU_CHECK_ELLIPTIC_OBS:-4}
-        FLOW_ITER=300; FLOW_BATCH=64; N_SAMPLES=2000 ;;
+        FLOW_ITER=300; FLOW_BATCH=64; N_SAMPLES=2000; MAP_ITER=100 ;;
     tiny)
         PRIOR_N=16; PRIOR_FIELDS=64; PRIOR_STEPS=4; PRIOR_BATCH=8; PRIOR_BASE=4
         BIG_CONFIG=configs/phase_retrieval_demo.toml; BIG_FIELDS=32; BIG_STEPS=2
         ELL_FIELDS=32; ELL_STEPS=2; ELL_OBS=${GPU_CHECK_ELLIPTIC_OBS:-2}
-        FLOW_ITER=10; FLOW_BATCH=8; N_SAMPLES=64 ;;
+        FLOW_ITER=10; FLOW_BATCH=8; N_SAMPLES=64; MAP_ITER=10 ;;
     *) echo "GPU_CHECK_SCALE must be full or tiny, got '$SCALE'" >&2; exit 2 ;;
 esac
 case "$NPROC" in
@@ -73,7 +73,7 @@ max_iter = $FLOW_ITER
 min_iter = $FLOW_ITER
 batch_size = $FLOW_BATCH
 map_starts = 4
-map_iter = 100
+map_iter = $MAP_ITER
 progress = false
 EOF
 cat > "$DIR/prior_small.toml" <<EOF
