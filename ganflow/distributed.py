@@ -98,7 +98,8 @@ def check_device(device: str) -> None:
 def session(device: str = "cpu") -> Iterator[DistContext]:
     """Join the torchrun process group for the duration of a command (no-op for a single process).
 
-    Uses gloo for ``device="cpu"`` and nccl for ``"cuda"`` (each rank then owns ``cuda:LOCAL_RANK`` and makes it
+    Uses gloo for ``device="cpu"`` and nccl for ``"cuda"`` (each rank then owns ``cuda:LOCAL_RANK`` and makes
+    it
     the current device, so a plain ``"cuda"`` elsewhere means this rank's GPU). A group that is already open
     (a caller set it up) is reused and left open. The collective timeout is ``GANFLOW_DIST_TIMEOUT_S``
     seconds (default 7200).
@@ -159,7 +160,8 @@ def barrier() -> None:
 def all_reduce_grads(module: nn.Module) -> None:
     """Average the ``.grad`` of ``module``'s parameters over all ranks (one flat all-reduce; no-op alone).
 
-    Call after ``backward()`` and before ``optimizer.step()``. A parameter without a gradient contributes zeros
+    Call after ``backward()`` and before ``optimizer.step()``. A parameter without a gradient contributes
+    zeros
     (and gets them back averaged), so every rank steps the same parameters.
     """
     if not _active():
@@ -189,7 +191,7 @@ def all_reduce_mean(values: Sequence[float], device: torch.device | str = "cpu")
 
 @torch.no_grad()
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers to every rank (a guard: ranks start from identical weights)."""
+    """Copy rank ``src``'s parameters and buffers to every rank (a guard: replicas start identical)."""
     if not _active():
         return
     for t in list(module.parameters()) + list(module.buffers()):
@@ -214,7 +216,11 @@ def check_in_sync(modules: dict[str, nn.Module], device: torch.device | str = "c
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     if not torch.equal(lo, hi):
-        bad = [name for i, name in enumerate(modules) if not torch.equal(lo[2 * i : 2 * i + 2], hi[2 * i : 2 * i + 2])]
+        bad = [
+            name
+            for i, name in enumerate(modules)
+            if not torch.equal(lo[2 * i : 2 * i + 2], hi[2 * i : 2 * i + 2])
+        ]
         raise GanflowError(f"data-parallel replicas diverged ({', '.join(bad)} differ across ranks)")
 
 

@@ -83,9 +83,18 @@ def _file_sha1(path: str) -> str:
     return h.hexdigest()
 
 
-def _manifest(obs_path: str, prior: Any, operator: Any, problem: Any, method: str | None, cfg: Config,
-              seed: int, n_obs: int) -> dict:
+def _manifest(
+    obs_path: str,
+    prior: Any,
+    operator: Any,
+    problem: Any,
+    method: str | None,
+    cfg: Config,
+    seed: int,
+    n_obs: int,
+) -> dict:
     """What decides the parts' contents; a resume must agree (device and progress excepted)."""
+
     def label(x):
         if x is None or isinstance(x, str):
             return x
@@ -97,9 +106,16 @@ def _manifest(obs_path: str, prior: Any, operator: Any, problem: Any, method: st
     flow = {k: v for k, v in dict(tables.get("flow", {})).items() if k != "progress"}
     if flow:
         tables["flow"] = flow
-    return {"obs_sha1": _file_sha1(obs_path), "n_obs": n_obs, "prior": label(prior), "operator": label(operator),
-            "problem": label(problem), "method": method, "seed": int(seed),
-            "config": json.loads(json.dumps(tables, default=str))}
+    return {
+        "obs_sha1": _file_sha1(obs_path),
+        "n_obs": n_obs,
+        "prior": label(prior),
+        "operator": label(operator),
+        "problem": label(problem),
+        "method": method,
+        "seed": int(seed),
+        "config": json.loads(json.dumps(tables, default=str)),
+    }
 
 
 def _part_path(pdir: str, i: int, n_obs: int) -> str:
@@ -161,7 +177,7 @@ def solve_stack(
 
     with distributed.session(device) as ctx:
         result = StackResult(output=output, n_obs=n_obs, rank=ctx.rank, world_size=ctx.world_size)
-        # Checks run on every rank (they read the same files); only rank 0 changes anything, before the barrier.
+        # Checks run on every rank (they read the same files); only rank 0 changes anything, after a barrier.
         if resume:
             if os.path.exists(output) and not os.path.isdir(pdir):
                 _check_complete(output, n_obs)
@@ -176,8 +192,9 @@ def solve_stack(
         else:
             check_output_path(output, force, "posterior")
             if os.path.exists(pdir) and not force:
-                raise GanflowError(f"{pdir} holds observations of an earlier run: --resume continues it, "
-                                   "--force starts over")
+                raise GanflowError(
+                    f"{pdir} holds observations of an earlier run: --resume continues it, --force starts over"
+                )
         distributed.barrier()  # every rank has checked before rank 0 creates or clears anything
         if ctx.is_main:
             if os.path.exists(pdir) and not resume:
@@ -194,8 +211,16 @@ def solve_stack(
         if max_obs is not None:
             todo = todo[:max_obs]
         for i in distributed.shard(todo, ctx.rank, ctx.world_size):
-            res = solve(observations[i], prior, operator=operator, problem=problem, method=method, config=cfg,
-                        seed=seed + i, progress=progress and ctx.is_main)
+            res = solve(
+                observations[i],
+                prior,
+                operator=operator,
+                problem=problem,
+                method=method,
+                config=cfg,
+                seed=seed + i,
+                progress=progress and ctx.is_main,
+            )
             res.attrs["obs_index"] = int(i)
             res.attrs["finished_unix"] = float(time.time())
             res.save(_part_path(pdir, i, n_obs), force=True)  # atomic: a crash leaves no partial part
@@ -227,22 +252,28 @@ def _check_manifest(pdir: str, manifest: dict) -> None:
         raise GanflowError(f"{path} is unreadable ({e})") from None
     bad = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
     if bad:
-        raise GanflowError(f"--resume: the finished observations in {pdir} were solved with other inputs "
-                           f"({', '.join(bad)} differ); use --force to start over")
+        raise GanflowError(
+            f"--resume: the finished observations in {pdir} were solved with other inputs "
+            f"({', '.join(bad)} differ); use --force to start over"
+        )
 
 
 def _check_complete(output: str, n_obs: int) -> None:
     with open_h5(output, "posterior file") as f:
         if f.attrs.get("kind") != "ganflow.posterior_stack" or int(f.attrs.get("n_obs", -1)) != n_obs:
-            raise GanflowError(f"--resume: {output} exists and is not a finished {n_obs}-observation result; "
-                               "use --force to overwrite it")
+            raise GanflowError(
+                f"--resume: {output} exists and is not a finished {n_obs}-observation result; "
+                "use --force to overwrite it"
+            )
 
 
-def _merge(pdir: str, output: str, n_obs: int, obs_path: str, prior: Any, method: str | None, seed: int,
-           world: int) -> dict[str, np.ndarray]:
+def _merge(
+    pdir: str, output: str, n_obs: int, obs_path: str, prior: Any, method: str | None, seed: int, world: int
+) -> dict[str, np.ndarray]:
     """Copy every part into ``/obs_XXXX`` of ``output`` (atomically) and add ``/summary``."""
-    rows: dict[str, list[float]] = {k: [] for k in ("wall_time_s", "fit_wall_time_s", "n_forward_evals",
-                                                     *SUMMARY_METRICS)}
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("wall_time_s", "fit_wall_time_s", "n_forward_evals", *SUMMARY_METRICS)
+    }
     methods = set()
     with atomic_h5(output) as out:
         for i in range(n_obs):
@@ -265,17 +296,19 @@ def _merge(pdir: str, output: str, n_obs: int, obs_path: str, prior: Any, method
             sgrp.create_dataset(key, data=arr)
             if key not in ("index", "seed") and np.isfinite(arr).any():
                 sgrp.attrs[f"mean_{key}"] = float(np.nanmean(arr))
-        out.attrs.update({
-            "kind": "ganflow.posterior_stack",
-            "n_obs": int(n_obs),
-            "method": ",".join(sorted(methods)) if methods else (method or ""),
-            "seed": int(seed),
-            "obs_path": os.path.abspath(obs_path),
-            "prior": prior if isinstance(prior, str) else type(prior).__name__,
-            "ganflow_version": __version__,
-            "world_size": int(world),
-            "group_width": len(stack_group_name(0, n_obs)) - 4,
-        })
+        out.attrs.update(
+            {
+                "kind": "ganflow.posterior_stack",
+                "n_obs": int(n_obs),
+                "method": ",".join(sorted(methods)) if methods else (method or ""),
+                "seed": int(seed),
+                "obs_path": os.path.abspath(obs_path),
+                "prior": prior if isinstance(prior, str) else type(prior).__name__,
+                "ganflow_version": __version__,
+                "world_size": int(world),
+                "group_width": len(stack_group_name(0, n_obs)) - 4,
+            }
+        )
     return summary
 
 
@@ -285,4 +318,3 @@ def read_stack_summary(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if "summary" not in f:
             raise GanflowError(f"{path} has no /summary (not a multi-observation result)")
         return {k: f["summary"][k][()] for k in f["summary"]}
-

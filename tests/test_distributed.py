@@ -16,15 +16,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
+from test_prior import gp_fields, moment_errors
+
 from ganflow.data import write_fields
 from ganflow.io import read_obs, read_obs_stack
 from ganflow.prior import TrainSettings, load_checkpoint, train_prior
 from ganflow.prior.checkpoint import generator_from_checkpoint
 from ganflow.solve import solve
 from problems.linear_gaussian import exact_posterior, generator, operator
-from test_prior import gp_fields, moment_errors
 
 GP_TRAIN = """
 [train]
@@ -54,11 +54,19 @@ enabled = false
 
 
 def torchrun(nproc: int, *args, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node N -m ganflow ARGS`` as users run it (free port, gloo on CPU)."""
+    """``torchrun --standalone --nproc_per_node N -m ganflow ARGS`` as users run it (free port, gloo)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ganflow", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "ganflow",
+        *map(str, args),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
@@ -75,8 +83,9 @@ def test_train_prior_two_processes_matches_single_and_resumes_with_one(tmp_path)
     ckpt = load_checkpoint(out)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 300
 
-    settings = TrainSettings(latent_dim=8, steps=300, batch_size=128, mlp_hidden=64, mlp_depth=2, lr_g=1e-3,
-                             lr_d=1e-3)
+    settings = TrainSettings(
+        latent_dim=8, steps=300, batch_size=128, mlp_hidden=64, mlp_depth=2, lr_g=1e-3, lr_d=1e-3
+    )
     single = train_prior(data, tmp_path / "prior1.pt", settings, seed=0, report=False)
     errs1 = moment_errors(single.generator)
     errs2 = moment_errors(generator_from_checkpoint(ckpt))
@@ -95,7 +104,9 @@ def test_train_prior_two_processes_matches_single_and_resumes_with_one(tmp_path)
 def _latent_checks(path, observations, label):
     with h5py.File(path) as f:
         assert f.attrs["kind"] == "ganflow.posterior_stack" and f.attrs["n_obs"] == len(observations)
-        assert sorted(k for k in f if k.startswith("obs_")) == [f"obs_{i:04d}" for i in range(len(observations))]
+        assert sorted(k for k in f if k.startswith("obs_")) == [
+            f"obs_{i:04d}" for i in range(len(observations))
+        ]
         out = []
         for i, obs in enumerate(observations):
             g = f[f"obs_{i:04d}"]
@@ -115,26 +126,63 @@ def _latent_checks(path, observations, label):
 
 def test_stacked_solve_two_processes_resume_and_max_obs(tmp_path):
     obs = tmp_path / "obs.h5"
-    r = run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
-                "--n-obs", 4, "--noise-relative", 0.2, "--seed", 3, "-o", obs)
+    r = run_cli(
+        "simulate",
+        "--problem",
+        "linear_gaussian",
+        "--prior",
+        "problems.linear_gaussian:generator",
+        "--n-obs",
+        4,
+        "--noise-relative",
+        0.2,
+        "--seed",
+        3,
+        "-o",
+        obs,
+    )
     assert r.returncode == 0, r.stderr
     observations = read_obs_stack(obs)
     assert len(observations) == 4 and observations[0].y.shape == (64,)
     # Observation i of the stack is the single observation simulated with seed 3 + i.
-    run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
-            "--noise-relative", 0.2, "--seed", 5, "-o", tmp_path / "single.h5")
+    run_cli(
+        "simulate",
+        "--problem",
+        "linear_gaussian",
+        "--prior",
+        "problems.linear_gaussian:generator",
+        "--noise-relative",
+        0.2,
+        "--seed",
+        5,
+        "-o",
+        tmp_path / "single.h5",
+    )
     torch.testing.assert_close(read_obs(tmp_path / "single.h5").y, observations[2].y, rtol=0, atol=0)
     cfg = tmp_path / "solve.toml"
     cfg.write_text(SOLVE_SMALL)
-    common = ["--obs", obs, "--prior", "problems.linear_gaussian:generator", "--config", cfg, "--seed", 7,
-              "--quiet"]
+    common = [
+        "--obs",
+        obs,
+        "--prior",
+        "problems.linear_gaussian:generator",
+        "--config",
+        cfg,
+        "--seed",
+        7,
+        "--quiet",
+    ]
 
     # 2 processes, stopped after 2 observations (observation 0 on rank 0, 1 on rank 1): parts only, no result.
     out = tmp_path / "post.h5"
     r = torchrun(2, "solve", *common, "-o", out, "--max-obs", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 of 4 observations finished" in r.stdout and r.stdout.count("finished") == 1, r.stdout
-    assert not out.exists() and sorted(os.listdir(f"{out}.parts")) == ["obs_0000.h5", "obs_0001.h5", "run.json"]
+    assert not out.exists() and sorted(os.listdir(f"{out}.parts")) == [
+        "obs_0000.h5",
+        "obs_0001.h5",
+        "run.json",
+    ]
     r = run_cli("solve", *common, "-o", out)  # without --resume the finished parts are protected
     assert r.returncode == 2 and "--resume" in r.stderr
     # Resumed by 1 process: observations 2 and 3 are solved, 0 and 1 are not redone.
@@ -146,7 +194,9 @@ def test_stacked_solve_two_processes_resume_and_max_obs(tmp_path):
     got = _latent_checks(out, observations, "2 processes, then 1")  # every observation vs the exact posterior
     assert got[0][1] < t_resume and got[1][1] < t_resume and got[2][1] >= t_resume and got[3][1] >= t_resume
     # Observation i is solved with seed 7 + i wherever it runs: rank 1 of 2 and a lone process agree.
-    alone = solve(observations[1], "problems.linear_gaussian:generator", config=str(cfg), seed=8, progress=False)
+    alone = solve(
+        observations[1], "problems.linear_gaussian:generator", config=str(cfg), seed=8, progress=False
+    )
     np.testing.assert_allclose(got[1][0], alone.latent_samples, rtol=0, atol=1e-5)
     # A finished result resumes to "nothing to do".
     r = run_cli("solve", *common, "-o", out, "--resume")
@@ -155,20 +205,59 @@ def test_stacked_solve_two_processes_resume_and_max_obs(tmp_path):
 
 def test_stack_resume_refuses_other_inputs(tmp_path):
     obs = tmp_path / "obs.h5"
-    run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
-            "--n-obs", 2, "--noise-relative", 0.2, "-o", obs)
+    run_cli(
+        "simulate",
+        "--problem",
+        "linear_gaussian",
+        "--prior",
+        "problems.linear_gaussian:generator",
+        "--n-obs",
+        2,
+        "--noise-relative",
+        0.2,
+        "-o",
+        obs,
+    )
     cfg = tmp_path / "solve.toml"
     cfg.write_text(SOLVE_SMALL.replace("max_iter = 400", "max_iter = 20\nmin_iter = 20"))
-    base = ["solve", "--obs", obs, "--prior", "problems.linear_gaussian:generator", "--config", cfg, "--quiet",
-            "-o", tmp_path / "p.h5"]
+    base = [
+        "solve",
+        "--obs",
+        obs,
+        "--prior",
+        "problems.linear_gaussian:generator",
+        "--config",
+        cfg,
+        "--quiet",
+        "-o",
+        tmp_path / "p.h5",
+    ]
     assert run_cli(*base, "--max-obs", 1).returncode == 0
     r = run_cli(*base, "--resume", "--seed", 1)
     assert r.returncode == 2 and "seed" in r.stderr and r.stderr.count("\n") == 1
     # --max-obs on a single observation is a clear error.
-    run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
-            "--noise-relative", 0.2, "-o", tmp_path / "one.h5")
-    r = run_cli("solve", "--obs", tmp_path / "one.h5", "--prior", "problems.linear_gaussian:generator",
-                "-o", tmp_path / "q.h5", "--max-obs", 1)
+    run_cli(
+        "simulate",
+        "--problem",
+        "linear_gaussian",
+        "--prior",
+        "problems.linear_gaussian:generator",
+        "--noise-relative",
+        0.2,
+        "-o",
+        tmp_path / "one.h5",
+    )
+    r = run_cli(
+        "solve",
+        "--obs",
+        tmp_path / "one.h5",
+        "--prior",
+        "problems.linear_gaussian:generator",
+        "-o",
+        tmp_path / "q.h5",
+        "--max-obs",
+        1,
+    )
     assert r.returncode == 2 and "stacked" in r.stderr
 
 
@@ -176,18 +265,49 @@ def test_stack_resume_refuses_other_inputs(tmp_path):
 def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):
     data = write_fields(tmp_path / "gp.h5", gp_fields(50, 0), problem="gp-test", seed=0)
     obs = tmp_path / "obs.h5"
-    run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
-            "--noise-relative", 0.2, "-o", obs)
+    run_cli(
+        "simulate",
+        "--problem",
+        "linear_gaussian",
+        "--prior",
+        "problems.linear_gaussian:generator",
+        "--noise-relative",
+        0.2,
+        "-o",
+        obs,
+    )
     runs = {
         "train-prior": run_cli("train-prior", "--data", data, "-o", tmp_path / "p.pt", "--device", "cuda"),
-        "simulate": run_cli("simulate", "--problem", "linear_gaussian", "--prior",
-                            "problems.linear_gaussian:generator", "--noise-relative", 0.2, "-o",
-                            tmp_path / "o2.h5", "--device", "cuda"),
-        "solve": run_cli("solve", "--obs", obs, "--prior", "problems.linear_gaussian:generator", "-o",
-                         tmp_path / "post.h5", "--device", "cuda"),
+        "simulate": run_cli(
+            "simulate",
+            "--problem",
+            "linear_gaussian",
+            "--prior",
+            "problems.linear_gaussian:generator",
+            "--noise-relative",
+            0.2,
+            "-o",
+            tmp_path / "o2.h5",
+            "--device",
+            "cuda",
+        ),
+        "solve": run_cli(
+            "solve",
+            "--obs",
+            obs,
+            "--prior",
+            "problems.linear_gaussian:generator",
+            "-o",
+            tmp_path / "post.h5",
+            "--device",
+            "cuda",
+        ),
     }
     for name, r in runs.items():
-        assert r.returncode == 2 and "cuda" in r.stderr.lower() and r.stderr.count("\n") == 1, (name, r.stderr)
+        assert r.returncode == 2 and "cuda" in r.stderr.lower() and r.stderr.count("\n") == 1, (
+            name,
+            r.stderr,
+        )
     assert sorted(os.listdir(tmp_path)) == ["gp.h5", "obs.h5"]
 
 
