@@ -30,9 +30,9 @@ disjoint shard of the training split (rows ``rank, rank + N, ...``) with its own
 samples, and the gradients are averaged by one all-reduce after each ``backward()``
 (`ganflow.distributed.all_reduce_grads`; explicit rather than DDP because of the penalty's double backward).
 Every rank then takes the same Adam step, so the weights and the EMA stay identical (checked at the end).
-Only rank 0 writes checkpoints, the report and the progress bar; the checkpoint holds rank 0's RNG states. Resuming with another number of processes is allowed
-and reproducible, but not bit-identical to an uninterrupted run. One process runs exactly the code it ran
-before data parallelism existed.
+Only rank 0 writes checkpoints, the report and the progress bar; the checkpoint holds rank 0's RNG states.
+Resuming with another number of processes is allowed and reproducible, but not bit-identical to an
+uninterrupted run. One process runs exactly the code it ran before data parallelism existed.
 
 Example:
     >>> s = TrainSettings(steps=2, batch_size=8)
