@@ -15,14 +15,15 @@ level (`ganflow.demo.DEMOS`). Then:
 Everything random takes a seed. ganflow knows no physics: the built-in problems are imported inside the
 functions here (via `ganflow.load_problem`), never at module import.
 
-Wall times on a shared machine measure the other users too, so CPU times (``time.process_time``, all threads of
-this process) are recorded beside them; the header records the load average at the start and at the end.
+Wall times on a shared machine measure the other users too, so CPU times (``time.process_time``, all threads
+of this process) are recorded beside them; the header records the load average at the start and at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -38,8 +39,17 @@ import torch
 
 from .errors import GanflowError
 
-__all__ = ["BENCH_PROBLEMS", "BenchPlan", "bench_plan", "run_bench", "merge_results", "sliced_wasserstein", "numpy_phase_vjp",
-           "scipy_elliptic_vjp", "write_markdown"]
+__all__ = [
+    "BENCH_PROBLEMS",
+    "BenchPlan",
+    "bench_plan",
+    "run_bench",
+    "merge_results",
+    "sliced_wasserstein",
+    "numpy_phase_vjp",
+    "scipy_elliptic_vjp",
+    "write_markdown",
+]
 
 BENCH_PROBLEMS = ("linear_gaussian", "elliptic", "phase_retrieval")
 
@@ -57,7 +67,7 @@ class BenchPlan:
     """Settings of one benchmark run (the default or ``--quick``)."""
 
     quick: bool
-    # per problem: settings tables for FlowSettings / LangevinSettings / NutsSettings (merged over the defaults)
+    # per problem: tables for FlowSettings / LangevinSettings / NutsSettings (merged over the defaults)
     flow: dict
     langevin: dict
     nuts: dict
@@ -75,51 +85,148 @@ class BenchPlan:
 def bench_plan(quick: bool = False) -> BenchPlan:
     # Langevin on the expensive problems: the sample-covariance entropy (the elliptic solver's backward is not
     # itself differentiable, and exact Hessians would cost k extra backward passes per step), which needs more
-    # than 2k chains (k = 32 for the elliptic prior), and a coarse search costing about as much as the final run.
-    cheap_search = {"entropy": "gaussian", "n_steps": 10, "search_chains": 72, "search_grid": 4,
-                    "search_refine": 1, "n_samples": 400, "batch_size": 200}
+    # than 2k chains (k = 32 for the elliptic prior), and a coarse search costing about the final run's cost.
+    cheap_search = {
+        "entropy": "gaussian",
+        "n_steps": 10,
+        "search_chains": 72,
+        "search_grid": 4,
+        "search_refine": 1,
+        "n_samples": 400,
+        "batch_size": 200,
+    }
     if quick:
         return BenchPlan(
             quick=True,
-            flow={"linear_gaussian": {"max_iter": 150, "min_iter": 50, "patience": 50, "map_iter": 100,
-                                     "n_layers": 4, "hidden": 32},
-                  "elliptic": {"batch_size": 8, "max_iter": 20, "min_iter": 0, "patience": 10, "map_starts": 2,
-                               "map_iter": 20, "warmup": 5, "n_layers": 4, "hidden": 32},
-                  "phase_retrieval": {"batch_size": 8, "max_iter": 20, "min_iter": 0, "patience": 10,
-                                      "map_starts": 2, "map_iter": 20, "warmup": 5, "n_layers": 4, "hidden": 32}},
-            langevin={"linear_gaussian": {"n_samples": 500, "search_chains": 64, "search_grid": 5,
-                                          "search_refine": 2},
-                      "elliptic": dict(cheap_search, n_steps=3, search_chains=80, search_grid=3, search_refine=0,
-                                       n_samples=64, batch_size=64),
-                      "phase_retrieval": dict(cheap_search, n_steps=3, search_chains=80, search_grid=3,
-                                              search_refine=0, n_samples=64, batch_size=64)},
-            nuts={"linear_gaussian": {"num_chains": 2, "warmup_steps": 50, "num_samples": 100},
-                  "elliptic": {"num_chains": 2, "warmup_steps": 10, "num_samples": 20, "max_tree_depth": 4,
-                               "init": "optimize", "init_opt_steps": 20},
-                  "phase_retrieval": {"num_chains": 2, "warmup_steps": 10, "num_samples": 20, "max_tree_depth": 4,
-                                      "init": "optimize", "init_opt_steps": 20}},
-            n_draws=1000, n_ref_exact=1000, n_timing=500, overhead_steps=(2, 6), n_projections=64,
-            elliptic_sizes=(16,), elliptic_batch=8, phase_sizes=((32, 8),), repeats=1,
+            flow={
+                "linear_gaussian": {
+                    "max_iter": 150,
+                    "min_iter": 50,
+                    "patience": 50,
+                    "map_iter": 100,
+                    "n_layers": 4,
+                    "hidden": 32,
+                },
+                "elliptic": {
+                    "batch_size": 8,
+                    "max_iter": 20,
+                    "min_iter": 0,
+                    "patience": 10,
+                    "map_starts": 2,
+                    "map_iter": 20,
+                    "warmup": 5,
+                    "n_layers": 4,
+                    "hidden": 32,
+                },
+                "phase_retrieval": {
+                    "batch_size": 8,
+                    "max_iter": 20,
+                    "min_iter": 0,
+                    "patience": 10,
+                    "map_starts": 2,
+                    "map_iter": 20,
+                    "warmup": 5,
+                    "n_layers": 4,
+                    "hidden": 32,
+                },
+            },
+            langevin={
+                "linear_gaussian": {
+                    "n_samples": 500,
+                    "search_chains": 64,
+                    "search_grid": 5,
+                    "search_refine": 2,
+                },
+                "elliptic": dict(
+                    cheap_search,
+                    n_steps=3,
+                    search_chains=80,
+                    search_grid=3,
+                    search_refine=0,
+                    n_samples=64,
+                    batch_size=64,
+                ),
+                "phase_retrieval": dict(
+                    cheap_search,
+                    n_steps=3,
+                    search_chains=80,
+                    search_grid=3,
+                    search_refine=0,
+                    n_samples=64,
+                    batch_size=64,
+                ),
+            },
+            nuts={
+                "linear_gaussian": {"num_chains": 2, "warmup_steps": 50, "num_samples": 100},
+                "elliptic": {
+                    "num_chains": 2,
+                    "warmup_steps": 10,
+                    "num_samples": 20,
+                    "max_tree_depth": 4,
+                    "init": "optimize",
+                    "init_opt_steps": 20,
+                },
+                "phase_retrieval": {
+                    "num_chains": 2,
+                    "warmup_steps": 10,
+                    "num_samples": 20,
+                    "max_tree_depth": 4,
+                    "init": "optimize",
+                    "init_opt_steps": 20,
+                },
+            },
+            n_draws=1000,
+            n_ref_exact=1000,
+            n_timing=500,
+            overhead_steps=(2, 6),
+            n_projections=64,
+            elliptic_sizes=(16,),
+            elliptic_batch=8,
+            phase_sizes=((32, 8),),
+            repeats=1,
         )
     return BenchPlan(
         quick=False,
-        flow={"linear_gaussian": {},
-              # the demo settings (ganflow.demo.DEMOS)
-              "elliptic": {"batch_size": 16, "max_iter": 1000, "patience": 150},
-              "phase_retrieval": {"batch_size": 16, "max_iter": 1000, "patience": 150}},
-        langevin={"linear_gaussian": {"n_samples": 1000},
-                  "elliptic": dict(cheap_search),
-                  "phase_retrieval": dict(cheap_search)},
+        flow={
+            "linear_gaussian": {},
+            # the demo settings (ganflow.demo.DEMOS)
+            "elliptic": {"batch_size": 16, "max_iter": 1000, "patience": 150},
+            "phase_retrieval": {"batch_size": 16, "max_iter": 1000, "patience": 150},
+        },
+        langevin={
+            "linear_gaussian": {"n_samples": 1000},
+            "elliptic": dict(cheap_search),
+            "phase_retrieval": dict(cheap_search),
+        },
         # Dense mass matrix (k <= 64) and an optimised start keep the warm-up short on these near-Gaussian
         # latent posteriors; 2 x 300 draws give R-hat ~ 1.00x when the chains mix (and the 20-minute budget on
         # 2 cores holds: a NUTS gradient of the elliptic problem costs ~30 ms).
-        nuts={"linear_gaussian": {"num_chains": 4, "warmup_steps": 300, "num_samples": 500},
-              "elliptic": {"num_chains": 2, "warmup_steps": 150, "num_samples": 300, "init": "optimize",
-                           "max_tree_depth": 6},
-              "phase_retrieval": {"num_chains": 2, "warmup_steps": 150, "num_samples": 300, "init": "optimize",
-                                  "max_tree_depth": 6}},
-        n_draws=2000, n_ref_exact=2000, n_timing=2000, overhead_steps=(5, 25), n_projections=256,
-        elliptic_sizes=(32, 64), elliptic_batch=64, phase_sizes=((64, 64), (256, 16)), repeats=3,
+        nuts={
+            "linear_gaussian": {"num_chains": 4, "warmup_steps": 300, "num_samples": 500},
+            "elliptic": {
+                "num_chains": 2,
+                "warmup_steps": 150,
+                "num_samples": 300,
+                "init": "optimize",
+                "max_tree_depth": 6,
+            },
+            "phase_retrieval": {
+                "num_chains": 2,
+                "warmup_steps": 150,
+                "num_samples": 300,
+                "init": "optimize",
+                "max_tree_depth": 6,
+            },
+        },
+        n_draws=2000,
+        n_ref_exact=2000,
+        n_timing=2000,
+        overhead_steps=(5, 25),
+        n_projections=256,
+        elliptic_sizes=(32, 64),
+        elliptic_batch=64,
+        phase_sizes=((64, 64), (256, 16)),
+        repeats=3,
     )
 
 
@@ -144,7 +251,7 @@ def _field_moments(G, z: np.ndarray, batch: int = 500) -> tuple[np.ndarray, np.n
     xs = []
     with torch.no_grad():
         for i in range(0, len(z), batch):
-            xs.append(G(torch.as_tensor(z[i:i + batch], dtype=torch.float32)).double().numpy())
+            xs.append(G(torch.as_tensor(z[i : i + batch], dtype=torch.float32)).double().numpy())
     x = np.concatenate(xs)
     return x.mean(0), x.std(0, ddof=1)
 
@@ -177,8 +284,9 @@ def _metrics(z: np.ndarray, ref: _Reference, G, plan: BenchPlan, seed: int) -> d
         "field_mean_rel_err": _rel(fm, ref.field_mean),
         "field_std_rel_err": _rel(fs, ref.field_std),
         "distance": sliced_wasserstein(whiten(z), whiten(ref.half_a), plan.n_projections, seed),
-        "distance_ref_baseline": sliced_wasserstein(whiten(ref.half_b), whiten(ref.half_a), plan.n_projections,
-                                                    seed),
+        "distance_ref_baseline": sliced_wasserstein(
+            whiten(ref.half_b), whiten(ref.half_a), plan.n_projections, seed
+        ),
         "n_draws": int(len(z)),
     }
 
@@ -222,8 +330,11 @@ def _find_prior(name: str, problem) -> tuple[str | None, str]:
         return bundled, ""
     interim = os.path.join(root, "runs", "demo_priors", f"{name}_{n}.pt")
     if os.path.isfile(interim):
-        return interim, f"prior: {os.path.relpath(interim, root)} (a checkpoint of the running training, " \
-                        f"not yet the bundled prior)"
+        return (
+            interim,
+            f"prior: {os.path.relpath(interim, root)} (a checkpoint of the running training, "
+            f"not yet the bundled prior)",
+        )
     return None, f"{name}: no bundled prior (problems/data/{name}_{n}.pt) - skipped"
 
 
@@ -247,10 +358,19 @@ def _make_case(name: str, seed: int) -> _Case | str:
     for p in G.parameters():
         p.requires_grad_(False)
     # The truth is G(z_true), z_true ~ N(0, I) from the seed: the latent truth is known.
-    obs = simulate(spec.problem, prior=G, operator_kwargs=spec.operator_kwargs, problem_kwargs=spec.problem_kwargs,
-                   noise_relative=spec.noise_relative, seed=seed, prior_label=str(prior_ref))
+    obs = simulate(
+        spec.problem,
+        prior=G,
+        operator_kwargs=spec.operator_kwargs,
+        problem_kwargs=spec.problem_kwargs,
+        noise_relative=spec.noise_relative,
+        seed=seed,
+        prior_label=str(prior_ref),
+    )
     op = prob.make_operator(**spec.operator_kwargs)
-    return _Case(name, G, op, obs, str(prior_ref), note, obs.z_true.numpy() if obs.z_true is not None else None)
+    return _Case(
+        name, G, op, obs, str(prior_ref), note, obs.z_true.numpy() if obs.z_true is not None else None
+    )
 
 
 def _settings(cls, table: dict):
@@ -263,9 +383,13 @@ def _nuts_record_extra(fit) -> dict:
     wall = float(fit.wall_time_s)
     ess = float(fit.attrs.get("ess_min", float("nan")))
     ess_per_s = ess / wall if wall > 0 else float("nan")
-    return {"rhat_max": float(fit.attrs.get("rhat_max", float("nan"))), "ess_min": ess,
-            "ess_per_s": ess_per_s, "time_to_ess_1000_s": NUTS_ESS_GOAL / ess_per_s if ess_per_s > 0 else None,
-            "divergences": int(fit.attrs.get("divergences", 0))}
+    return {
+        "rhat_max": float(fit.attrs.get("rhat_max", float("nan"))),
+        "ess_min": ess,
+        "ess_per_s": ess_per_s,
+        "time_to_ess_1000_s": NUTS_ESS_GOAL / ess_per_s if ess_per_s > 0 else None,
+        "divergences": int(fit.attrs.get("divergences", 0)),
+    }
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -307,32 +431,56 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
         ex = exact_posterior(case.G, case.op, case.obs.y, case.obs.noise_sigma)
         rng = np.random.default_rng(seed + 2)
         L = np.linalg.cholesky(ex.latent_cov)
-        halves = [ex.latent_mean + rng.standard_normal((plan.n_ref_exact, len(ex.latent_mean))) @ L.T
-                  for _ in range(2)]
-        ref = _Reference(ex.latent_mean, ex.latent_std, ex.field_mean, ex.field_std, halves[0], halves[1], "exact")
+        halves = [
+            ex.latent_mean + rng.standard_normal((plan.n_ref_exact, len(ex.latent_mean))) @ L.T
+            for _ in range(2)
+        ]
+        ref = _Reference(
+            ex.latent_mean, ex.latent_std, ex.field_mean, ex.field_std, halves[0], halves[1], "exact"
+        )
     else:
         C = ns.num_chains
         grouped = nuts_z.reshape(C, ns.num_samples, -1)
         if C >= 2:  # independent chains on either side of the split
-            half_a, half_b = grouped[: C // 2].reshape(-1, nuts_z.shape[1]), grouped[C // 2:].reshape(
-                -1, nuts_z.shape[1])
+            half_a, half_b = (
+                grouped[: C // 2].reshape(-1, nuts_z.shape[1]),
+                grouped[C // 2 :].reshape(-1, nuts_z.shape[1]),
+            )
         else:
-            half_a, half_b = nuts_z[: len(nuts_z) // 2], nuts_z[len(nuts_z) // 2:]
+            half_a, half_b = nuts_z[: len(nuts_z) // 2], nuts_z[len(nuts_z) // 2 :]
         fm, fsd = _field_moments(case.G, nuts_z)
         ref = _Reference(nuts_z.mean(0), nuts_z.std(0, ddof=1), fm, fsd, half_a, half_b, "nuts")
     rec = base("nuts")
     if ref.kind == "exact":
         rec.update(_metrics(nuts_z, ref, case.G, plan, seed))
     else:  # NUTS is the reference here: its errors are zero by definition; the distance is the baseline's
-        rec.update({"latent_mean_err_sd": 0.0, "latent_sd_rel_err_median": 0.0, "latent_sd_rel_err_max": 0.0,
-                    "field_mean_rel_err": 0.0, "field_std_rel_err": 0.0,
-                    "distance": sliced_wasserstein((ref.half_b - ref.mean) / ref.sd, (ref.half_a - ref.mean) / ref.sd,
-                                                   plan.n_projections, seed),
-                    "n_draws": int(len(nuts_z))})
+        rec.update(
+            {
+                "latent_mean_err_sd": 0.0,
+                "latent_sd_rel_err_median": 0.0,
+                "latent_sd_rel_err_max": 0.0,
+                "field_mean_rel_err": 0.0,
+                "field_std_rel_err": 0.0,
+                "distance": sliced_wasserstein(
+                    (ref.half_b - ref.mean) / ref.sd,
+                    (ref.half_a - ref.mean) / ref.sd,
+                    plan.n_projections,
+                    seed,
+                ),
+                "n_draws": int(len(nuts_z)),
+            }
+        )
         rec["distance_ref_baseline"] = rec["distance"]
-    rec.update({"n_forward_evals": int(nuts_fit.n_forward_evals), "fit_wall_s": float(nuts_fit.wall_time_s),
-                "fit_cpu_s": nuts_cpu, "samples_per_s": _samples_per_s(nuts_fit, case.G, plan.n_timing, seed + 3),
-                "reference": ref.kind, "settings": dataclasses.asdict(ns)})
+    rec.update(
+        {
+            "n_forward_evals": int(nuts_fit.n_forward_evals),
+            "fit_wall_s": float(nuts_fit.wall_time_s),
+            "fit_cpu_s": nuts_cpu,
+            "samples_per_s": _samples_per_s(nuts_fit, case.G, plan.n_timing, seed + 3),
+            "reference": ref.kind,
+            "settings": dataclasses.asdict(ns),
+        }
+    )
     rec.update(_nuts_record_extra(nuts_fit))
     if case.z_true is not None:
         rec["z_true_err_sd"] = float(np.max(np.abs(ref.mean - case.z_true) / ref.sd))
@@ -346,21 +494,32 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
     z = flow_fit.draw(plan.n_draws, torch.Generator().manual_seed(seed + 5)).double().numpy()
     rec = base("flow")
     rec.update(_metrics(z, ref, case.G, plan, seed))
-    rec.update({"n_forward_evals": int(flow_fit.n_forward_evals), "fit_wall_s": float(flow_fit.wall_time_s),
-                "fit_cpu_s": flow_cpu, "samples_per_s": _samples_per_s(flow_fit, case.G, plan.n_timing, seed + 6),
-                "iterations": int(flow_fit.attrs.get("iterations", 0)), "stopped": flow_fit.attrs.get("stopped"),
-                "settings": dataclasses.asdict(fs)})
+    rec.update(
+        {
+            "n_forward_evals": int(flow_fit.n_forward_evals),
+            "fit_wall_s": float(flow_fit.wall_time_s),
+            "fit_cpu_s": flow_cpu,
+            "samples_per_s": _samples_per_s(flow_fit, case.G, plan.n_timing, seed + 6),
+            "iterations": int(flow_fit.attrs.get("iterations", 0)),
+            "stopped": flow_fit.attrs.get("stopped"),
+            "settings": dataclasses.asdict(fs),
+        }
+    )
     records.append(rec)
-    echo(f"[{name}] flow: {rec['fit_wall_s']:.1f} s, mean err {rec['latent_mean_err_sd']:.3f} sd, "
-         f"sd err max {rec['latent_sd_rel_err_max']:.3f}")
+    echo(
+        f"[{name}] flow: {rec['fit_wall_s']:.1f} s, mean err {rec['latent_mean_err_sd']:.3f} sd, "
+        f"sd err max {rec['latent_sd_rel_err_max']:.3f}"
+    )
 
     # --- short-run Langevin from the prior, then from the flow
     for method, init_fit in (("langevin", None), ("flow+langevin", flow_fit)):
         echo(f"[{name}] {method}")
         target = new_target()
         lset = dataclasses.replace(ls, init="flow") if init_fit is not None else ls
-        fit, _, cpu = _timed(lambda: run_langevin(target, lset, torch.Generator().manual_seed(seed + 7),
-                                                  init=init_fit.sampler if init_fit is not None else None))
+        init = init_fit.sampler if init_fit is not None else None
+        fit, _, cpu = _timed(
+            functools.partial(run_langevin, target, lset, torch.Generator().manual_seed(seed + 7), init=init)
+        )
         rec = base(method)
         rec.update(_metrics(fit.samples.double().numpy(), ref, case.G, plan, seed))
         evals, wall = int(fit.n_forward_evals), float(fit.wall_time_s)
@@ -368,10 +527,16 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
             evals += int(init_fit.n_forward_evals)
             wall += float(init_fit.wall_time_s)
             cpu += flow_cpu
-        rec.update({"n_forward_evals": evals, "fit_wall_s": wall, "fit_cpu_s": cpu,
-                    "samples_per_s": _samples_per_s(fit, case.G, plan.n_timing, seed + 8),
-                    "step_size": float(fit.attrs.get("step_size", float("nan"))),
-                    "settings": dataclasses.asdict(lset)})
+        rec.update(
+            {
+                "n_forward_evals": evals,
+                "fit_wall_s": wall,
+                "fit_cpu_s": cpu,
+                "samples_per_s": _samples_per_s(fit, case.G, plan.n_timing, seed + 8),
+                "step_size": float(fit.attrs.get("step_size", float("nan"))),
+                "settings": dataclasses.asdict(lset),
+            }
+        )
         records.append(rec)
         echo(f"[{name}] {method}: {rec['fit_wall_s']:.1f} s, mean err {rec['latent_mean_err_sd']:.3f} sd")
 
@@ -394,9 +559,10 @@ def _flow_overhead(case: _Case, fs, plan: BenchPlan, seed: int) -> dict:
     target = LatentTarget(case.G, case.op, case.obs.y, case.obs.noise_sigma)
     walls, cpus = [], []
     for n in (n1, n2):
-        s = dataclasses.replace(fs, init="identity", max_iter=n, min_iter=n, warmup=0, patience=10**9,
-                                progress=False)
-        _, w, c = _timed(lambda: fit_flow(target, s, torch.Generator().manual_seed(seed + 9)))
+        s = dataclasses.replace(
+            fs, init="identity", max_iter=n, min_iter=n, warmup=0, patience=10**9, progress=False
+        )
+        _, w, c = _timed(functools.partial(fit_flow, target, s, torch.Generator().manual_seed(seed + 9)))
         walls.append(w)
         cpus.append(c)
     step_wall = max(walls[1] - walls[0], 1e-12) / (n2 - n1)
@@ -406,18 +572,31 @@ def _flow_overhead(case: _Case, fs, plan: BenchPlan, seed: int) -> dict:
     target.log_joint_and_grad(torch.randn(fs.batch_size, target.latent_dim, generator=gen))  # warm-up
     for _ in range(max(3, n2 - n1)):
         z = torch.randn(fs.batch_size, target.latent_dim, generator=gen)
-        _, w, c = _timed(lambda: target.log_joint_and_grad(z))
+        _, w, c = _timed(functools.partial(target.log_joint_and_grad, z))
         bare_w.append(w)
         bare_c.append(c)
     bw, bc = statistics.median(bare_w), statistics.median(bare_c)
-    return {"problem": case.name, "method": "flow_overhead", "batch_size": fs.batch_size,
-            "flow_step_s": step_wall, "bare_value_and_grad_s": bw, "overhead_ratio": step_wall / bw,
-            "flow_step_cpu_s": step_cpu, "bare_value_and_grad_cpu_s": bc, "overhead_ratio_cpu": step_cpu / bc,
-            "flow_kind": fs.kind, "estimator": fs.estimator, "n_layers": fs.n_layers, "hidden": fs.hidden}
+    return {
+        "problem": case.name,
+        "method": "flow_overhead",
+        "batch_size": fs.batch_size,
+        "flow_step_s": step_wall,
+        "bare_value_and_grad_s": bw,
+        "overhead_ratio": step_wall / bw,
+        "flow_step_cpu_s": step_cpu,
+        "bare_value_and_grad_cpu_s": bc,
+        "overhead_ratio_cpu": step_cpu / bc,
+        "flow_kind": fs.kind,
+        "estimator": fs.estimator,
+        "n_layers": fs.n_layers,
+        "hidden": fs.hidden,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- operators
-def numpy_phase_vjp(x: np.ndarray, size: int, mask: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def numpy_phase_vjp(
+    x: np.ndarray, size: int, mask: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Plain NumPy phase retrieval: ``y = |fft2(pad(x))|[mask]`` (orthonormal) and its VJP
     ``Re(ifft2(w_full * F / |F|))[:n, :n]`` (from scripts/bench_phase_retrieval.py)."""
     n = x.shape[-1]
@@ -427,8 +606,9 @@ def numpy_phase_vjp(x: np.ndarray, size: int, mask: np.ndarray, w: np.ndarray) -
     mag = np.abs(spec)
     y = mag[..., mask]
     w_full = np.zeros(spec.shape, dtype=spec.dtype)
-    w_full[..., mask] = w * np.divide(spec[..., mask], mag[..., mask], out=np.zeros_like(w, dtype=spec.dtype),
-                                      where=mag[..., mask] > 0)
+    w_full[..., mask] = w * np.divide(
+        spec[..., mask], mag[..., mask], out=np.zeros_like(w, dtype=spec.dtype), where=mag[..., mask] > 0
+    )
     grad = np.fft.ifft2(w_full, norm="ortho").real[..., :n, :n]
     return y, grad
 
@@ -445,16 +625,22 @@ def scipy_elliptic_vjp(op, m: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np
     p, q, d = s.face_p, s.face_q, s.dir_cell
     idx = op.interp_index.numpy()
     wt = op.interp_weight.numpy()
-    P = sp.csr_matrix((wt.ravel(), (np.repeat(np.arange(len(idx)), idx.shape[1]), idx.ravel())),
-                      shape=(len(idx), N))
+    P = sp.csr_matrix(
+        (wt.ravel(), (np.repeat(np.arange(len(idx)), idx.shape[1]), idx.ravel())), shape=(len(idx), N)
+    )
     off = op.interp_offset.numpy()
     ys, grads = [], []
     for mb, wb in zip(m.reshape(len(m), -1), w, strict=True):
         kappa = np.exp(mb)
         kp, kq = kappa[p], kappa[q]
         tf, td = 2 * kp * kq / (kp + kq), 2 * kappa[d]
-        K = sp.coo_matrix((np.concatenate([tf, tf, -tf, -tf, td]),
-                           (np.concatenate([p, q, p, q, d]), np.concatenate([p, q, q, p, d]))), shape=(N, N)).tocsc()
+        K = sp.coo_matrix(
+            (
+                np.concatenate([tf, tf, -tf, -tf, td]),
+                (np.concatenate([p, q, p, q, d]), np.concatenate([p, q, q, p, d])),
+            ),
+            shape=(N, N),
+        ).tocsc()
         rhs = s.rhs_source.copy()
         np.add.at(rhs, d, td * s.dir_value)
         lu = spla.splu(K)
@@ -490,9 +676,11 @@ def _throughput(plan: BenchPlan, seed: int, echo) -> list[dict]:
         op = prob.make_operator(sensors="grid:8")
         B = plan.elliptic_batch
         m = prob.sample_fields(B, torch.Generator().manual_seed(seed)).double()
-        w = torch.randn(B, *op.obs_shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        w = torch.randn(
+            B, *op.obs_shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+        )
 
-        def torch_step():
+        def torch_step(m=m, op=op, w=w):
             mg = m.clone().requires_grad_(True)
             y = op(mg)
             (g,) = torch.autograd.grad(y, mg, w)
@@ -503,11 +691,21 @@ def _throughput(plan: BenchPlan, seed: int, echo) -> list[dict]:
         np.testing.assert_allclose(y_t.detach().numpy(), y_n, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(g_t.numpy(), g_n, rtol=1e-6, atol=1e-8 * np.abs(g_n).max())
         tw, tc = _best_time(torch_step, plan.repeats)
-        nw, nc = _best_time(lambda: scipy_elliptic_vjp(op, m.numpy(), w.numpy()), plan.repeats)
-        records.append({"problem": "elliptic", "method": "operator_throughput", "n": n, "batch": B,
-                        "ganflow_solves_per_s": B / tw, "scipy_solves_per_s": B / nw, "speedup": nw / tw,
-                        "ganflow_solves_per_cpu_s": B / tc, "scipy_solves_per_cpu_s": B / nc,
-                        "unit": "forward + adjoint solves"})
+        nw, nc = _best_time(functools.partial(scipy_elliptic_vjp, op, m.numpy(), w.numpy()), plan.repeats)
+        records.append(
+            {
+                "problem": "elliptic",
+                "method": "operator_throughput",
+                "n": n,
+                "batch": B,
+                "ganflow_solves_per_s": B / tw,
+                "scipy_solves_per_s": B / nw,
+                "speedup": nw / tw,
+                "ganflow_solves_per_cpu_s": B / tc,
+                "scipy_solves_per_cpu_s": B / nc,
+                "unit": "forward + adjoint solves",
+            }
+        )
     for n, B in plan.phase_sizes:
         echo(f"[throughput] phase_retrieval n={n}")
         prob = load_problem("phase_retrieval", n=n)
@@ -516,7 +714,7 @@ def _throughput(plan: BenchPlan, seed: int, echo) -> list[dict]:
         x = torch.rand(B, n, n, generator=gen)
         w = torch.randn(B, *op.obs_shape, generator=gen)
 
-        def torch_step():
+        def torch_step(x=x, op=op, w=w):
             xx = x.clone().requires_grad_(True)
             y = op(xx)
             (g,) = torch.autograd.grad(y, xx, w)
@@ -529,11 +727,21 @@ def _throughput(plan: BenchPlan, seed: int, echo) -> list[dict]:
         np.testing.assert_allclose(y_t.detach().numpy(), y_n, rtol=1e-4, atol=1e-4 * np.abs(y_n).max())
         np.testing.assert_allclose(g_t.numpy(), g_n, rtol=1e-3, atol=1e-3 * np.abs(g_n).max())
         tw, tc = _best_time(torch_step, plan.repeats)
-        nw, nc = _best_time(lambda: numpy_phase_vjp(xn, op.size, mask, wn), plan.repeats)
-        records.append({"problem": "phase_retrieval", "method": "operator_throughput", "n": n, "batch": B,
-                        "ganflow_solves_per_s": B / tw, "numpy_solves_per_s": B / nw, "speedup": nw / tw,
-                        "ganflow_solves_per_cpu_s": B / tc, "numpy_solves_per_cpu_s": B / nc,
-                        "unit": "forward + VJP evaluations"})
+        nw, nc = _best_time(functools.partial(numpy_phase_vjp, xn, op.size, mask, wn), plan.repeats)
+        records.append(
+            {
+                "problem": "phase_retrieval",
+                "method": "operator_throughput",
+                "n": n,
+                "batch": B,
+                "ganflow_solves_per_s": B / tw,
+                "numpy_solves_per_s": B / nw,
+                "speedup": nw / tw,
+                "ganflow_solves_per_cpu_s": B / tc,
+                "numpy_solves_per_cpu_s": B / nc,
+                "unit": "forward + VJP evaluations",
+            }
+        )
     return records
 
 
@@ -555,17 +763,32 @@ def _header(plan: BenchPlan, seed: int, problems) -> dict:
     try:
         import subprocess
 
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            timeout=10,
+        ).stdout.strip()
     except Exception:  # noqa: BLE001 - the commit is informative only
         commit = ""
     return {
-        "record": "header", "method": "header", "problem": "",
+        "record": "header",
+        "method": "header",
+        "problem": "",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(), "cores": os.cpu_count(), "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "python": platform.python_version(), "platform": platform.platform(), "ganflow_version": __version__,
-        "git_commit": commit, "load_average_start": list(os.getloadavg()), "quick": plan.quick, "seed": seed,
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "ganflow_version": __version__,
+        "git_commit": commit,
+        "load_average_start": list(os.getloadavg()),
+        "quick": plan.quick,
+        "seed": seed,
         "problems": list(problems),
     }
 
@@ -576,40 +799,86 @@ def _targets(records: list[dict]) -> list[dict]:
     out = []
 
     def add(problem, what, value, goal, met):
-        out.append({"problem": problem, "method": "target", "target": what, "measured": value, "goal": goal,
-                    "met": bool(met) if value is not None and not (isinstance(value, float) and math.isnan(value))
-                    else None})
+        out.append(
+            {
+                "problem": problem,
+                "method": "target",
+                "target": what,
+                "measured": value,
+                "goal": goal,
+                "met": bool(met)
+                if value is not None and not (isinstance(value, float) and math.isnan(value))
+                else None,
+            }
+        )
 
     for problem in BENCH_PROBLEMS:
         flow, nuts = by.get((problem, "flow")), by.get((problem, "nuts"))
         if flow is None:
             continue
-        add(problem, "flow latent mean error [ref sd]", flow["latent_mean_err_sd"], f"<= {TARGET_MEAN_ERR_SD}",
-            flow["latent_mean_err_sd"] <= TARGET_MEAN_ERR_SD)
-        add(problem, "flow latent sd rel. error (max)", flow["latent_sd_rel_err_max"], f"<= {TARGET_SD_REL_ERR}",
-            flow["latent_sd_rel_err_max"] <= TARGET_SD_REL_ERR)
+        add(
+            problem,
+            "flow latent mean error [ref sd]",
+            flow["latent_mean_err_sd"],
+            f"<= {TARGET_MEAN_ERR_SD}",
+            flow["latent_mean_err_sd"] <= TARGET_MEAN_ERR_SD,
+        )
+        add(
+            problem,
+            "flow latent sd rel. error (max)",
+            flow["latent_sd_rel_err_max"],
+            f"<= {TARGET_SD_REL_ERR}",
+            flow["latent_sd_rel_err_max"] <= TARGET_SD_REL_ERR,
+        )
         if nuts is not None and nuts.get("time_to_ess_1000_s"):
             ratio = flow["fit_wall_s"] / nuts["time_to_ess_1000_s"]
-            add(problem, "flow fit time / NUTS time to ESS 1000", ratio, f"<= {TARGET_TIME_RATIO}",
-                ratio <= TARGET_TIME_RATIO)
+            add(
+                problem,
+                "flow fit time / NUTS time to ESS 1000",
+                ratio,
+                f"<= {TARGET_TIME_RATIO}",
+                ratio <= TARGET_TIME_RATIO,
+            )
             ratio = flow["samples_per_s"] / nuts["ess_per_s"]
-            add(problem, "flow field samples/s / NUTS ESS/s", ratio, f">= {TARGET_SAMPLES_RATIO:g}",
-                ratio >= TARGET_SAMPLES_RATIO)
+            add(
+                problem,
+                "flow field samples/s / NUTS ESS/s",
+                ratio,
+                f">= {TARGET_SAMPLES_RATIO:g}",
+                ratio >= TARGET_SAMPLES_RATIO,
+            )
         if nuts is not None:
             add(problem, "NUTS reference R-hat", nuts["rhat_max"], "< 1.01", nuts["rhat_max"] < 1.01)
         ov = by.get((problem, "flow_overhead"))
         if ov is not None:
-            add(problem, "flow step / bare A(G(z)) value+grad (wall)", ov["overhead_ratio"],
-                f"<= {TARGET_FLOW_OVERHEAD}", ov["overhead_ratio"] <= TARGET_FLOW_OVERHEAD)
+            add(
+                problem,
+                "flow step / bare A(G(z)) value+grad (wall)",
+                ov["overhead_ratio"],
+                f"<= {TARGET_FLOW_OVERHEAD}",
+                ov["overhead_ratio"] <= TARGET_FLOW_OVERHEAD,
+            )
     for r in records:
         if r.get("method") == "operator_throughput":
-            add(r["problem"], f"operator n={r['n']} speed-up over numpy/scipy", r["speedup"], ">= 1",
-                r["speedup"] >= 1)
+            add(
+                r["problem"],
+                f"operator n={r['n']} speed-up over numpy/scipy",
+                r["speedup"],
+                ">= 1",
+                r["speedup"] >= 1,
+            )
     return out
 
 
-def run_bench(outdir: str, problems=None, quick: bool = False, seed: int = 0, throughput: bool = True,
-              overrides: dict | None = None, echo=print) -> list[dict]:
+def run_bench(
+    outdir: str,
+    problems=None,
+    quick: bool = False,
+    seed: int = 0,
+    throughput: bool = True,
+    overrides: dict | None = None,
+    echo=print,
+) -> list[dict]:
     """Run the benchmark; write ``outdir/results.json`` and ``outdir/results.md``; return the records.
 
     ``overrides``: tables ``flow`` / ``langevin`` / ``nuts`` merged over every problem's settings.
@@ -617,8 +886,9 @@ def run_bench(outdir: str, problems=None, quick: bool = False, seed: int = 0, th
     problems = list(problems or BENCH_PROBLEMS)
     unknown = [p for p in problems if p not in BENCH_PROBLEMS]
     if unknown:
-        raise GanflowError(f"bench: unknown problem(s) {', '.join(unknown)} (choose from "
-                           f"{', '.join(BENCH_PROBLEMS)})")
+        raise GanflowError(
+            f"bench: unknown problem(s) {', '.join(unknown)} (choose from {', '.join(BENCH_PROBLEMS)})"
+        )
     overrides = overrides or {}
     bad = sorted(set(overrides) - {"flow", "langevin", "nuts"})
     if bad:
@@ -668,8 +938,18 @@ def merge_results(parts: list[str], outdir: str) -> list[dict]:
                 if header is None:
                     header = dict(r, parts=[])
                     header["problems"] = []
-                header["parts"].append({k: r.get(k) for k in ("date", "load_average_start", "load_average_end",
-                                                               "total_wall_s", "problems")})
+                header["parts"].append(
+                    {
+                        k: r.get(k)
+                        for k in (
+                            "date",
+                            "load_average_start",
+                            "load_average_end",
+                            "total_wall_s",
+                            "problems",
+                        )
+                    }
+                )
                 header["problems"] += [p for p in r.get("problems", []) if p not in header["problems"]]
                 notes += [n for n in r.get("notes", []) if n not in notes]
             elif r.get("method") != "target":
@@ -677,8 +957,11 @@ def merge_results(parts: list[str], outdir: str) -> list[dict]:
     if header is None:
         raise GanflowError("bench --merge: no header record in the given parts")
     header["notes"] = notes
-    header["load_average_end"] = max((p["load_average_end"] for p in header["parts"] if p.get("load_average_end")),
-                                     default=None, key=lambda v: v[0])
+    header["load_average_end"] = max(
+        (p["load_average_end"] for p in header["parts"] if p.get("load_average_end")),
+        default=None,
+        key=lambda v: v[0],
+    )
     out = [header] + records
     out += _targets(out)
     os.makedirs(outdir, exist_ok=True)
@@ -699,8 +982,10 @@ def _jsonable(x):
 
 
 def _write(outdir: str, records: list[dict], notes: list[str]) -> None:
-    for name, text in (("results.json", json.dumps(_jsonable(records), indent=1)),
-                       ("results.md", write_markdown(records, notes))):
+    for name, text in (
+        ("results.json", json.dumps(_jsonable(records), indent=1)),
+        ("results.md", write_markdown(records, notes)),
+    ):
         path = os.path.join(outdir, name)
         with open(path + ".tmp", "w") as f:
             f.write(text + "\n")
@@ -721,14 +1006,19 @@ def write_markdown(records: list[dict], notes: list[str] = ()) -> str:
         f"{h.get('torch_version', '?')}, {h.get('torch_threads', '?')} threads"
         f"{', --quick' if h.get('quick') else ''}); load average at start "
         f"{', '.join(_f(v, '{:.1f}') for v in h.get('load_average_start', []))}"
-        + (f", at end {', '.join(_f(v, '{:.1f}') for v in h['load_average_end'])}" if h.get("load_average_end")
-           else "") + ". Wall times on a shared machine include the other users; CPU times are in results.json.",
+        + (
+            f", at end {', '.join(_f(v, '{:.1f}') for v in h['load_average_end'])}"
+            if h.get("load_average_end")
+            else ""
+        )
+        + ". Wall times on a shared machine include the other users; CPU times are in results.json.",
         "",
-        "Errors are against the reference (exact posterior for linear_gaussian, NUTS otherwise); the distance is "
-        "the sliced 2-Wasserstein distance in reference-whitened latent space (reference-vs-reference baseline "
-        "in brackets).",
+        "Errors are against the reference (exact posterior for linear_gaussian, NUTS otherwise); the "
+        "distance is the sliced 2-Wasserstein distance in reference-whitened latent space "
+        "(reference-vs-reference baseline in brackets).",
         "",
-        "| problem | method | mean err [sd] | sd rel. err (median / max) | field mean rel. err | field std rel. err "
+        "| problem | method | mean err [sd] | sd rel. err (median / max) | field mean rel. err "
+        "| field std rel. err "
         "| distance (baseline) | forward evals | fit wall [s] | field samples/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -742,24 +1032,38 @@ def write_markdown(records: list[dict], notes: list[str] = ()) -> str:
             f"| {r['problem']} | {r['method']}{extra} | {_f(r['latent_mean_err_sd'])} | "
             f"{_f(r['latent_sd_rel_err_median'])} / {_f(r['latent_sd_rel_err_max'])} | "
             f"{_f(r['field_mean_rel_err'])} | {_f(r['field_std_rel_err'])} | {_f(r['distance'])} "
-            f"({_f(r.get('distance_ref_baseline'))}) | {r['n_forward_evals']} | {_f(r['fit_wall_s'], '{:.1f}')} | "
-            f"{_f(r['samples_per_s'], '{:.0f}')} |")
+            f"({_f(r.get('distance_ref_baseline'))}) | {r['n_forward_evals']} | "
+            f"{_f(r['fit_wall_s'], '{:.1f}')} | "
+            f"{_f(r['samples_per_s'], '{:.0f}')} |"
+        )
     ov = [r for r in records if r.get("method") == "flow_overhead"]
     if ov:
-        lines += ["", "| problem | batch | flow step [ms] | bare A(G(z)) value+grad [ms] | ratio (wall) | "
-                      "ratio (CPU) |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| problem | batch | flow step [ms] | bare A(G(z)) value+grad [ms] | ratio (wall) | "
+            "ratio (CPU) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in ov:
-            lines.append(f"| {r['problem']} | {r['batch_size']} | {_f(1e3 * r['flow_step_s'], '{:.2f}')} | "
-                         f"{_f(1e3 * r['bare_value_and_grad_s'], '{:.2f}')} | {_f(r['overhead_ratio'], '{:.2f}')} | "
-                         f"{_f(r['overhead_ratio_cpu'], '{:.2f}')} |")
+            lines.append(
+                f"| {r['problem']} | {r['batch_size']} | {_f(1e3 * r['flow_step_s'], '{:.2f}')} | "
+                f"{_f(1e3 * r['bare_value_and_grad_s'], '{:.2f}')} | {_f(r['overhead_ratio'], '{:.2f}')} | "
+                f"{_f(r['overhead_ratio_cpu'], '{:.2f}')} |"
+            )
     tp = [r for r in records if r.get("method") == "operator_throughput"]
     if tp:
-        lines += ["", "| operator | n | batch | ganflow per s | numpy/scipy per s | speed-up |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| operator | n | batch | ganflow per s | numpy/scipy per s | speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in tp:
             base = r.get("scipy_solves_per_s", r.get("numpy_solves_per_s"))
-            lines.append(f"| {r['problem']} ({r['unit']}) | {r['n']} | {r['batch']} | "
-                         f"{_f(r['ganflow_solves_per_s'], '{:.1f}')} | {_f(base, '{:.1f}')} | "
-                         f"{_f(r['speedup'], '{:.2f}')} |")
+            lines.append(
+                f"| {r['problem']} ({r['unit']}) | {r['n']} | {r['batch']} | "
+                f"{_f(r['ganflow_solves_per_s'], '{:.1f}')} | {_f(base, '{:.1f}')} | "
+                f"{_f(r['speedup'], '{:.2f}')} |"
+            )
     tg = [r for r in records if r.get("method") == "target"]
     if tg:
         lines += ["", "| problem | target | measured | goal | met |", "|---|---|---|---|---|"]

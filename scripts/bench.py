@@ -1,6 +1,6 @@
 """The benchmark suite; the same as ``ganflow bench`` (see ganflow/bench.py).
 
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench.py -o bench_output [--quick] [--problem NAME ...]
+OMP_NUM_THREADS=2 .venv/bin/python scripts/bench.py -o bench_output [--quick] [--problem NAME ...]
 """
 
 from ganflow.cli.bench_cmd import bench

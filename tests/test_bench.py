@@ -1,17 +1,26 @@
-"""``ganflow bench --quick``: runs, writes the documented records, and its linear-Gaussian flow is accurate."""
+"""``ganflow bench --quick``: runs, writes the documented records; its linear-Gaussian flow is accurate."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pytest
 
 from ganflow.bench import sliced_wasserstein
 
-METHOD_KEYS = {"problem", "method", "latent_mean_err_sd", "latent_sd_rel_err_median", "latent_sd_rel_err_max",
-               "field_mean_rel_err", "field_std_rel_err", "distance", "n_forward_evals", "fit_wall_s",
-               "samples_per_s"}
+METHOD_KEYS = {
+    "problem",
+    "method",
+    "latent_mean_err_sd",
+    "latent_sd_rel_err_median",
+    "latent_sd_rel_err_max",
+    "field_mean_rel_err",
+    "field_std_rel_err",
+    "distance",
+    "n_forward_evals",
+    "fit_wall_s",
+    "samples_per_s",
+}
 HEADER_KEYS = {"cpu_model", "cores", "torch_version", "torch_threads", "date", "load_average_start"}
 
 

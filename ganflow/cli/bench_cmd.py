@@ -1,4 +1,4 @@
-"""``ganflow bench``: the benchmark suite (accuracy and cost of flow / Langevin / NUTS, operator throughput)."""
+"""``ganflow bench``: the benchmark suite (posterior accuracy and cost, operator throughput)."""
 
 import click
 
@@ -7,14 +7,31 @@ from .common import config_option, seed_option
 
 
 @click.command("bench")
-@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for results.json and results.md.")
-@click.option("--quick", is_flag=True, help="Tiny settings (short NUTS, few flow iterations, small n): minutes.")
-@click.option("--problem", "problems", multiple=True, type=click.Choice(BENCH_PROBLEMS),
-              help="Problem to benchmark (repeatable; default: all).")
+@click.option(
+    "-o",
+    "--output-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for results.json and results.md.",
+)
+@click.option(
+    "--quick", is_flag=True, help="Tiny settings (short NUTS, few flow iterations, small n): minutes."
+)
+@click.option(
+    "--problem",
+    "problems",
+    multiple=True,
+    type=click.Choice(BENCH_PROBLEMS),
+    help="Problem to benchmark (repeatable; default: all).",
+)
 @click.option("--no-throughput", is_flag=True, help="Skip the operator-throughput comparison.")
-@click.option("--merge", "merge", multiple=True, type=click.Path(file_okay=False, exists=True),
-              help="Instead of running: combine the results of earlier runs (repeatable) into -o.")
+@click.option(
+    "--merge",
+    "merge",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="Instead of running: combine the results of earlier runs (repeatable) into -o.",
+)
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
 @seed_option()
 @config_option()
@@ -41,7 +58,14 @@ def bench(output_dir, quick, problems, no_throughput, merge, threads, seed, conf
             raise GanflowError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     overrides = Config.from_file(config_path).data if config_path else {}
-    records = run_bench(output_dir, problems=problems or None, quick=quick, seed=seed,
-                        throughput=not no_throughput, overrides=overrides, echo=click.echo)
+    records = run_bench(
+        output_dir,
+        problems=problems or None,
+        quick=quick,
+        seed=seed,
+        throughput=not no_throughput,
+        overrides=overrides,
+        echo=click.echo,
+    )
     missed = [r for r in records if r.get("method") == "target" and r.get("met") is False]
     click.echo(f"wrote {output_dir}/results.json and results.md ({len(missed)} target(s) missed)")
