@@ -350,8 +350,9 @@ def run_calibration_cli(
         raise GanflowError(f"output directory's parent does not exist: {parent}")
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise GanflowError(f"output path is a file: {outdir}")
-    os.makedirs(outdir, exist_ok=True)
     out = calibrate(problem, prior, settings, cfg, seed, progress)
+    # created only after the inputs proved valid, so a bad call leaves nothing behind
+    os.makedirs(outdir, exist_ok=True)
     ranks = out.pop("_ranks")
     json_path = os.path.join(outdir, "calibration.json")
     with atomic_path(json_path) as tmp:

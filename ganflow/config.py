@@ -119,9 +119,8 @@ def parse_settings(cls: type[T], table: dict | None, section: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - names)
     if unknown:
-        raise GanflowError(
-            f"unknown key '{section}.{unknown[0]}' in config (known: {', '.join(sorted(names))})"
-        )
+        key = unknown[0] if unknown[0].isidentifier() else repr(unknown[0])  # keep the message on one line
+        raise GanflowError(f"unknown key '{section}.{key}' in config (known: {', '.join(sorted(names))})")
     values = {k: _coerce(v, hints[k], f"config key '{section}.{k}'") for k, v in table.items()}
     try:
         obj = cls(**values)

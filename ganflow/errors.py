@@ -8,4 +8,11 @@ __all__ = ["GanflowError"]
 
 
 class GanflowError(Exception):
-    """An error caused by the user's input; its message is one self-contained line."""
+    """An error caused by the user's input; its message is one self-contained line.
+
+    Line breaks that arrive with user-supplied text (a spec string, a config key) are escaped, so the
+    message stays one line whatever the input.
+    """
+
+    def __init__(self, message: str = ""):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))

@@ -373,7 +373,7 @@ class PosteriorResult:
                     qois=qois,
                     diagnostic_arrays=diagnostic_arrays,
                 )
-            except (KeyError, OSError, ValueError, TypeError) as e:
+            except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError) as e:
                 raise GanflowError(f"{path}: cannot read posterior file ({e})") from None
 
 

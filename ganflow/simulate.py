@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +18,15 @@ from .io import Observation, open_h5
 from .operators import GaussianNoise, check_compatible, check_operator
 from .plugins import load_operator, normalize_spec
 
-__all__ = ["simulate", "simulate_stack", "read_truth"]
+__all__ = ["simulate", "simulate_stack", "read_truth", "SimulateSettings"]
+
+
+@dataclass(frozen=True)
+class SimulateSettings:
+    """The ``[simulate]`` table: the noise level when no command-line option gives it."""
+
+    noise_sigma: float | None = None
+    noise_relative: float | None = None
 
 
 def read_truth(path: str | os.PathLike) -> torch.Tensor:

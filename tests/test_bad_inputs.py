@@ -576,11 +576,7 @@ def assert_clean_error(r, contains: str) -> None:
 
 
 # Known failures in files owned by other work in progress (reported, not fixed here); strict, so a fix shows.
-KNOWN = {
-    "sim-config-simulate-unknown": "simulate_cmd reads [simulate] with dict.get: a misspelt key is ignored",
-    "sim-config-simulate-type": "simulate_cmd reads [simulate] with dict.get: a string noise_sigma -> TypeError",
-    "calibrate-unknown-problem": "calibrate creates the output directory before validating its inputs",
-}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c[0] for c in ALL_CASES])

@@ -5,7 +5,7 @@ import click
 from ..config import Config
 from ..io import check_output_path, write_obs, write_obs_stack
 from ..plugins import normalize_spec
-from ..simulate import read_truth, simulate as simulate_obs, simulate_stack
+from ..simulate import SimulateSettings, read_truth, simulate as simulate_obs, simulate_stack
 from ..solve import load_prior
 from .common import config_option, device_option, force_option, kw_option, parse_kv, seed_option
 
@@ -32,8 +32,8 @@ def simulate(problem, prior, truth, noise_sigma, noise_relative, output, kw, con
     operator_kwargs = cfg.table("operator")
     operator_kwargs.update(parse_kv(kw))
     if noise_sigma is None and noise_relative is None:
-        sim = cfg.table("simulate")
-        noise_sigma, noise_relative = sim.get("noise_sigma"), sim.get("noise_relative")
+        sim = cfg.section(SimulateSettings, "simulate")
+        noise_sigma, noise_relative = sim.noise_sigma, sim.noise_relative
     gen = load_prior(prior) if prior is not None else None
     x = read_truth(truth) if truth is not None else None
     common = dict(prior=gen, truth=x, operator_kwargs=operator_kwargs, problem_kwargs=cfg.table("problem"),
