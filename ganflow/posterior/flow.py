@@ -350,7 +350,15 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
     lr_scale = 1.0
 
     def snapshot():
-        return copy.deepcopy(flow.state_dict()), copy.deepcopy(opt.state_dict())
+        # Plain tensor clones (cheaper than deepcopy of the whole dicts).
+        model = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+        opt_state = opt.state_dict()
+        opt_copy = {
+            "state": {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                      for i, st in opt_state["state"].items()},
+            "param_groups": copy.deepcopy(opt_state["param_groups"]),
+        }
+        return model, opt_copy
 
     good = snapshot()
     losses, elbo_smooth_trace, lrs = [], [], []
@@ -427,11 +435,12 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
         ok = bool(torch.isfinite(loss))
         if ok:
             loss.backward()
-            ok = _all_finite(p.grad for p in params)
+            # One reduction instead of a check per tensor: the total norm is finite iff every gradient is.
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            ok = bool(torch.isfinite(grad_norm))
         if ok:
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             opt.step()
-            ok = _all_finite(params)
+            ok = bool(torch.isfinite(torch.nn.utils.get_total_norm(params)))
         if not ok:
             failures += 1
             flow.load_state_dict(good[0])
