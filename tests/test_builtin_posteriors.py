@@ -1,0 +1,77 @@
+"""Posteriors on the built-in problems with their bundled demo priors (truths drawn from the prior, so the
+model is well specified and z_true is known). Issue 4 and 5 acceptance; small flow budgets keep them fast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ganflow import load_prior, load_problem, simulate, solve
+from ganflow.config import Config
+
+SOLVE_FAST = {"solve": {"n_samples": 2000, "n_quantile": 2000, "n_field_samples": 8},
+              "diagnostics": {"n_draws": 300}}
+
+
+def _bundled(problem):
+    path = problem.bundled_prior()
+    if path is None:
+        pytest.fail(f"bundled prior for {problem.name} is missing from problems/data/")
+    return load_prior(path)
+
+
+def test_phase_retrieval_posterior_with_bundled_prior():
+    from problems.phase_retrieval import error_modulo_twin, twin
+
+    problem = load_problem("phase_retrieval", n=32)
+    G = _bundled(problem)
+    op_kw = {"oversampling": 2, "mask_fraction": 0.5, "mask_seed": 0}
+    obs = simulate("phase_retrieval", prior=G, operator_kwargs=op_kw, problem_kwargs={"n": 32},
+                   noise_relative=0.02, seed=4)
+    cfg = dict(SOLVE_FAST, flow={"batch_size": 16, "max_iter": 600, "patience": 150, "map_starts": 16,
+                                 "progress": False})
+    result = solve(obs, G, method="flow", config=Config(cfg), seed=0, progress=False)
+    x_true = torch.as_tensor(result.x_true)
+    err_twin = float(error_modulo_twin(torch.as_tensor(result.mean), x_true))
+    lo, hi = result.credible_interval(0.95)
+    cov_truth = np.mean((result.x_true >= lo) & (result.x_true <= hi))
+    tw = twin(x_true).numpy()
+    cov_twin = np.mean((tw >= lo) & (tw <= hi))
+    print(f"phase retrieval: rel err {result.attrs['rel_l2_error']:.3f}, mod twin {err_twin:.3f}, "
+          f"coverage {cov_truth:.3f} (twin {cov_twin:.3f}), chi2/dof {result.attrs['chi2_per_dof']:.2f}")
+    # Measured (bundled prior, 1500 training steps): error mod twin 0.23, coverage 0.40, chi2/dof 1.05. The data
+    # are fitted, but the flow is over-confident on this multimodal posterior: coverage is far below nominal,
+    # which the README reports. The bounds catch a broken operator, prior or fit, not calibration.
+    assert err_twin < 0.35
+    assert max(cov_truth, cov_twin) > 0.3
+    assert result.attrs["chi2_per_dof"] < 1.5
+
+
+def test_elliptic_posterior_with_bundled_prior():
+    problem = load_problem("elliptic", n=32)
+    G = _bundled(problem)
+    op_kw = {"sensors": "grid:8"}
+    obs = simulate("elliptic", prior=G, operator_kwargs=op_kw, problem_kwargs={"n": 32}, noise_relative=0.01,
+                   seed=2)
+    cfg = dict(SOLVE_FAST, flow={"batch_size": 16, "max_iter": 400, "patience": 150, "progress": False})
+    result = solve(obs, G, method="flow", config=Config(cfg), seed=0, progress=False)
+    m = result.attrs
+    print(f"elliptic: rel err {m['rel_l2_error']:.3f}, coverage {m['coverage_95']:.3f}, chi2 {m['chi2_per_dof']:.2f}")
+    # the mean recovers the channel layout: the sign pattern of m - mid-level matches the truth's
+    mid = 0.5 * (np.log(12.0) + np.log(3.0))
+    agreement = np.mean((result.mean > mid) == (result.x_true > mid))
+    # Measured: rel err 0.195, coverage 0.71, chi2/dof 0.63, 74 % of cells on the right side of the channel
+    # threshold (the bundled prior's fields are not fully binary). Coverage is below nominal (see README).
+    assert agreement > 0.65
+    assert m["rel_l2_error"] < 0.3
+    assert m["coverage_95"] > 0.6
+    # the posterior std is larger away from the sensors than near them
+    op = problem.make_operator(**op_kw)
+    sensors = op.sensor_xy.numpy()  # [S, 2] (x, y)
+    n = 32
+    centers = (np.arange(n) + 0.5) / n
+    xx, yy = np.meshgrid(centers, centers)  # [i, j] -> x = centers[j], y = centers[i]
+    d = np.min(np.hypot(xx[..., None] - sensors[:, 0], yy[..., None] - sensors[:, 1]), axis=-1)
+    near, far = result.std[d < np.quantile(d, 0.25)].mean(), result.std[d > np.quantile(d, 0.75)].mean()
+    assert far > near
