@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(VENV)/bin/ganflow demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	# two workers: one per core (each test process uses one intra-op thread, see tests/conftest.py)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ganflow problems tests scripts

@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 from .errors import GanflowError  # noqa: E402
 from .operators import ForwardOperator, GaussianNoise, Generator, Problem  # noqa: E402
 from .plugins import load_operator, load_problem  # noqa: E402
-from .solve import load_prior, solve  # noqa: E402
 from .results import PosteriorResult  # noqa: E402
 from .simulate import simulate  # noqa: E402
+from .solve import load_prior, solve  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -51,7 +51,9 @@ def test_phase_retrieval_posterior_with_bundled_prior():
 def test_elliptic_posterior_with_bundled_prior():
     problem = load_problem("elliptic", n=32)
     G = _bundled(problem)
-    op_kw = {"sensors": "grid:8"}
+    # hIPPYlib's layout: 50 sensors in the lower part of the domain [0.1, 0.9] x [0.1, 0.5], so "far from the
+    # sensors" (the upper part) is a real region and the std should grow there.
+    op_kw = {"sensors": "hippylib"}
     obs = simulate("elliptic", prior=G, operator_kwargs=op_kw, problem_kwargs={"n": 32}, noise_relative=0.01,
                    seed=2)
     cfg = dict(SOLVE_FAST, flow={"batch_size": 16, "max_iter": 400, "patience": 150, "progress": False})
@@ -61,7 +63,7 @@ def test_elliptic_posterior_with_bundled_prior():
     # the mean recovers the channel layout: the sign pattern of m - mid-level matches the truth's
     mid = 0.5 * (np.log(12.0) + np.log(3.0))
     agreement = np.mean((result.mean > mid) == (result.x_true > mid))
-    # Measured: rel err 0.195, coverage 0.71, chi2/dof 0.63, 74 % of cells on the right side of the channel
+    # Measured (hippylib sensors): rel err 0.16, coverage 0.66, chi2/dof 0.65; with grid:8 sensors 0.19 / 0.71, 74 % of cells on the right side of the channel
     # threshold (the bundled prior's fields are not fully binary). Coverage is below nominal (see README).
     assert agreement > 0.65
     assert m["rel_l2_error"] < 0.3

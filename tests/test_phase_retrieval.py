@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pathlib
 import time
+import tomllib
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 
 from ganflow import GanflowError, load_operator, load_problem

@@ -5,7 +5,8 @@ import click
 from ..config import Config
 from ..io import check_output_path, write_obs, write_obs_stack
 from ..plugins import normalize_spec
-from ..simulate import SimulateSettings, read_truth, simulate as simulate_obs, simulate_stack
+from ..simulate import SimulateSettings, read_truth, simulate_stack
+from ..simulate import simulate as simulate_obs
 from ..solve import load_prior
 from .common import config_option, device_option, force_option, kw_option, parse_kv, seed_option
 

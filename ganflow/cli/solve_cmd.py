@@ -8,7 +8,8 @@ import numpy as np
 from ..config import Config
 from ..errors import GanflowError
 from ..io import check_output_path, is_obs_stack
-from ..solve import METHODS, SOLVE_TABLES, solve as solve_posterior
+from ..solve import METHODS, SOLVE_TABLES
+from ..solve import solve as solve_posterior
 from .common import config_option, force_option, kw_option, parse_kv, seed_option
 
 

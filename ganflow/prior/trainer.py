@@ -51,8 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
-from .. import distributed
+from .. import __version__, distributed
 from ..config import Config
 from ..data import FieldData, load_fields
 from ..errors import GanflowError
