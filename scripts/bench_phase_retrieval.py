@@ -18,23 +18,12 @@ import time
 import numpy as np
 import torch
 
+from ganflow.bench import numpy_phase_vjp
 from problems.phase_retrieval import PhaseRetrievalOperator
 
 
-def numpy_forward_vjp(x: np.ndarray, size: int, mask: np.ndarray, w: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """``y = |fft2(pad(x))|[mask]`` and ``d<w, y>/dx = Re(ifft2(w_full * F / |F|))[:n, :n]`` (orthonormal)."""
-    n = x.shape[-1]
-    padded = np.zeros(x.shape[:-2] + (size, size), dtype=x.dtype)
-    padded[..., :n, :n] = x
-    spec = np.fft.fft2(padded, norm="ortho")
-    mag = np.abs(spec)
-    y = mag[..., mask]
-    w_full = np.zeros(spec.shape, dtype=spec.dtype)
-    w_full[..., mask] = w * np.divide(spec[..., mask], mag[..., mask], out=np.zeros_like(w, dtype=spec.dtype),
-                                      where=mag[..., mask] > 0)
-    grad = np.fft.ifft2(w_full, norm="ortho").real[..., :n, :n]
-    return y, grad
+# The plain-NumPy reference lives in ganflow.bench (one copy for the script and `ganflow bench`).
+numpy_forward_vjp = numpy_phase_vjp
 
 
 def _median_time(fn, repeats: int) -> float:
