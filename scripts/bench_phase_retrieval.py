@@ -21,7 +21,6 @@ import torch
 from ganflow.bench import numpy_phase_vjp
 from problems.phase_retrieval import PhaseRetrievalOperator
 
-
 # The plain-NumPy reference lives in ganflow.bench (one copy for the script and `ganflow bench`).
 numpy_forward_vjp = numpy_phase_vjp
 
