@@ -517,9 +517,21 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
         target = new_target()
         lset = dataclasses.replace(ls, init="flow") if init_fit is not None else ls
         init = init_fit.sampler if init_fit is not None else None
-        fit, _, cpu = _timed(
-            functools.partial(run_langevin, target, lset, torch.Generator().manual_seed(seed + 7), init=init)
-        )
+        try:
+            fit, _, cpu = _timed(
+                functools.partial(run_langevin, target, lset, torch.Generator().manual_seed(seed + 7), init=init)
+            )
+        except GanflowError as e:
+            # A method that fails on a problem (e.g. unadjusted chains leaving the operator's valid range) is a
+            # result to report, not a reason to abandon the rest of the benchmark.
+            rec = base(method)
+            rec.update({k: float("nan") for k in ("latent_mean_err_sd", "latent_sd_rel_err_median",
+                                                   "latent_sd_rel_err_max", "field_mean_rel_err",
+                                                   "field_std_rel_err", "distance", "fit_wall_s", "samples_per_s")})
+            rec.update({"n_forward_evals": int(target.n_forward_evals), "error": str(e)})
+            records.append(rec)
+            echo(f"[{name}] {method}: failed: {e}")
+            continue
         rec = base(method)
         rec.update(_metrics(fit.samples.double().numpy(), ref, case.G, plan, seed))
         evals, wall = int(fit.n_forward_evals), float(fit.wall_time_s)
