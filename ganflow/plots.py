@@ -192,7 +192,7 @@ def plot_posterior(result, outdir: str | os.PathLike) -> list[str]:
         vmin = vmax = None
         if truth is not None:
             vmin, vmax = float(min(truth.min(), mean.min())), float(max(truth.max(), mean.max()))
-        for ax, (title, img, cmap) in zip(axes, panels):
+        for ax, (title, img, cmap) in zip(axes, panels, strict=True):
             shared = title in ("truth", "posterior mean")
             _imshow(ax, img, title, cmap, vmin if shared else None, vmax if shared else None)
         fig.suptitle(suptitle, fontsize=10)
@@ -214,7 +214,7 @@ def plot_posterior(result, outdir: str | os.PathLike) -> list[str]:
     trace_items = [(k, v) for k, v in result.trace.items() if np.asarray(v).ndim == 1 and np.asarray(v).size > 1]
     if trace_items:
         fig, axes = plt.subplots(1, len(trace_items), figsize=(4 * len(trace_items), 3), squeeze=False)
-        for ax, (name, arr) in zip(axes[0], trace_items):
+        for ax, (name, arr) in zip(axes[0], trace_items, strict=True):
             arr = np.asarray(arr, float)
             ax.plot(arr, lw=0.8)
             ax.set_title(name, fontsize=9)

@@ -28,7 +28,6 @@ Schema (DESIGN.md; extended, never changed):
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -375,7 +374,3 @@ class PosteriorResult:
                 )
             except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError) as e:
                 raise GanflowError(f"{path}: cannot read posterior file ({e})") from None
-
-
-def _finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")

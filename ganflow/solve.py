@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -269,7 +268,3 @@ class _DeviceTarget(LatentTarget):
         pred = super().predict(z.to(self._y_device.device))
         return self.noise.log_likelihood(pred, self._y_device).to(z.device)
 # --- end issue 10 ---
-
-
-def _nan_to_none(x):
-    return None if x is None or (isinstance(x, float) and np.isnan(x)) else x

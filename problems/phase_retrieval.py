@@ -431,7 +431,7 @@ class PhaseRetrievalProblem:
         data[mask] = np.asarray(result.y).ravel()
         panels.append(("log10 data y (masked)", np.log10(np.abs(data) + 1e-6)))
         fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2))
-        for ax, (title, img) in zip(np.atleast_1d(axes), panels):
+        for ax, (title, img) in zip(np.atleast_1d(axes), panels, strict=True):
             im = ax.imshow(np.fft.fftshift(img), cmap="magma")
             ax.set_title(title + " (fftshifted)", fontsize=8)
             ax.set_xticks([])

@@ -13,7 +13,8 @@ from .common import config_option, device_option, force_option, kw_option, parse
 
 @click.command("simulate")
 @click.option("--problem", "problem", required=True, help="Problem spec (name, module:attr or file.py:attr).")
-@click.option("--prior", "prior", default=None, help="Prior checkpoint or generator spec: the truth is G(z), z ~ N(0,I).")
+@click.option("--prior", "prior", default=None,
+              help="Prior checkpoint or generator spec: the truth is G(z), z ~ N(0,I).")
 @click.option("--truth", "truth", type=click.Path(dir_okay=False), default=None, help="HDF5 file with the truth field.")
 @click.option("--noise-sigma", type=float, default=None, help="Absolute noise standard deviation.")
 @click.option("--noise-relative", type=float, default=None, help="Noise sigma as a fraction of max |A(x_true)|.")

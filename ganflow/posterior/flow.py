@@ -262,10 +262,6 @@ def _lr_factor(step: int, s: FlowSettings) -> float:
     return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _all_finite(tensors) -> bool:
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
-
-
 FLOW_CHECKPOINT_KIND = "ganflow.flow_fit"
 FLOW_CHECKPOINT_VERSION = 1
 # Settings that may differ on resume: they change neither the computation nor the result.
