@@ -55,3 +55,26 @@ def run_cli(*args, cwd=None, timeout=None):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a generator whose gradients are never finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NaNGradGenerator(torch.nn.Module):
+    """Wraps a generator so that its values are right but every gradient is NaN (sampler error paths)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.latent_dim, self.field_shape = inner, inner.latent_dim, inner.field_shape
+
+    def forward(self, z):
+        return self.inner(_NaNGradient.apply(z))

@@ -20,6 +20,7 @@ from ganflow.config import parse_settings
 from ganflow.posterior import LatentTarget
 from ganflow.posterior.langevin import HAND_SET_STEP_SIZE, LangevinSettings, run_langevin
 from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
+from tests.conftest import NaNGradGenerator
 
 # a fast search for the tests: fewer chains and grid points than the shipped defaults
 FAST = dict(search_chains=128, search_grid=9, search_min=0.01, search_max=1.0, search_refine=8)
@@ -173,29 +174,10 @@ def test_flow_init_without_sampler_is_an_error():
         run_langevin(target, LangevinSettings(init="flow"), torch.Generator().manual_seed(0))
 
 
-class _NaNGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-class _NaNGradGenerator(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.latent_dim, self.field_shape = inner, inner.latent_dim, inner.field_shape
-
-    def forward(self, z):
-        return self.inner(_NaNGradient.apply(z))
-
-
 @pytest.mark.parametrize("step_size", [None, 0.05])
 def test_non_finite_gradient_is_an_error_not_nan(step_size):
     p = LinearGaussianProblem(n=16, latent_dim=3)
-    target = LatentTarget(_NaNGradGenerator(p.generator()), p.make_operator(), torch.zeros(p.obs_shape), 0.5)
+    target = LatentTarget(NaNGradGenerator(p.generator()), p.make_operator(), torch.zeros(p.obs_shape), 0.5)
     with pytest.raises(GanflowError, match="non-finite gradient at step 0"):
         run_langevin(target, LangevinSettings(step_size=step_size, n_samples=10, **FAST),
                      torch.Generator().manual_seed(0))

@@ -11,6 +11,7 @@ from ganflow.config import parse_settings
 from ganflow.posterior import LatentTarget
 from ganflow.posterior.nuts import NutsSettings, run_nuts
 from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
+from tests.conftest import NaNGradGenerator
 
 
 def _problem(k: int, sigma: float, seed: int = 0):
@@ -77,28 +78,9 @@ def test_bad_settings_raise(table):
         parse_settings(NutsSettings, table, "nuts")
 
 
-class _NaNGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-class _NaNGradGenerator(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.latent_dim, self.field_shape = inner, inner.latent_dim, inner.field_shape
-
-    def forward(self, z):
-        return self.inner(_NaNGradient.apply(z))
-
-
 def test_non_finite_gradient_is_an_error_not_nan():
     p = LinearGaussianProblem(n=16, latent_dim=3)
-    target = LatentTarget(_NaNGradGenerator(p.generator()), p.make_operator(), torch.zeros(p.obs_shape), 0.5)
+    target = LatentTarget(NaNGradGenerator(p.generator()), p.make_operator(), torch.zeros(p.obs_shape), 0.5)
     with pytest.raises(GanflowError, match="non-finite"):
         run_nuts(target, NutsSettings(num_chains=1, num_samples=10, warmup_steps=10),
                  torch.Generator().manual_seed(0))
