@@ -60,7 +60,14 @@ def test_bench_quick_linear_gaussian(cli, tmp_path):
     targets = [r for r in records if r["method"] == "target"]
     assert any("mean error" in t["target"] for t in targets)
     md = (out / "results.md").read_text()
-    assert "| linear_gaussian | flow |" in md and "speed-up" in md
+    assert "| linear_gaussian | flow (" in md and "speed-up" in md
+    # accuracy along the fit: the Laplace start (step 0) first, monotone clock, and the time to the targets
+    # is the first checkpoint meeting both
+    trace = flow["accuracy_trace"]
+    assert trace[0]["step"] == 0 and [t["step"] for t in trace] == sorted(t["step"] for t in trace)
+    assert all(b["elapsed_s"] >= a["elapsed_s"] for a, b in zip(trace, trace[1:], strict=False))
+    first = next((t for t in trace if t["latent_mean_err_sd"] <= 0.1 and t["latent_sd_rel_err_max"] <= 0.1), None)
+    assert flow["time_to_target_s"] == (first["elapsed_s"] if first else None)
     # runs made separately (one problem per process) merge into one table, targets recomputed
     merged = tmp_path / "merged"
     r = cli("bench", "--merge", out, "-o", merged)

@@ -120,3 +120,24 @@ def test_same_seed_same_fit():
         fit = fit_flow(LatentTarget(G, A, y, sigma), s, torch.Generator().manual_seed(5))
         draws.append(fit.draw(50, torch.Generator().manual_seed(6)))
     assert torch.equal(draws[0], draws[1])
+
+
+def test_monitor_sees_the_fit_without_changing_it():
+    """The monitor is called at the Laplace start, every `monitor_every` steps and at the end, with the flow
+    being trained; the fit with a monitor is bit-identical to the fit without."""
+    G, A, y, sigma, _ = _linear_case()
+    s = FlowSettings(progress=False, max_iter=23, min_iter=0, map_iter=20, n_layers=2, hidden=8)
+    seen = []
+
+    def monitor(step, flow):
+        assert isinstance(flow, LatentFlow) and not torch.is_grad_enabled()
+        seen.append((step, flow.sample(4, torch.Generator().manual_seed(0))[0]))
+
+    with_mon = fit_flow(LatentTarget(G, A, y, sigma), s, torch.Generator().manual_seed(5), monitor=monitor,
+                        monitor_every=10)
+    plain = fit_flow(LatentTarget(G, A, y, sigma), s, torch.Generator().manual_seed(5))
+    assert [st for st, _ in seen] == [0, 10, 20, 23]
+    assert not torch.equal(seen[0][1], seen[-1][1])  # it saw the flow move
+    g1, g2 = torch.Generator().manual_seed(6), torch.Generator().manual_seed(6)
+    assert torch.equal(with_mon.draw(50, g1), plain.draw(50, g2))
+    assert torch.equal(seen[-1][1], with_mon.draw(4, torch.Generator().manual_seed(0)))
