@@ -22,30 +22,38 @@ def _bundled(problem):
 
 
 def test_phase_retrieval_posterior_with_bundled_prior():
+    """Three truths drawn from the bundled prior (z_true known), each observed through half the frequencies
+    with 2 % noise: the posterior mean is close modulo the twin and the 95 % bands hold the truth at about
+    the nominal rate (pixel fraction, averaged over the truths: Bayesian calibration is a statement about
+    truths drawn from the prior, not about one field)."""
     from problems.phase_retrieval import error_modulo_twin, twin
 
     problem = load_problem("phase_retrieval", n=32)
     G = _bundled(problem)
     op_kw = {"oversampling": 2, "mask_fraction": 0.5, "mask_seed": 0}
-    obs = simulate("phase_retrieval", prior=G, operator_kwargs=op_kw, problem_kwargs={"n": 32},
-                   noise_relative=0.02, seed=4)
-    cfg = dict(SOLVE_FAST, flow={"batch_size": 16, "max_iter": 600, "patience": 150, "map_starts": 16,
+    cfg = dict(SOLVE_FAST, flow={"batch_size": 16, "max_iter": 600, "patience": 150, "map_starts": 64,
                                  "progress": False})
-    result = solve(obs, G, method="flow", config=Config(cfg), seed=0, progress=False)
-    x_true = torch.as_tensor(result.x_true)
-    err_twin = float(error_modulo_twin(torch.as_tensor(result.mean), x_true))
-    lo, hi = result.credible_interval(0.95)
-    cov_truth = np.mean((result.x_true >= lo) & (result.x_true <= hi))
-    tw = twin(x_true).numpy()
-    cov_twin = np.mean((tw >= lo) & (tw <= hi))
-    print(f"phase retrieval: rel err {result.attrs['rel_l2_error']:.3f}, mod twin {err_twin:.3f}, "
-          f"coverage {cov_truth:.3f} (twin {cov_twin:.3f}), chi2/dof {result.attrs['chi2_per_dof']:.2f}")
-    # Measured (bundled prior, 1500 training steps): error mod twin 0.23, coverage 0.40, chi2/dof 1.05. The data
-    # are fitted, but the flow is over-confident on this multimodal posterior: coverage is far below nominal,
-    # which the README reports. The bounds catch a broken operator, prior or fit, not calibration.
-    assert err_twin < 0.35
-    assert max(cov_truth, cov_twin) > 0.3
-    assert result.attrs["chi2_per_dof"] < 1.5
+    errs, covs, cov_twins, chi2s = [], [], [], []
+    for seed in (4, 5, 6):
+        obs = simulate("phase_retrieval", prior=G, operator_kwargs=op_kw, problem_kwargs={"n": 32},
+                       noise_relative=0.02, seed=seed)
+        result = solve(obs, G, method="flow", config=Config(cfg), seed=0, progress=False)
+        x_true = torch.as_tensor(result.x_true)
+        errs.append(float(error_modulo_twin(torch.as_tensor(result.mean), x_true)))
+        lo, hi = result.credible_interval(0.95)
+        covs.append(np.mean((result.x_true >= lo) & (result.x_true <= hi)))
+        tw = twin(x_true).numpy()
+        cov_twins.append(np.mean((tw >= lo) & (tw <= hi)))
+        chi2s.append(result.attrs["chi2_per_dof"])
+    print(f"phase retrieval: err mod twin {np.round(errs, 3)}, coverage {np.round(covs, 2)} "
+          f"(of the twin {np.round(cov_twins, 2)}), chi2/dof {np.round(chi2s, 2)}")
+    # Measured (bundled prior, 64 screened MAP starts): err mod twin 0.08 / 0.06 / 0.10, coverage
+    # 0.90 / 0.95 / 0.80 (mean 0.88; seeds 7 and 8 give 0.85 and 0.92), of the twin ~0.25: the posterior sits
+    # on the truth's orientation. With 16 unscreened starts seed 4 fell into a poorer mode (coverage 0.41).
+    assert max(errs) < 0.2
+    assert np.mean(covs) > 0.75
+    assert np.mean(covs) > np.mean(cov_twins) + 0.3  # one mode, the truth's, not a blur of both
+    assert max(chi2s) < 1.5
 
 
 def test_elliptic_posterior_with_bundled_prior():
