@@ -366,17 +366,24 @@ class EllipticOperator(nn.Module):
             raise GanflowError(f"elliptic: expected log-conductivity [B, {self.n}, {self.n}], got {shape}")
         if not m.is_floating_point():
             raise GanflowError(f"elliptic: log-conductivity must be a float tensor, got {m.dtype}")
-        if not torch.isfinite(m).all():
-            raise GanflowError(
-                f"elliptic: log-conductivity has {int((~torch.isfinite(m)).sum())} non-finite value(s)"
-            )
-        if m.detach().abs().max() > 300:  # exp(m) would overflow the face means in float64
-            raise GanflowError("elliptic: |log-conductivity| > 300 would overflow exp(m)")
 
     def solve(self, m: Tensor) -> Tensor:
-        """The pressure ``u`` at the cell centres, ``[B, n, n]`` float64 (differentiable)."""
+        """The pressure ``u`` at the cell centres, ``[B, n, n]`` float64 (differentiable).
+
+        A sample outside the solver's range (a non-finite value, or ``|m| > 300``, where ``exp(m)`` overflows
+        the face means) gets a NaN row and a zero gradient; the other rows are solved as usual. A sampler's
+        diverging chain or trial step size is thus rejected as non-finite (flow rollback, Langevin step-size
+        search, NUTS divergence) instead of aborting the whole batch; a bad *truth* is refused by
+        ``ganflow simulate``'s own finiteness check.
+        """
         self._check(m)
-        return _SolveFunction.apply(m, self.solver)
+        md = m.detach()
+        ok = torch.isfinite(md).flatten(1).all(1) & (md.abs().flatten(1).amax(1) <= 300)
+        if bool(ok.all()):
+            return _SolveFunction.apply(m, self.solver)
+        keep = ok[:, None, None]
+        u = _SolveFunction.apply(torch.where(keep, m, torch.zeros_like(m)), self.solver)
+        return torch.where(keep, u, torch.full_like(u, math.nan))
 
     def observe(self, u: Tensor) -> Tensor:
         """``u`` ``[B, n, n]`` -> ``[B, *obs_shape]`` (bilinear interpolation at the sensors)."""
