@@ -84,3 +84,16 @@ def test_non_finite_gradient_is_an_error_not_nan():
     with pytest.raises(GanflowError, match="non-finite"):
         run_nuts(target, NutsSettings(num_chains=1, num_samples=10, warmup_steps=10),
                  torch.Generator().manual_seed(0))
+
+
+def test_laplace_init_draws_from_the_laplace_approximation():
+    """init = "laplace" starts the chains at draws of the Laplace approximation, which on linear_gaussian is
+    the exact posterior: 400 start points have its mean and sds (Monte Carlo tolerances)."""
+    from ganflow.posterior.nuts import _initial_points
+
+    target, post = _problem(8, 1.0)
+    s = NutsSettings(num_chains=400, init="laplace", init_map_starts=8)
+    z = _initial_points(target, s, torch.Generator().manual_seed(3), torch.float32).double().numpy()
+    sd = post.latent_std
+    assert np.all(np.abs(z.mean(0) - post.latent_mean) < 4 * sd / np.sqrt(400)), (z.mean(0) - post.latent_mean) / sd
+    assert np.all(np.abs(z.std(0) / sd - 1) < 0.2), z.std(0) / sd

@@ -65,9 +65,14 @@ class NutsSettings:
         max_tree_depth: NUTS tree-depth cap (at most ``2^depth`` gradients per draw).
         mass_matrix: ``"auto"`` (dense if ``k <= dense_max_dim``), ``"dense"`` or ``"diag"``.
         dense_max_dim: the ``"auto"`` switch.
-        init: ``"prior"`` (over-dispersed prior draws) or ``"optimize"`` (prior draws moved ``init_opt_steps``
-            Adam steps uphill on ``log p(y, z)``; faster warm-up on stiff posteriors, less over-dispersed).
+        init: ``"prior"`` (over-dispersed prior draws), ``"optimize"`` (prior draws moved ``init_opt_steps``
+            Adam steps uphill on ``log p(y, z)``; faster warm-up on stiff posteriors, less over-dispersed), or
+            ``"laplace"`` (draws from the Laplace approximation at the MAP of the flow's screened multi-start
+            search, ``init_map_starts`` starts: every chain starts in the best basin found, so on a
+            multimodal posterior R-hat measures mixing within that mode, not which local modes the chains
+            happened to fall into; the other modes' mass is then not represented, as for the flow).
         init_opt_steps: Adam steps for ``init = "optimize"``.
+        init_map_starts: MAP starts for ``init = "laplace"``.
         rhat_threshold: warn when the largest split R-hat exceeds it.
     """
 
@@ -78,8 +83,9 @@ class NutsSettings:
     max_tree_depth: int = 10
     mass_matrix: Literal["auto", "dense", "diag"] = "auto"
     dense_max_dim: int = 64
-    init: Literal["prior", "optimize"] = "prior"
+    init: Literal["prior", "optimize", "laplace"] = "prior"
     init_opt_steps: int = 200
+    init_map_starts: int = 64
     rhat_threshold: float = 1.01
 
     def validate(self) -> None:
@@ -100,8 +106,10 @@ class NutsSettings:
             raise GanflowError(f"nuts.mass_matrix must be auto, dense or diag, got {self.mass_matrix!r}")
         if self.dense_max_dim < 1:
             raise GanflowError(f"nuts.dense_max_dim must be >= 1, got {self.dense_max_dim}")
-        if self.init not in ("prior", "optimize"):
-            raise GanflowError(f"nuts.init must be 'prior' or 'optimize', got {self.init!r}")
+        if self.init not in ("prior", "optimize", "laplace"):
+            raise GanflowError(f"nuts.init must be 'prior', 'optimize' or 'laplace', got {self.init!r}")
+        if self.init_map_starts < 1:
+            raise GanflowError(f"nuts.init_map_starts must be >= 1, got {self.init_map_starts}")
         if self.init_opt_steps < 0:
             raise GanflowError(f"nuts.init_opt_steps must be >= 0, got {self.init_opt_steps}")
         if not self.rhat_threshold > 1:
@@ -125,7 +133,13 @@ def _initial_points(target: LatentTarget, settings: NutsSettings, generator: tor
                     dtype: torch.dtype) -> torch.Tensor:
     """``[num_chains, k]`` start points: prior draws, optionally moved uphill by Adam."""
     z = torch.randn(settings.num_chains, target.latent_dim, generator=generator, dtype=dtype)
-    if settings.init == "optimize" and settings.init_opt_steps > 0:
+    if settings.init == "laplace":
+        from .flow import FlowSettings, laplace_approximation
+
+        z_map, scale_tril, _ = laplace_approximation(
+            target, FlowSettings(map_starts=settings.init_map_starts), generator)
+        z = (z_map + z @ scale_tril.T).to(dtype)
+    elif settings.init == "optimize" and settings.init_opt_steps > 0:
         z = z.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=0.05)
         for _ in range(settings.init_opt_steps):
