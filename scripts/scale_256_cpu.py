@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--flow-steps", type=int, default=4)
     ap.add_argument("--flow-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the fields, prior and observation of an earlier run in OUT; time the solve only")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
@@ -104,18 +106,16 @@ def main() -> None:
                  f"[flow]\nmax_iter = {a.flow_steps}\nmin_iter = {a.flow_steps}\nbatch_size = {a.flow_batch}\n"
                  f"map_starts = 1\nmap_iter = 2\nwarmup = 1\nprogress = false\n[diagnostics]\nenabled = false\n")
     p = lambda name: os.path.join(a.out, name)  # noqa: E731
-    recs = [
-        timed_cli("data", ["data", "--problem", "phase_retrieval", "--config", CONFIG, "--n", "64", "--seed", "0",
-                           "-o", p("fields.h5"), "--force"], a.out),
-        timed_cli("train-prior", ["train-prior", "--data", p("fields.h5"), "--config", CONFIG, "--steps",
-                                  str(a.steps), "--seed", "0", "-o", p("prior.pt"), "--force", "--no-progress",
-                                  "--no-report"], a.out),
-        timed_cli("simulate", ["simulate", "--problem", "phase_retrieval", "--config", CONFIG, "--prior",
-                               p("prior.pt"), "--noise-sigma", "0.01", "--seed", "1", "-o", p("obs.h5"),
-                               "--force"], a.out),
-        timed_cli("solve", ["solve", "--obs", p("obs.h5"), "--prior", p("prior.pt"), "--config", solve_cfg,
-                            "--seed", "0", "-o", p("posterior.h5"), "--force", "--quiet"], a.out),
-    ]
+    report_path = p("scale_256_cpu.json")
+    if a.reuse:
+        with open(report_path) as fh:
+            earlier = json.load(fh)
+        recs = [r for r in earlier["cli"] if r["step"] != "solve"]
+        a.steps = earlier["train_steps"]
+    else:
+        recs = _prepare(a, p)
+    recs.append(timed_cli("solve", ["solve", "--obs", p("obs.h5"), "--prior", p("prior.pt"), "--config", solve_cfg,
+                                    "--seed", "0", "-o", p("posterior.h5"), "--force", "--quiet"], a.out))
     it = per_iteration(a.out, a.flow_steps, a.flow_batch)
     print(f"per iteration: flow step (batch {it['flow_batch']}) {it['flow_step_s']:.2f} s, "
           f"Laplace start (2 MAP iterations + {2 * it['latent_dim']}-point Hessian) {it['laplace_s']:.1f} s, "
@@ -129,9 +129,23 @@ def main() -> None:
         "cli": recs,
         "per_iteration": it,
     }
-    with open(p("scale_256_cpu.json"), "w") as fh:
+    with open(report_path, "w") as fh:
         json.dump(report, fh, indent=1)
-    print(f"wrote {p('scale_256_cpu.json')}")
+    print(f"wrote {report_path}")
+
+
+def _prepare(a, p) -> list[dict]:
+    """Fields, a briefly trained prior and one observation."""
+    return [
+        timed_cli("data", ["data", "--problem", "phase_retrieval", "--config", CONFIG, "--n", "64", "--seed", "0",
+                           "-o", p("fields.h5"), "--force"], a.out),
+        timed_cli("train-prior", ["train-prior", "--data", p("fields.h5"), "--config", CONFIG, "--steps",
+                                  str(a.steps), "--seed", "0", "-o", p("prior.pt"), "--force", "--no-progress",
+                                  "--no-report"], a.out),
+        timed_cli("simulate", ["simulate", "--problem", "phase_retrieval", "--config", CONFIG, "--prior",
+                               p("prior.pt"), "--noise-sigma", "0.01", "--seed", "1", "-o", p("obs.h5"),
+                               "--force"], a.out),
+    ]
 
 
 if __name__ == "__main__":
