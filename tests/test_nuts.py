@@ -97,3 +97,19 @@ def test_laplace_init_draws_from_the_laplace_approximation():
     sd = post.latent_std
     assert np.all(np.abs(z.mean(0) - post.latent_mean) < 4 * sd / np.sqrt(400)), (z.mean(0) - post.latent_mean) / sd
     assert np.all(np.abs(z.std(0) / sd - 1) < 0.2), z.std(0) / sd
+
+
+def test_laplace_whitened_chains_match_exact_posterior():
+    """With init = "laplace" the chains run in the Laplace frame's whitened coordinates and are mapped back:
+    the draws must still be the exact posterior's (the map is linear, so nothing but the frame changes)."""
+    target, post = _problem(8, 0.5)
+    fit = run_nuts(target, NutsSettings(num_chains=2, num_samples=300, warmup_steps=100, init="laplace",
+                                        init_map_starts=4), torch.Generator().manual_seed(2))
+    x = fit.samples.double().numpy()
+    sd = post.latent_std
+    assert np.all(np.abs(x.mean(0) - post.latent_mean) < 0.15 * sd), (x.mean(0) - post.latent_mean) / sd
+    assert np.all(np.abs(x.std(0) / sd - 1) < 0.15), x.std(0) / sd
+    assert fit.attrs["rhat_max"] < 1.02
+    with torch.no_grad():  # potentials are of the draws in z, not in the whitened frame
+        assert torch.allclose(torch.from_numpy(fit.trace["loss"]).float(), -target.log_joint(fit.samples),
+                              rtol=1e-5, atol=1e-3)
