@@ -185,11 +185,11 @@ class FiniteVolumeSolver:
         uf = u.reshape(B, -1)
         p, q, d = self.face_p, self.face_q, self.dir_cell
         kp, kq = kappa[:, p], kappa[:, q]
-        s2 = (kp + kq) ** 2
+        wp, wq = kp / (kp + kq), kq / (kp + kq)  # in [0, 1]: no overflow of kappa^3 for large |m|
         jump = (uf[:, p] - uf[:, q]) * (lam[:, p] - lam[:, q])
         # dT/dm_P = kappa_P dT/dkappa_P = 2 kappa_P kappa_Q^2 / (kappa_P + kappa_Q)^2; symmetrically for Q.
-        grad = -(self._face_to_p @ (2.0 * kp * kq**2 / s2 * jump).T).T
-        grad -= (self._face_to_q @ (2.0 * kq * kp**2 / s2 * jump).T).T
+        grad = -(self._face_to_p @ (2.0 * kp * wq**2 * jump).T).T
+        grad -= (self._face_to_q @ (2.0 * kq * wp**2 * jump).T).T
         # Dirichlet face: residual 2 kappa_P (u_P - g), derivative in m_P is the residual itself.
         grad -= (self._dir_to_cell @ (2.0 * kappa[:, d] * lam[:, d] * (uf[:, d] - self.dir_value)).T).T
         return grad.reshape(m.shape)
