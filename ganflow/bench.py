@@ -44,6 +44,7 @@ __all__ = [
     "BenchPlan",
     "bench_plan",
     "run_bench",
+    "run_bench_parallel",
     "merge_results",
     "sliced_wasserstein",
     "numpy_phase_vjp",
@@ -946,7 +947,7 @@ def run_bench(
 
     ``overrides``: tables ``flow`` / ``langevin`` / ``nuts`` merged over every problem's settings.
     """
-    problems = list(problems or BENCH_PROBLEMS)
+    problems = list(BENCH_PROBLEMS if problems is None else problems)  # [] = the throughput part only
     unknown = [p for p in problems if p not in BENCH_PROBLEMS]
     if unknown:
         raise GanflowError(
@@ -983,6 +984,58 @@ def run_bench(
     header["notes"] = notes
     _write(outdir, records, notes)
     return records
+
+
+def run_bench_parallel(outdir: str, problems=None, jobs: int = 2, quick: bool = False, seed: int = 0,
+                       throughput: bool = True, config_path: str | None = None, threads: int | None = None,
+                       echo=print) -> list[dict]:
+    """`run_bench` with the problems in up to ``jobs`` concurrent processes (``ganflow bench --problem P``, each
+    with ``threads`` torch threads, default ``cores // jobs``), then the operator throughput in this process
+    (alone on the machine, as its timings need), then `merge_results` of the parts into ``outdir``.
+
+    The methods within a problem are sequential (NUTS is), so one problem per core is how the default run fits
+    its time budget on a small machine. Parts and their logs are in ``outdir/parts/``.
+    """
+    import subprocess
+
+    problems = list(BENCH_PROBLEMS if problems is None else problems)
+    if jobs < 1:
+        raise GanflowError(f"--jobs must be >= 1, got {jobs}")
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    parts_dir = os.path.join(outdir, "parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    pending, running, parts = list(problems), [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            part = os.path.join(parts_dir, name)
+            cmd = [sys.executable, "-m", "ganflow", "bench", "--problem", name, "--no-throughput", "--threads",
+                   str(threads), "--seed", str(seed), "-o", part] + (["--quick"] if quick else []) + (
+                ["--config", str(config_path)] if config_path else [])
+            log = open(os.path.join(parts_dir, f"{name}.log"), "w")  # noqa: SIM115 - closed when it ends
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            running.append((name, part, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+            echo(f"[{name}] started ({threads} thread(s); log {log.name})")
+        time.sleep(0.5)
+        for item in list(running):
+            name, part, log, proc = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            if proc.returncode != 0:
+                for _, _, other_log, other in running:
+                    other.terminate()
+                    other.wait()
+                    other_log.close()
+                raise GanflowError(f"bench: the {name} part failed (exit {proc.returncode}); see {log.name}")
+            parts.append(part)
+            echo(f"[{name}] done")
+    if throughput:
+        part = os.path.join(parts_dir, "throughput")
+        run_bench(part, problems=[], quick=quick, seed=seed, throughput=True, echo=echo)
+        parts.append(part)
+    return merge_results(parts, outdir)
 
 
 def merge_results(parts: list[str], outdir: str) -> list[dict]:

@@ -80,3 +80,19 @@ def test_bench_rejects_unknown_problem(cli, tmp_path):
     r = cli("bench", "--problem", "nope", "-o", tmp_path / "x")
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_jobs_runs_parts_in_processes_and_merges(cli, tmp_path):
+    """--jobs: each problem in its own `ganflow bench` process, then one merged table; the merged flow record
+    is the part's record unchanged."""
+    out = tmp_path / "bench"
+    r = cli("bench", "--quick", "--jobs", "2", "--no-throughput", "--problem", "linear_gaussian", "-o", out)
+    assert r.returncode == 0, r.stderr
+    part = json.loads((out / "parts" / "linear_gaussian" / "results.json").read_text())
+    merged = json.loads((out / "results.json").read_text())
+    flow = next(x for x in merged if x.get("method") == "flow")
+    assert flow == next(x for x in part if x.get("method") == "flow")
+    assert any(x.get("method") == "target" for x in merged)
+    assert "| linear_gaussian | flow (" in (out / "results.md").read_text()
+    bad = cli("bench", "--jobs", "0", "-o", tmp_path / "b2")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--jobs" in bad.stderr

@@ -32,10 +32,14 @@ from .common import config_option, seed_option
     type=click.Path(file_okay=False, exists=True),
     help="Instead of running: combine the results of earlier runs (repeatable) into -o.",
 )
-@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
+@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice; "
+              "with --jobs, cores / jobs per process).")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Run the problems in this many parallel processes (one per core is how the default run "
+              "fits ~20 min on 2 cores), then the throughput part alone, and merge.")
 @seed_option()
 @config_option()
-def bench(output_dir, quick, problems, no_throughput, merge, threads, seed, config_path):
+def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed, config_path):
     """Benchmark the posterior methods against exact / NUTS references and the operators against numpy/scipy.
 
     A config file may hold [flow], [langevin] and [nuts] tables, merged over every problem's settings.
@@ -58,6 +62,15 @@ def bench(output_dir, quick, problems, no_throughput, merge, threads, seed, conf
             raise GanflowError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     overrides = Config.from_file(config_path).data if config_path else {}
+    if jobs != 1:
+        from ..bench import run_bench_parallel
+
+        records = run_bench_parallel(output_dir, problems=problems or None, jobs=jobs, quick=quick, seed=seed,
+                                     throughput=not no_throughput, config_path=config_path, threads=threads,
+                                     echo=click.echo)
+        missed = [r for r in records if r.get("method") == "target" and r.get("met") is False]
+        click.echo(f"wrote {output_dir}/results.json and results.md ({len(missed)} target(s) missed)")
+        return
     records = run_bench(
         output_dir,
         problems=problems or None,
