@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,42 @@ def test_monitor_sees_the_fit_without_changing_it():
     g1, g2 = torch.Generator().manual_seed(6), torch.Generator().manual_seed(6)
     assert torch.equal(with_mon.draw(50, g1), plain.draw(50, g2))
     assert torch.equal(seen[-1][1], with_mon.draw(4, torch.Generator().manual_seed(0)))
+
+
+class _Scalar(torch.nn.Module):
+    """k = 1 latent, one observed value r(z) = c (z - a)(z - b) exp(s z): zero residual at a and b, with slopes
+    |r'| = c |a - b| exp(s a) and c |a - b| exp(s b)."""
+
+    latent_dim, field_shape, obs_shape = 1, (1,), (1,)
+
+    def __init__(self, a, b, c, s):
+        super().__init__()
+        self.a, self.b, self.c, self.s = a, b, c, s
+
+    def forward(self, z):
+        return self.c * (z - self.a) * (z - self.b) * torch.exp(self.s * z)
+
+
+def test_laplace_mode_is_the_most_massive_not_the_highest():
+    """Two exact-fit modes: z = 0.8 (steep residual, narrow) has the higher density (the prior favours it by
+    (1.2^2 - 0.8^2)/2 = 0.4 nats), z = -1.2 (flat residual, wide) the larger Laplace mass; analytically
+    log mass = log p(y, z*) - 1/2 log(1 + r'(z*)^2 / sigma^2)."""
+    from ganflow.posterior.flow import most_massive_mode
+
+    a, b, s, sigma = -1.2, 0.8, math.log(10) / 2, 0.1
+    c = 0.1 / (2.0 * math.exp(s * a))  # slope 0.1 at the wide mode, 1.0 at the narrow one
+    op = _Scalar(a, b, c, s)
+    identity = torch.nn.Identity()
+    identity.latent_dim, identity.field_shape = 1, (1,)
+    target = LatentTarget(identity, op, torch.zeros(1), sigma, check=False)
+    z = torch.tensor([[b], [a]])
+    with torch.no_grad():
+        lp = target.log_joint(z)
+    assert lp[0] > lp[1] + 0.39  # the narrow mode is the higher one
+    curv = [1 + (c * abs(a - b) * math.exp(s * m)) ** 2 / sigma**2 for m in (b, a)]
+    mass = [float(lp[i]) - 0.5 * math.log(curv[i]) for i in range(2)]
+    assert mass[1] > mass[0] + 1  # ... and the wide one the more massive, analytically
+    z_star, evals, _, lp_star = most_massive_mode(target, z, fd_step=1e-3)
+    assert float(z_star) == pytest.approx(a)
+    assert float(evals[0]) == pytest.approx(curv[1], rel=1e-3)
+    assert float(lp_star) == pytest.approx(float(lp[1]))
