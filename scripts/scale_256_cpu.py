@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -59,8 +60,7 @@ def per_iteration(out: str, flow_steps: int, batch: int) -> dict:
 
     G = load_prior(os.path.join(out, "prior.pt"))
     obs = read_obs(os.path.join(out, "obs.h5"))
-    prob = load_problem("phase_retrieval", n=256)
-    op = prob.make_operator(oversampling=2, mask_fraction=0.5, mask_seed=0)
+    op = load_problem("phase_retrieval", **obs.problem_kwargs).make_operator(**obs.operator_kwargs)
     target = LatentTarget(G, op, obs.y, obs.noise_sigma)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch.optim's one-off dynamo import, not a step cost
     stamps: list[tuple[int, float]] = []
@@ -71,8 +71,6 @@ def per_iteration(out: str, flow_steps: int, batch: int) -> dict:
                    monitor=lambda step, flow: stamps.append((step, time.perf_counter())), monitor_every=1)
     steps = [b - a for (_, a), (_, b) in zip(stamps, stamps[1:], strict=False)]
     before_flow = stamps[0][1] - t0  # MAP (2 iterations of 1 start) + the 2k-point Hessian + flow set-up
-    import resource
-
     return {
         "flow_batch": batch,
         "flow_step_s": sorted(steps)[len(steps) // 2] if steps else None,

@@ -89,11 +89,13 @@ def test_non_finite_gradient_is_an_error_not_nan():
 def test_laplace_init_draws_from_the_laplace_approximation():
     """init = "laplace" starts the chains at draws of the Laplace approximation, which on linear_gaussian is
     the exact posterior: 400 start points have its mean and sds (Monte Carlo tolerances)."""
-    from ganflow.posterior.nuts import _initial_points
+    from ganflow.posterior.nuts import _initial_points, _laplace_frame
 
     target, post = _problem(8, 1.0)
     s = NutsSettings(num_chains=400, init="laplace", init_map_starts=8)
-    z = _initial_points(target, s, torch.Generator().manual_seed(3), torch.float32).double().numpy()
+    gen = torch.Generator().manual_seed(3)
+    frame = _laplace_frame(target, s, gen, torch.float32)
+    z = _initial_points(target, s, gen, torch.float32, frame).double().numpy()
     sd = post.latent_std
     assert np.all(np.abs(z.mean(0) - post.latent_mean) < 4 * sd / np.sqrt(400)), (z.mean(0) - post.latent_mean) / sd
     assert np.all(np.abs(z.std(0) / sd - 1) < 0.2), z.std(0) / sd

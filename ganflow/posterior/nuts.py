@@ -146,8 +146,6 @@ def _initial_points(target: LatentTarget, settings: NutsSettings, generator: tor
     """``[num_chains, k]`` start points: prior draws, optionally moved uphill by Adam; with a Laplace
     ``frame`` ``(z_map, L)``, draws ``z_map + L eps`` of the Laplace approximation."""
     z = torch.randn(settings.num_chains, target.latent_dim, generator=generator, dtype=dtype)
-    if frame is None and settings.init == "laplace":
-        frame = _laplace_frame(target, settings, generator, dtype)
     if frame is not None:
         z = frame[0] + z @ frame[1].T
     elif settings.init == "optimize" and settings.init_opt_steps > 0:
