@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -189,9 +190,58 @@ class FieldData:
         }
 
 
+def _check_field_array(arr: np.ndarray, where: str) -> np.ndarray:
+    """``arr`` as float32 ``[N, *field_shape]``: real numbers, at least one field, every value finite."""
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise GanflowError(f"{where} must be real numbers (dtype {arr.dtype})")
+    if arr.ndim < 2:
+        raise GanflowError(f"{where} must be [N, *field_shape], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.size == 0:
+        raise GanflowError(f"{where} is empty (shape {arr.shape})")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise GanflowError(f"{where} has {int((~np.isfinite(arr)).sum())} non-finite value(s)")
+    return arr
+
+
+def _read_array(path: str) -> np.ndarray:
+    """The ``[N, *field_shape]`` array of a ``.npy`` file, or of a ``.npz`` with one array (or one named ``fields``).
+
+    ``allow_pickle=False``: an object array (a pickle) is refused, never unpickled.
+    """
+    if not os.path.isfile(path):
+        raise GanflowError(f"fields file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            return np.asarray(data)
+        with data:
+            names = list(data.files)
+            if "fields" in names:
+                return np.asarray(data["fields"])
+            if len(names) != 1:
+                raise GanflowError(f"{path}: a .npz needs one array or one named 'fields', found {names}")
+            return np.asarray(data[names[0]])
+    except GanflowError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GanflowError(f"{path}: not a readable numpy array file ({first[:160]})") from None
+
+
+def _load_array_fields(path: str) -> FieldData:
+    arr = _check_field_array(_read_array(path), path)
+    return FieldData(fields=torch.from_numpy(arr), path=path, sha1=hashlib.sha1(arr.tobytes()).hexdigest())
+
+
 def load_fields(path: str | os.PathLike) -> FieldData:
-    """Read and validate ``fields.h5``: ``/fields`` numeric, at least one field, every value finite."""
+    """Read and validate example fields: ``fields.h5`` (``/fields``), or a ``.npy`` / ``.npz`` array ``[N, ...]``.
+
+    Either way the values must be real, finite, and at least one field.
+    """
     path = os.fspath(path)
+    if path.endswith((".npy", ".npz")):
+        return _load_array_fields(path)
     with open_h5(path, "fields file") as f:
         if "fields" not in f or not isinstance(f["fields"], h5py.Dataset):
             raise GanflowError(f"{path}: missing dataset /fields")
@@ -199,15 +249,7 @@ def load_fields(path: str | os.PathLike) -> FieldData:
             arr = np.asarray(f["fields"][()])
         except (OSError, TypeError, ValueError) as e:
             raise GanflowError(f"{path}: cannot read /fields ({e})") from None
-        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-            raise GanflowError(f"{path}: /fields must be real numbers (dtype {arr.dtype})")
-        if arr.ndim < 2:
-            raise GanflowError(f"{path}: /fields must be [N, *field_shape], got shape {arr.shape}")
-        if arr.shape[0] == 0 or arr.size == 0:
-            raise GanflowError(f"{path}: /fields is empty (shape {arr.shape})")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            raise GanflowError(f"{path}: /fields has {int((~np.isfinite(arr)).sum())} non-finite value(s)")
+        arr = _check_field_array(arr, f"{path}: /fields")
         problem = f.attrs.get("problem", "")
         problem = problem.decode() if isinstance(problem, bytes) else str(problem)
         try:

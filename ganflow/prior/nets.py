@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 ARCH_KINDS = ("conv", "mlp")
+OUTPUT_KINDS = ("linear", "tanh")
 _ARCH_KEYS = {
     "conv": ("kind", "latent_dim", "field_shape", "base_channels", "max_channels", "n_up"),
     "mlp": ("kind", "latent_dim", "field_shape", "hidden", "depth"),
@@ -51,9 +52,23 @@ _ARCH_KEYS = {
 
 
 def default_arch(
-    field_shape, latent_dim: int, base_channels: int = 32, mlp_hidden: int = 256, mlp_depth: int = 3
+    field_shape,
+    latent_dim: int,
+    base_channels: int = 32,
+    mlp_hidden: int = 256,
+    mlp_depth: int = 3,
+    output: str = "linear",
 ) -> dict:
     """The architecture dict for fields of ``field_shape`` (plain types, stored verbatim in checkpoints)."""
+    arch = _default_arch(field_shape, latent_dim, base_channels, mlp_hidden, mlp_depth)
+    if output not in OUTPUT_KINDS:
+        raise GanflowError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
+    if output != "linear":  # older checkpoints have no key: a linear read-out
+        arch["output"] = output
+    return arch
+
+
+def _default_arch(field_shape, latent_dim, base_channels, mlp_hidden, mlp_depth) -> dict:
     shape = tuple(int(s) for s in field_shape)
     if latent_dim < 1:
         raise GanflowError(f"latent_dim must be >= 1, got {latent_dim}")
@@ -96,6 +111,8 @@ def check_arch(arch) -> dict:
     missing = [k for k in _ARCH_KEYS[arch["kind"]] if k not in arch]
     if missing:
         raise GanflowError(f"checkpoint architecture lacks key(s): {', '.join(missing)}")
+    if arch.get("output", "linear") not in OUTPUT_KINDS:
+        raise GanflowError(f"checkpoint architecture output is not one of {OUTPUT_KINDS}: {arch['output']!r}")
     return arch
 
 
@@ -160,8 +177,11 @@ def build_generator_net(arch: dict) -> nn.Module:
     """The generator network (normalised units) described by ``arch``: ``[B, k] -> [B, *field_shape]``."""
     arch = check_arch(arch)
     if arch["kind"] == "conv":
-        return _ConvGeneratorNet(arch)
-    return _mlp(arch["latent_dim"], arch["field_shape"][0], arch["hidden"], arch["depth"])
+        net = _ConvGeneratorNet(arch)
+    else:
+        net = _mlp(arch["latent_dim"], arch["field_shape"][0], arch["hidden"], arch["depth"])
+    # nn.Tanh has no parameters, so the state-dict keys are the same either way.
+    return nn.Sequential(net, nn.Tanh()) if arch.get("output", "linear") == "tanh" else net
 
 
 def build_critic(arch: dict) -> nn.Module:

@@ -1,10 +1,19 @@
 """Prior-quality report: generated fields ``x_g = G(z)`` against held-out real fields ``x_r``.
 
-Statistics (all in physical units), each set summarised the same way:
+The three headline figures, each beside its data-vs-data baseline (the same figure between two independent
+halves ``A``, ``B`` of the held-out fields, so "as good as another draw of real data" reads as a ratio near 1).
+Each compares ``M/2`` generated fields with half ``A``:
+
+- ``pixel_w1``: the Wasserstein-1 distance between the pixel-value distributions, in units of the real values'
+  sd (``pixel_w1_reference``: ``B`` against ``A``);
+- ``std_rel_err = ||s_g - s_A|| / ||s_A||`` of the per-pixel std maps (``std_rel_err_reference``);
+- ``swd``, the sliced Wasserstein distance below (``swd_reference``).
+
+Further statistics (all in physical units), each set summarised the same way:
 
 - mean and std maps ``m, s`` ``[*field_shape]``;
   ``mean_rel_err = ||m_g - m_r|| / ||(m_r^2 + s_r^2)^(1/2)||`` (relative to the real fields' RMS, so a
-  zero-mean field does not divide by ~0) and ``std_rel_err = ||s_g - s_r|| / ||s_r||``;
+  zero-mean field does not divide by ~0);
 - 2-D: the radially averaged power spectrum ``P(k) = <|FFT(x - m)|^2>`` over integer rings ``k = 1..n/2``,
   ``psd_log10_err = mean_k |log10 P_g(k) - log10 P_r(k)|``;
   1-D: the two-point correlation ``C(r) = <(x_i - m_i)(x_{i+r} - m_{i+r})> / <(x_i - m_i)^2>``,
@@ -34,6 +43,7 @@ from ..io import atomic_h5, atomic_path
 
 __all__ = [
     "sliced_wasserstein",
+    "pixel_wasserstein1",
     "radial_power_spectrum",
     "two_point_correlation",
     "compute_report",
@@ -56,6 +66,39 @@ def sliced_wasserstein(
     v = v / v.norm(dim=0, keepdim=True)
     pa, pb = (a @ v).sort(0).values, (b @ v).sort(0).values
     return float((pa - pb).pow(2).mean().sqrt())
+
+
+def pixel_wasserstein1(a: Tensor, b: Tensor) -> float:
+    """W1 between the value distributions of two equal-size samples (all pixels pooled), in ``b``'s sd.
+
+    For equal sizes the optimal coupling pairs the sorted values: ``W1 = mean |sort(a) - sort(b)|``.
+    """
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    if a.shape != b.shape:
+        raise GanflowError(f"pixel_wasserstein1 needs equal sizes, got {a.numel()} and {b.numel()} values")
+    return float((a.sort().values - b.sort().values).abs().mean() / b.std().clamp_min(1e-30))
+
+
+def _std_rel_err(a: Tensor, b: Tensor) -> float:
+    """``||std_a - std_b|| / ||std_b||`` of the per-pixel std maps."""
+    s_a, s_b = a.std(0), b.std(0)
+    return float((s_a - s_b).norm() / s_b.norm().clamp_min(1e-30))
+
+
+def _headline(gen: Tensor, real: Tensor, seed: int, n_proj: int) -> dict:
+    """The three headline figures of ``gen`` against half ``A`` of ``real``, each with its B-vs-A baseline."""
+    half = real.shape[0] // 2
+    perm = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(int(seed) + 1))
+    a, b, g = real[perm[:half]], real[perm[half : 2 * half]], gen[:half]
+    swd = lambda u: sliced_wasserstein(u, a, n_proj, torch.Generator().manual_seed(int(seed) + 2))  # noqa: E731
+    return {
+        "pixel_w1": pixel_wasserstein1(g, a),
+        "pixel_w1_reference": pixel_wasserstein1(b, a),
+        "std_rel_err": _std_rel_err(g, a),
+        "std_rel_err_reference": _std_rel_err(b, a),
+        "swd": swd(g),
+        "swd_reference": swd(b),
+    }
 
 
 def radial_power_spectrum(x: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -112,10 +155,8 @@ def compute_report(
     gen = _generate(generator, n_gen, seed)
     m_r, s_r, m_g, s_g = real.mean(0), real.std(0), gen.mean(0), gen.std(0)
     rms = (m_r**2 + s_r**2).sqrt()
-    metrics = {
-        "mean_rel_err": float((m_g - m_r).norm() / rms.norm().clamp_min(1e-30)),
-        "std_rel_err": float((s_g - s_r).norm() / s_r.norm().clamp_min(1e-30)),
-    }
+    metrics = _headline(gen, real, seed, n_proj)
+    metrics["mean_rel_err"] = float((m_g - m_r).norm() / rms.norm().clamp_min(1e-30))
     if len(shape) == 2:
         kx, p_r = radial_power_spectrum(real)
         _, p_g = radial_power_spectrum(gen)
@@ -134,11 +175,6 @@ def compute_report(
     h_r = np.histogram(real.numpy().clip(lo, hi), edges)[0] / real.numel()
     h_g = np.histogram(gen.numpy().clip(lo, hi), edges)[0] / gen.numel()
     metrics["hist_tv"] = float(0.5 * np.abs(h_r - h_g).sum())
-    half = M // 2
-    perm = torch.randperm(M, generator=torch.Generator().manual_seed(int(seed) + 1))
-    a, b = real[perm[:half]], real[perm[half : 2 * half]]
-    metrics["swd"] = sliced_wasserstein(gen[:half], a, n_proj, torch.Generator().manual_seed(int(seed) + 2))
-    metrics["swd_reference"] = sliced_wasserstein(b, a, n_proj, torch.Generator().manual_seed(int(seed) + 2))
     return {
         "metrics": metrics,
         "n_real": M,
@@ -260,17 +296,20 @@ def _figure(rep: dict):
 
 
 def format_summary(metrics: dict) -> str:
-    """One line: the report's numbers, with the SWD reference beside the SWD."""
-    parts = [f"mean err {metrics['mean_rel_err']:.3f}", f"std err {metrics['std_rel_err']:.3f}"]
+    """One line: the three headline figures, each with its data-vs-data baseline, then the others."""
+    parts = []
+    if "pixel_w1" in metrics:  # reports written before the headline figures lack it
+        parts.append(f"pixel W1 {metrics['pixel_w1']:.3f} sd (data vs data {metrics['pixel_w1_reference']:.3f})")
+    ref = metrics.get("std_rel_err_reference")
+    parts.append(f"std err {metrics['std_rel_err']:.3f}" + (f" (data vs data {ref:.3f})" if ref is not None else ""))
+    ratio = metrics["swd"] / metrics["swd_reference"] if metrics["swd_reference"] > 0 else math.inf
+    parts.append(f"SWD ratio {ratio:.2f} ({metrics['swd']:.4g} vs data-vs-data {metrics['swd_reference']:.4g})")
+    parts.append(f"mean err {metrics['mean_rel_err']:.3f}")
     if "psd_log10_err" in metrics:
         parts.append(f"PSD log10 err {metrics['psd_log10_err']:.3f}")
     if "corr_max_abs_err" in metrics:
         parts.append(f"corr err {metrics['corr_max_abs_err']:.3f}")
     parts.append(f"hist TV {metrics['hist_tv']:.3f}")
-    ratio = metrics["swd"] / metrics["swd_reference"] if metrics["swd_reference"] > 0 else math.inf
-    parts.append(
-        f"SWD {metrics['swd']:.4g} (held-out reference {metrics['swd_reference']:.4g}, ratio {ratio:.2f})"
-    )
     return "prior report: " + ", ".join(parts)
 
 

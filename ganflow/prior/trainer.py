@@ -79,6 +79,10 @@ class TrainSettings:
         checkpoint_every_s: save a checkpoint after this many seconds of training (and at the end).
         base_channels: channels of the finest conv layer (2-D fields).
         mlp_hidden, mlp_depth: width and number of hidden layers of the MLP pair (1-D fields).
+        output: the generator's read-out: ``"linear"`` (unbounded) or ``"tanh"`` (bounded to the training
+            fields' range ``[min, max]``; the fields are then normalised by the range, ``mu = (max + min) / 2``,
+            ``s = (max - min) / 2``). Bounded or binary fields (channels, phantoms) want ``"tanh"``: a linear
+            read-out spreads its values over the gap between the levels.
         log_every: record the Wasserstein estimate every this many generator steps.
         max_failures: non-finite generator steps tolerated; each is undone (networks, EMA and optimisers go
             back to the last good step) and halves both learning rates; one more stops the run with the last
@@ -99,6 +103,7 @@ class TrainSettings:
     base_channels: int = 16
     mlp_hidden: int = 256
     mlp_depth: int = 3
+    output: str = "linear"
     log_every: int = 10
     max_failures: int = 20
 
@@ -119,6 +124,7 @@ class TrainSettings:
             ("base_channels", self.base_channels >= 1, ">= 1"),
             ("mlp_hidden", self.mlp_hidden >= 1, ">= 1"),
             ("mlp_depth", self.mlp_depth >= 1, ">= 1"),
+            ("output", self.output in ("linear", "tanh"), "'linear' or 'tanh'"),
             ("log_every", self.log_every >= 1, ">= 1"),
             ("max_failures", self.max_failures >= 0, ">= 0"),
         ]
@@ -196,7 +202,10 @@ def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
 def _settings_mismatch(a: dict, b: dict) -> list[str]:
     # steps, checkpoint_every_s and max_failures may change on resume (older checkpoints lack max_failures);
     # everything else shapes the computation.
+    # A key an older checkpoint lacks had its default then (output: linear).
     free = {"steps", "checkpoint_every_s", "max_failures"}
+    defaults = TrainSettings().to_dict()
+    a, b = {**defaults, **a}, {**defaults, **b}
     return sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
 
 
@@ -280,6 +289,7 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
             settings.base_channels,
             settings.mlp_hidden,
             settings.mlp_depth,
+            settings.output,
         )
         if ckpt is None
         else ckpt["arch"]
@@ -295,8 +305,7 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
     train_idx, val_idx = split_indices(fd.fields.shape[0], settings.val_fraction, seed)
     x_train = fd.fields[train_idx]
     if ckpt is None:
-        mean = x_train.double().mean().float()
-        std = x_train.double().std().float() if x_train.numel() > 1 else torch.tensor(0.0)
+        mean, std = _normalization(x_train, settings.output)
         if not torch.isfinite(std) or std <= 1e-12 * (1 + mean.abs().max()):
             raise GanflowError(
                 f"{fd.path}: the training fields do not vary (std {float(std):.3g}); nothing to learn"
@@ -383,7 +392,8 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
             "arch": dict(arch),
             "latent_dim": int(arch["latent_dim"]),
             "field_shape": list(arch["field_shape"]),
-            "normalization": {"kind": "scalar", "mean": mean.clone(), "std": std.clone()},
+            "normalization": {"kind": "range" if settings.output == "tanh" else "scalar",
+                              "mean": mean.clone(), "std": std.clone()},
             "settings": settings.to_dict(),
             "data": provenance,
             "seed": int(seed),
@@ -533,6 +543,15 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
         )
     distributed.barrier()  # the other ranks return once the checkpoint and report exist
     return result
+
+
+def _normalization(x_train: Tensor, output: str) -> tuple[Tensor, Tensor]:
+    """Scalar ``(mu, s)``: the mean and std of the values, or for a tanh read-out the range's centre and half-width."""
+    x = x_train.double()
+    if output == "tanh":
+        lo, hi = x.min(), x.max()
+        return ((hi + lo) / 2).float(), ((hi - lo) / 2).float()
+    return x.mean().float(), (x.std().float() if x.numel() > 1 else torch.tensor(0.0))
 
 
 def report_prefix(checkpoint_path: str | os.PathLike) -> str:
