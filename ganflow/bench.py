@@ -1106,7 +1106,7 @@ def _f(x, fmt="{:.3g}") -> str:
 
 
 def write_markdown(records: list[dict], notes: list[str] = ()) -> str:
-    """The README's tables: accuracy and cost per method, flow overhead, operator throughput, targets."""
+    """results.md (docs/benchmark.md): accuracy and cost per method, flow overhead, operator throughput, targets."""
     h = next((r for r in records if r.get("method") == "header"), {})
     lines = [
         f"Measured {h.get('date', '?')} on {h.get('cpu_model', '?')} ({h.get('cores', '?')} cores, torch "

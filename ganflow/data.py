@@ -1,6 +1,6 @@
 """Example fields: ``fields.h5`` written from a problem's prior sampler, and read back for training.
 
-File schema (DESIGN.md): ``/fields`` ``[N, *field_shape]`` float32, chunked along N; attributes ``problem``
+File schema (docs/files.md): ``/fields`` ``[N, *field_shape]`` float32, chunked along N; attributes ``problem``
 (normalised spec), ``seed`` and ``generator_kwargs`` (JSON of the problem factory's keyword arguments).
 
 Determinism: chunk ``i`` (``chunk_size`` fields) is drawn with its own ``torch.Generator`` seeded from

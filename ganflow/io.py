@@ -176,7 +176,7 @@ def read_obs(path: str | os.PathLike) -> Observation:
 
 
 def write_obs(path: str | os.PathLike, obs: Observation) -> None:
-    """Write ``obs.h5`` atomically (DESIGN.md schema)."""
+    """Write ``obs.h5`` atomically (schema: docs/files.md)."""
     with atomic_h5(path) as f:
         f.create_dataset("y", data=obs.y.detach().cpu().numpy().astype(np.float32))
         f.attrs["noise_sigma"] = float(obs.noise_sigma)

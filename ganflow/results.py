@@ -1,6 +1,6 @@
 """``posterior.h5``: the result of a solve, its schema, and the `PosteriorResult` object.
 
-Schema (DESIGN.md; extended, never changed):
+Schema (docs/files.md; extended, never changed):
 
     /latent/samples                 [N, k]            posterior latent draws
     /field/mean, /field/std         [*field_shape]

@@ -5,7 +5,7 @@
     ganflow solve --obs obs.h5 --prior scripts/example_plugin.py:generator -o posterior.h5
     ganflow check-operator scripts/example_plugin.py:SmoothedSensors
 
-Contracts (DESIGN.md): an operator is an nn.Module with `field_shape`, `obs_shape` and a differentiable,
+Contracts (docs/problems.md): an operator is an nn.Module with `field_shape`, `obs_shape` and a differentiable,
 noise-free forward `[B, *field_shape] -> [B, *obs_shape]`; a generator has `latent_dim` and `field_shape` and
 maps `[B, latent_dim] -> [B, *field_shape]`. Masks and matrices are buffers so `.to(device)` works.
 """

@@ -9,7 +9,7 @@ Runs, with ``configs/phase_retrieval_256.toml`` (256x256 = 65,536 unknowns, k = 
 5. in-process timing of one MAP iteration and of flow training steps at the solve's batch size.
 
 Each CLI step runs under ``/usr/bin/time -v`` (wall time and peak memory). Writes ``OUT/scale_256_cpu.json``
-and prints a table for the README. Nothing here is a benchmark target; it shows what a CPU can and cannot do
+and prints the table of docs/scaling.md. Nothing here is a benchmark target; it shows what a CPU can and cannot do
 at this scale (the numbers say: use a GPU, ``scripts/gpu_check.sh``).
 
     python scripts/scale_256_cpu.py -o runs/scale_256_cpu [--steps 2] [--flow-steps 4] [--threads 2]

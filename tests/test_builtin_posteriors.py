@@ -75,7 +75,7 @@ def test_elliptic_posterior_with_bundled_prior():
     # at the most massive of the best modes (at the highest-density one: 0.22 / 0.44 / 65 %); earlier, with
     # 8 unscreened MAP starts: 0.16 / 0.66 (grid:8 sensors: 0.19 / 0.71, 74 %
     # of cells on the right side of the channel threshold; the bundled prior's fields are not fully binary).
-    # Coverage is below nominal (see README).
+    # Coverage is below nominal (how to read the diagnostics: docs/posteriors.md).
     assert agreement > 0.65
     assert m["rel_l2_error"] < 0.3
     assert m["coverage_95"] > 0.6
