@@ -46,10 +46,18 @@ class SolveSettings:
     n_field_samples: int = 64  # field draws stored in /field/samples
     batch_size: int = 500
     device: Literal["cpu", "cuda"] = "cpu"
+    # The prior's representation error (x = G(z) + r, ganflow.posterior.representation): "on" uses the
+    # checkpoint's residual statistics when it has them (a generator spec has none: nothing changes).
+    representation_error: Literal["on", "off"] = "on"
+    representation_n_diag: int = 64  # random columns that carry the per-pixel remainder of the residuals
 
     def validate(self) -> None:
         if self.n_samples < 1 or self.n_quantile < 1 or self.n_field_samples < 0 or self.batch_size < 1:
             raise GanflowError("solve: n_samples, n_quantile and batch_size must be >= 1, n_field_samples >= 0")
+        if self.representation_error not in ("on", "off"):
+            raise GanflowError(f"solve.representation_error must be 'on' or 'off', got {self.representation_error!r}")
+        if self.representation_n_diag < 0:
+            raise GanflowError("solve.representation_n_diag must be >= 0")
 
 
 def load_prior(prior: str | os.PathLike | nn.Module, device: str = "cpu") -> nn.Module:
@@ -189,17 +197,19 @@ def solve(
     if resume and method != "flow":
         raise GanflowError(f"--resume of a single solve applies to --method flow, not {method}")
     ckpt = {"checkpoint_path": checkpoint_path, "resume": resume} if checkpoint_path is not None else None
+    target, re_attrs = with_representation_error(target, cfg, ss, seed) if device == "cpu" else (target, {})
     fit = _run_method(method, target, cfg, gen, progress, ckpt)
 
     def draw(b: int) -> torch.Tensor:
         return fit.draw(b, gen).to(device)
 
     summary = summarize_fields(
-        draw, generator_module, op, n_samples=ss.n_samples, batch_size=ss.batch_size,
+        draw, field_sampler(target, gen), op, n_samples=ss.n_samples, batch_size=ss.batch_size,
         n_quantile=ss.n_quantile, n_keep=ss.n_field_samples,
     )
     y = obs.y.cpu().numpy()
     attrs: dict[str, Any] = dict(fit.attrs)
+    attrs.update(re_attrs)
     attrs.update({
         "seed": int(seed),
         "n_forward_evals": int(fit.n_forward_evals),
@@ -244,6 +254,47 @@ def solve(
         fit=fit,
         generator=generator_module,
     )
+
+
+def with_representation_error(target: LatentTarget, cfg: Config, ss: SolveSettings,
+                              seed: int) -> tuple[LatentTarget, dict]:
+    """``target`` with the prior's representation error in its likelihood, and attributes that say so.
+
+    The residual is pushed through the operator at the MAP of the plain target (a cheaper multi-start search:
+    at most 16 starts); the prior's statistics come from its checkpoint (`ganflow.prior.residuals`).
+    """
+    stats = getattr(target.generator, "representation_error", None)
+    if stats is None or ss.representation_error == "off":
+        return target, {"representation_error": "off" if stats is not None else "none"}
+    from .posterior.flow import laplace_approximation
+    from .posterior.representation import representation_noise
+
+    fs = cfg.section(FlowSettings, "flow")
+    fs = dataclasses.replace(fs, map_starts=min(fs.map_starts, 16), progress=False)
+    evals0 = target.n_forward_evals
+    z_ref, _, _ = laplace_approximation(target, fs, torch.Generator().manual_seed(seed + 7919))
+    with torch.no_grad():
+        x_ref = target.generator(z_ref[None])[0]
+    noise = representation_noise(stats, target.operator, x_ref, target.noise_sigma,
+                                 torch.Generator().manual_seed(seed + 104729), ss.representation_n_diag)
+    new = LatentTarget(target.generator, target.operator, target.y, target.noise_sigma, check=False, noise=noise)
+    new.n_forward_evals = target.n_forward_evals
+    return new, {"representation_error": "on", "representation_rank": noise.rank,
+                 "representation_ref_forward_evals": int(target.n_forward_evals - evals0)}
+
+
+def field_sampler(target: LatentTarget, gen: torch.Generator):
+    """``z [B, k] -> x [B, *field_shape]``: ``G(z)``, plus a draw of the residual ``r | z, y`` when the target
+    carries the representation error."""
+    residual_draws = getattr(target.noise, "residual_draws", None)
+    if residual_draws is None:
+        return target.generator
+
+    def fields(z: torch.Tensor) -> torch.Tensor:
+        x = target.generator(z)
+        return x + residual_draws(target.operator(x), target.y, gen).to(x.dtype)
+
+    return fields
 
 
 # --- issue 10: --device cuda ---

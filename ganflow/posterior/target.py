@@ -30,6 +30,9 @@ class LatentTarget(nn.Module):
         y: the observation, ``[*obs_shape]``.
         noise_sigma: absolute noise standard deviation.
         check: run the shape / finiteness checks of `check_compatible` first.
+        noise: the noise model (``log_likelihood(pred, y)``, ``sigma``); default white `GaussianNoise`
+            (``noise_sigma``); `ganflow.posterior.representation.RepresentationNoise` adds the prior's
+            representation error.
 
     Example:
         >>> from problems.linear_gaussian import LinearGaussianProblem
@@ -39,13 +42,14 @@ class LatentTarget(nn.Module):
         torch.Size([3])
     """
 
-    def __init__(self, generator: nn.Module, operator: nn.Module, y: Tensor, noise_sigma: float, check: bool = True):
+    def __init__(self, generator: nn.Module, operator: nn.Module, y: Tensor, noise_sigma: float, check: bool = True,
+                 noise: nn.Module | None = None):
         super().__init__()
         if check:
             check_compatible(generator, operator, y)
         self.generator = generator
         self.operator = operator
-        self.noise = GaussianNoise(noise_sigma)
+        self.noise = noise if noise is not None else GaussianNoise(noise_sigma)
         self.register_buffer("y", y.detach().clone())
         self.latent_dim = int(generator.latent_dim)
         self.field_shape = tuple(generator.field_shape)

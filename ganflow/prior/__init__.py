@@ -51,7 +51,9 @@ def report_from_checkpoint(
     """Recompute the quality report of ``checkpoint`` against ``data`` (``fields.h5``).
 
     If ``data`` is the file the prior was trained on (same content hash) the same held-out split is used;
-    otherwise every field in ``data`` counts as held out. Returns the metrics dict.
+    otherwise every field in ``data`` counts as held out. A checkpoint without representation-error
+    statistics (trained before they existed) gets them from these held-out fields, written into it.
+    Returns the metrics dict.
     """
     from ..data import load_fields
     from .trainer import report_prefix, split_indices
@@ -68,6 +70,11 @@ def report_from_checkpoint(
         _, val_idx = split_indices(real.shape[0], float(ckpt["settings"]["val_fraction"]), int(ckpt["seed"]))
         if val_idx.numel() >= 4:
             real = real[val_idx]
-    return prior_report(
-        gen, real, prefix or report_prefix(checkpoint), seed=int(ckpt["seed"]) if seed is None else seed
-    )
+    seed = int(ckpt["seed"]) if seed is None else seed
+    metrics = prior_report(gen, real, prefix or report_prefix(checkpoint), seed=seed)
+    if gen.representation_error is None:
+        from .trainer import add_representation_error
+
+        n_fields = int(ckpt["settings"].get("representation_fields", 200)) or 200
+        add_representation_error(os.fspath(checkpoint), gen, real[:n_fields], seed)
+    return metrics

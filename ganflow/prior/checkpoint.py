@@ -19,6 +19,8 @@ Keys (``FORMAT_VERSION`` 1):
                    generator's state), ``data`` (the batch-order generator's state), ``cuda`` (list, if used)
 ``history``        dict: ``step`` int64 tensor, ``wasserstein`` and ``loss_g`` float tensors (logged steps)
 ``wall_time_s``    float: training time so far
+``representation_error``  optional dict (`ganflow.prior.residuals`): ``mean``, ``basis``, ``diag`` tensors
+                   and plain numbers; written at the end of training or by ``ganflow prior-report``
 =================  ==========================================================================================
 """
 
@@ -150,4 +152,21 @@ def generator_from_checkpoint(ckpt: dict, which: str = "G_ema") -> PriorGenerato
     gen.eval()
     for p in gen.parameters():
         p.requires_grad_(False)
+    gen.representation_error = _representation_error(ckpt)
     return gen
+
+
+def _representation_error(ckpt: dict) -> dict | None:
+    """The checkpoint's residual statistics, checked against its field shape (None when it has none)."""
+    stats = ckpt.get("representation_error")
+    if stats is None:
+        return None
+    shape = tuple(int(s) for s in ckpt["field_shape"])
+    try:
+        ok = (tuple(stats["mean"].shape) == shape and tuple(stats["diag"].shape) == shape
+              and tuple(stats["basis"].shape[1:]) == shape)
+    except (KeyError, AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise GanflowError("prior checkpoint: its representation_error statistics do not fit its field shape")
+    return stats

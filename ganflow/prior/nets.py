@@ -214,6 +214,8 @@ class PriorGenerator(nn.Module):
         self.field_shape = tuple(int(s) for s in arch["field_shape"])
         self.register_buffer("norm_mean", mean.detach().clone().float().reshape(()))
         self.register_buffer("norm_std", std.detach().clone().float().reshape(()))
+        # Residual statistics of held-out fields (`ganflow.prior.residuals`), set by the checkpoint loader.
+        self.representation_error: dict | None = None
 
     def forward(self, z: Tensor) -> Tensor:
         return self.norm_mean + self.norm_std * self.net(z)

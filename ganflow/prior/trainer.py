@@ -83,7 +83,13 @@ class TrainSettings:
             fields' range ``[min, max]``; the fields are then normalised by the range, ``mu = (max + min) / 2``,
             ``s = (max - min) / 2``). Bounded or binary fields (channels, phantoms) want ``"tanh"``: a linear
             read-out spreads its values over the gap between the levels.
+        tanh_margin: with ``output = "tanh"``, widen the range by this fraction (``s = (1 + margin)
+            (max - min) / 2``), so the data's extreme levels are reached at finite pre-activations. A field that
+            sits mostly at one extreme (the phantoms' zero background) needs it: pinned at -1, the read-out
+            saturated and the generator collapsed to the background.
         log_every: record the Wasserstein estimate every this many generator steps.
+        representation_fields: held-out fields (at most) projected onto the range of the trained generator to
+            estimate its representation error (`ganflow.prior.residuals`, stored in the checkpoint); 0 skips it.
         max_failures: non-finite generator steps tolerated; each is undone (networks, EMA and optimisers go
             back to the last good step) and halves both learning rates; one more stops the run with the last
             good state saved.
@@ -104,7 +110,9 @@ class TrainSettings:
     mlp_hidden: int = 256
     mlp_depth: int = 3
     output: str = "linear"
+    tanh_margin: float = 0.0
     log_every: int = 10
+    representation_fields: int = 200
     max_failures: int = 20
 
     def validate(self) -> None:
@@ -125,7 +133,9 @@ class TrainSettings:
             ("mlp_hidden", self.mlp_hidden >= 1, ">= 1"),
             ("mlp_depth", self.mlp_depth >= 1, ">= 1"),
             ("output", self.output in ("linear", "tanh"), "'linear' or 'tanh'"),
+            ("tanh_margin", 0 <= self.tanh_margin <= 1, "in [0, 1]"),
             ("log_every", self.log_every >= 1, ">= 1"),
+            ("representation_fields", self.representation_fields >= 0, ">= 0"),
             ("max_failures", self.max_failures >= 0, ">= 0"),
         ]
         for name, ok, want in checks:
@@ -203,7 +213,7 @@ def _settings_mismatch(a: dict, b: dict) -> list[str]:
     # steps, checkpoint_every_s and max_failures may change on resume (older checkpoints lack max_failures);
     # everything else shapes the computation.
     # A key an older checkpoint lacks had its default then (output: linear).
-    free = {"steps", "checkpoint_every_s", "max_failures"}
+    free = {"steps", "checkpoint_every_s", "max_failures", "representation_fields"}
     defaults = TrainSettings().to_dict()
     a, b = {**defaults, **a}, {**defaults, **b}
     return sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
@@ -305,7 +315,7 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
     train_idx, val_idx = split_indices(fd.fields.shape[0], settings.val_fraction, seed)
     x_train = fd.fields[train_idx]
     if ckpt is None:
-        mean, std = _normalization(x_train, settings.output)
+        mean, std = _normalization(x_train, settings.output, settings.tanh_margin)
         if not torch.isfinite(std) or std <= 1e-12 * (1 + mean.abs().max()):
             raise GanflowError(
                 f"{fd.path}: the training fields do not vary (std {float(std):.3g}); nothing to learn"
@@ -541,16 +551,34 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
             prefix=report_prefix(out),
             seed=seed,
         )
+    if ctx.is_main and settings.representation_fields > 0:
+        add_representation_error(out, generator, fd.fields[val_idx][: settings.representation_fields], seed)
     distributed.barrier()  # the other ranks return once the checkpoint and report exist
     return result
 
 
-def _normalization(x_train: Tensor, output: str) -> tuple[Tensor, Tensor]:
-    """Scalar ``(mu, s)``: the mean and std of the values, or for a tanh read-out the range's centre and half-width."""
+def add_representation_error(checkpoint_path: str, generator, fields: Tensor, seed: int) -> dict | None:
+    """Estimate the representation error on held-out ``fields`` and store it in the checkpoint (atomically);
+    returns the statistics, or None when there are too few fields."""
+    from .residuals import MIN_FIELDS, estimate_representation_error
+
+    if fields.shape[0] < MIN_FIELDS:
+        return None
+    stats = estimate_representation_error(generator, fields, seed=seed)
+    ckpt = load_checkpoint(checkpoint_path)
+    ckpt["representation_error"] = stats
+    save_checkpoint(checkpoint_path, ckpt)
+    generator.representation_error = stats
+    return stats
+
+
+def _normalization(x_train: Tensor, output: str, margin: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Scalar ``(mu, s)``: the mean and std of the values, or for a tanh read-out the range's centre and
+    half-width (widened by ``margin``)."""
     x = x_train.double()
     if output == "tanh":
         lo, hi = x.min(), x.max()
-        return ((hi + lo) / 2).float(), ((hi - lo) / 2).float()
+        return ((hi + lo) / 2).float(), ((1 + margin) * (hi - lo) / 2).float()
     return x.mean().float(), (x.std().float() if x.numel() > 1 else torch.tensor(0.0))
 
 
