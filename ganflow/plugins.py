@@ -8,7 +8,8 @@ A spec is one of
 - ``path/to/file.py:attr``.
 
 ``attr`` is an object or a zero-argument factory (a class or function); keyword arguments from a config
-table are passed to the factory. Code is imported only from specs the user gave explicitly.
+table are passed to the factory. Code is imported only from specs the user gave explicitly: a spec read back
+from a file (obs.h5, posterior.h5, ...) goes through `check_spec_from_file` first (the trust rule).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -33,6 +35,9 @@ __all__ = [
     "load_generator_spec",
     "instantiate",
     "normalize_spec",
+    "check_spec_from_file",
+    "UntrustedSpecError",
+    "BUILTIN_PACKAGES",
 ]
 
 PROBLEM_GROUP = "ganflow.problems"
@@ -220,3 +225,77 @@ def load_generator_spec(spec: str, **kwargs):
     gen = check_generator(gen)
     gen.eval()
     return gen
+
+
+# --- issue 16: the trust rule ---------------------------------------------------------------------------------
+# ganflow's own problem package under its old and new module names (the built-ins move from `problems.` to
+# `ganflow.problems.`): a spec into it names installed ganflow code, never code a file chose.
+BUILTIN_PACKAGES = ("problems", "ganflow.problems")
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+class UntrustedSpecError(GanflowError):
+    """A spec read back from a file names code outside the registered problems and ganflow's own package."""
+
+
+def _builtin_module_of_file(path: str) -> str | None:
+    """``problems.<module>`` when ``path`` is a ``.py`` file directly inside a built-in problem package."""
+    real = os.path.realpath(path)
+    if not real.endswith(".py"):
+        return None
+    for package in BUILTIN_PACKAGES:
+        try:
+            found = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            continue
+        for location in (found.submodule_search_locations or []) if found else []:
+            if os.path.dirname(real) == os.path.realpath(location):
+                return f"{package}.{os.path.basename(real)[:-3]}"
+    return None
+
+
+def _is_builtin_spec(spec: str) -> bool:
+    """``problems.<module>:<name>`` or ``ganflow.problems.<module>:<name>`` (or the path of such a module's
+    file), ``name`` a public object defined in that module (a single name: a dotted path could reach a function
+    the module merely imported)."""
+    module_part, _, attr = spec.rpartition(":")
+    if _is_file_spec(module_part):
+        module_part = _builtin_module_of_file(module_part) or ""
+    package, _, module_name = module_part.rpartition(".")
+    if package not in BUILTIN_PACKAGES or not _IDENTIFIER.fullmatch(module_name) or not _IDENTIFIER.fullmatch(attr):
+        return False
+    module = _import_builtin(module_part)
+    obj = getattr(module, attr, None)
+    return obj is not None and getattr(obj, "__module__", None) == module.__name__
+
+
+def _import_builtin(module_part: str):
+    """A built-in problem module under either of its names (``problems.X`` is ``ganflow.problems.X`` once the
+    built-ins live there); None when neither imports: a module ganflow does not ship is not ours to vouch for."""
+    short = module_part.removeprefix("ganflow.")
+    for name in dict.fromkeys((module_part, short, f"ganflow.{short}")):
+        try:
+            return importlib.import_module(name)
+        except Exception:
+            continue
+    return None
+
+
+def check_spec_from_file(spec: str, where: str, flag: str) -> str:
+    """The trust rule: return ``spec``, read back from a file, if resolving it imports no code the file chose.
+
+    Resolved: a name without ``:`` (looked up among the registered problems only; a prior's path is opened as a
+    weights-only checkpoint, never imported), the target of a registered problem, or a public object of a
+    module of ganflow's built-in problem package. Refused with `UntrustedSpecError`: any other ``module:attr``
+    or ``file.py:attr``, since the file may be someone else's and importing the module runs its top-level code.
+    ``where`` names the file and attribute; ``flag`` the option that trusts the spec explicitly (``--problem``,
+    ``--operator``, ``--prior``). Specs typed on the command line or passed in Python never come here.
+    """
+    text = str(spec).strip()
+    if ":" not in text or text in registered_problems().values() or _is_builtin_spec(text):
+        return text
+    raise UntrustedSpecError(
+        f"{where} names {text!r}, neither a registered problem nor part of ganflow, and code named by a file is "
+        f"not run (trust rule, docs/reliability.md); to trust it, pass it yourself with {flag} (in Python: the "
+        "argument of that name)"
+    )

@@ -16,7 +16,9 @@ from .common import config_option, force_option, kw_option, parse_kv, seed_optio
 @click.command("solve")
 @click.option("--obs", "obs_path", required=True, type=click.Path(dir_okay=False), help="Observation file obs.h5.")
 @click.option("--prior", required=True, help="Prior checkpoint (prior.pt) or generator spec.")
-@click.option("--problem", default=None, help="Problem spec; default: the one recorded in obs.h5.")
+@click.option("--problem", default=None,
+              help="Problem spec; default: the one recorded in obs.h5 when that is a registered problem (a recorded "
+                   "module:attr or file.py:attr is run only when given here: the trust rule).")
 @click.option("--operator", default=None, help="Operator spec (module:attr or file.py:attr).")
 @click.option("--method", type=click.Choice(METHODS), default=None, help="Posterior method [default: flow].")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output posterior.h5.")
