@@ -192,28 +192,47 @@ def load_problem(spec: str, **kwargs):
     return check_problem(problem)
 
 
+def _names_problem(obj) -> bool:
+    """Whether a resolved spec names a problem (an object or its class), not an operator."""
+    return _looks_like_problem(obj) or (
+        inspect.isclass(obj) and hasattr(obj, "make_operator") and hasattr(obj, "sample_fields")
+    )
+
+
 def load_operator(spec: str | None = None, *, problem=None, problem_kwargs=None, **kwargs):
-    """A forward operator from an operator spec, or from a problem (spec or object) via ``make_operator``."""
+    """A forward operator from an operator spec, or from a problem (spec or object) via ``make_operator``.
+
+    ``kwargs`` go to the operator's factory, or to ``make_operator`` when ``spec`` or ``problem`` names a problem;
+    ``problem_kwargs`` go to the problem's factory (``load_operator("phase_retrieval", problem_kwargs={"n": 16})``
+    is a 16x16 operator). A combination that would leave an argument unused is an error, never ignored.
+    """
+    if spec is not None and problem is not None:
+        raise GanflowError("give an operator spec or a problem, not both")
     if spec is not None:
         obj = resolve_spec(spec)
-        if _looks_like_problem(obj) or (
-            inspect.isclass(obj) and hasattr(obj, "make_operator") and hasattr(obj, "sample_fields")
-        ):
-            # A problem spec names its default operator; kwargs go to make_operator.
-            return load_operator(problem=load_problem(spec), **kwargs)
-        else:
-            op = instantiate(obj, kwargs, _looks_like_operator, f"operator '{spec}'")
-    else:
-        if problem is None:
-            raise GanflowError("an operator needs --operator SPEC or --problem P")
-        if isinstance(problem, str):
-            problem = load_problem(problem, **(problem_kwargs or {}))
-        try:
-            op = problem.make_operator(**kwargs)
-        except GanflowError:
-            raise
-        except TypeError as e:
-            raise GanflowError(f"operator options for problem '{problem.name}': {e}") from e
+        if not _names_problem(obj):
+            if problem_kwargs:
+                raise GanflowError(f"problem options ({', '.join(problem_kwargs)}) need a problem; "
+                                   f"'{spec}' names an operator")
+            return _checked_operator(instantiate(obj, kwargs, _looks_like_operator, f"operator '{spec}'"))
+        problem = spec  # a problem spec names its default operator
+    if problem is None:
+        raise GanflowError("an operator needs --operator SPEC or --problem P")
+    if isinstance(problem, str):
+        problem = load_problem(problem, **(problem_kwargs or {}))
+    elif problem_kwargs:
+        raise GanflowError(f"problem options ({', '.join(problem_kwargs)}) need a problem spec; this problem is "
+                           "an object already built (pass the options to its constructor)")
+    try:
+        op = problem.make_operator(**kwargs)
+    except GanflowError:
+        raise
+    except TypeError as e:
+        raise GanflowError(f"operator options for problem '{problem.name}': {e}") from e
+    return _checked_operator(op)
+
+
+def _checked_operator(op):
     op = check_operator(op)
     op.eval()
     return op

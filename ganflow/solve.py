@@ -91,10 +91,12 @@ def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any
                      operator_kwargs: dict | None = None, problem_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
     """The forward operator and a description of where it came from (for the result's attributes).
 
-    Precedence: an explicit operator (module or spec) > an explicit problem > the observation's ``problem``
-    attribute, which for an observation read from a file (``obs.path`` set) must pass the trust rule.
+    Precedence: an explicit operator (module or spec) or an explicit problem (not both) > the observation's
+    ``problem`` attribute, which for an observation read from a file (``obs.path`` set) must pass the trust rule.
     ``operator_kwargs`` override the observation's when the observation's problem is used.
     """
+    if operator is not None and problem is not None:
+        raise GanflowError("give --operator or --problem, not both (the operator would make the problem unused)")
     if isinstance(operator, nn.Module):
         return operator, {"operator": type(operator).__name__, "operator_kwargs": {}}
     if isinstance(operator, str):
@@ -117,6 +119,17 @@ def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any
     pkw.update(problem_kwargs or {})
     op = load_operator(problem=recorded, problem_kwargs=pkw, **kw)
     return op, {"problem": recorded, "operator_kwargs": kw, "problem_kwargs": pkw}
+
+
+def _checkpoint_options(method: str, checkpoint_path, resume: bool) -> dict | None:
+    """`fit_flow`'s checkpoint options; an option the method cannot use is an error, not ignored."""
+    if resume and method != "flow":
+        raise GanflowError(f"--resume of a single solve applies to --method flow, not {method}")
+    if checkpoint_path is not None and method != "flow":
+        raise GanflowError(f"checkpoint_path applies to method 'flow' (the one that checkpoints), not {method}")
+    if resume and checkpoint_path is None:
+        raise GanflowError("resume=True needs the checkpoint_path of the interrupted fit")
+    return {"checkpoint_path": checkpoint_path, "resume": resume} if checkpoint_path is not None else None
 
 
 def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Generator, progress: bool,
@@ -177,8 +190,8 @@ def solve(
         config: a `Config`, a dict of tables, or a TOML path.
         seed: every random draw of the solve comes from ``torch.Generator().manual_seed(seed)``.
         checkpoint_path: where ``method="flow"`` writes its fit state every ``[flow] checkpoint_every_s``
-            (atomically; other methods ignore it); ``resume=True`` continues from it (bit-identical on CPU).
-            The caller deletes it after saving the result.
+            (atomically; the other methods do not checkpoint and refuse it); ``resume=True`` continues from it
+            (bit-identical on CPU). The caller deletes it after saving the result.
     """
     t0 = time.perf_counter()
     if isinstance(config, Config):
@@ -206,9 +219,7 @@ def solve(
     else:  # --- issue 10: G and A on the device, latents on the host (see _DeviceTarget)
         target = _DeviceTarget(generator_module, op, obs.y, obs.noise_sigma, device)
     gen = torch.Generator().manual_seed(seed)
-    if resume and method != "flow":
-        raise GanflowError(f"--resume of a single solve applies to --method flow, not {method}")
-    ckpt = {"checkpoint_path": checkpoint_path, "resume": resume} if checkpoint_path is not None else None
+    ckpt = _checkpoint_options(method, checkpoint_path, resume)
     fit = _run_method(method, target, cfg, gen, progress, ckpt)
 
     def draw(b: int) -> torch.Tensor:
