@@ -183,6 +183,8 @@ def env(tmp_path_factory):
     (d / "train.toml").write_text(TRAIN)
     (d / "solve.toml").write_text(SOLVE)
     (d / "adir").mkdir()
+    (d / "figs_existing").mkdir()
+    (d / "figs_existing" / "fields.png").write_bytes(b"an earlier figure")
     for name, text in BAD_CONFIGS.items():
         (d / name).write_bytes(text if isinstance(text, bytes) else text.encode())
 
@@ -508,6 +510,7 @@ CASES = [
     ("plot-not-posterior", ["plot", "{d}/fields.h5", "-o", "{d}/figs"], "not a ganflow posterior"),
     ("plot-missing-attr", ["plot", "{d}/post_nomethod.h5", "-o", "{d}/figs"], "method"),
     ("plot-bad-json", ["plot", "{d}/post_badjson.h5", "-o", "{d}/figs"], "config"),
+    ("plot-figures-exist", ["plot", "{d}/post.h5", "-o", "{d}/figs_existing"], "--force"),
     ("plot-out-missing-parent", ["plot", "{d}/post.h5", "-o", "{d}/nodir/figs"], "does not exist"),
     ("plot-out-is-file", ["plot", "{d}/post.h5", "-o", "{d}/obs.h5"], "obs.h5"),
     # ---- check-operator

@@ -35,3 +35,22 @@ def test_solve_cli_hints_n_obs_for_an_unmarked_stack(tmp_path):
     r = run_cli("solve", "--obs", tmp_path / "obs.h5", "--prior", "problems.linear_gaussian:generator",
                 "-o", tmp_path / "post.h5")
     assert r.returncode == 2 and "n_obs = 4" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_plot_needs_force_to_replace_figures(tmp_path):
+    d = tmp_path
+    (d / "c.toml").write_text("[solve]\nn_samples = 50\nn_quantile = 20\nn_field_samples = 2\n[flow]\n"
+                              "n_layers = 1\nhidden = 4\nmax_iter = 3\nmin_iter = 0\nwarmup = 1\nmap_iter = 2\n"
+                              "map_starts = 1\nprogress = false\n[diagnostics]\nenabled = false\n")
+    prior = "problems.linear_gaussian:generator"
+    assert run_cli("simulate", "--problem", "linear_gaussian", "--prior", prior, "--noise-sigma", "0.1",
+                   "-o", d / "obs.h5").returncode == 0
+    assert run_cli("solve", "--obs", d / "obs.h5", "--prior", prior, "--config", d / "c.toml", "--quiet",
+                   "-o", d / "post.h5").returncode == 0
+    assert run_cli("plot", d / "post.h5", "-o", d / "figs").returncode == 0
+    before = (d / "figs" / "fields.png").stat().st_mtime_ns
+    r = run_cli("plot", d / "post.h5", "-o", d / "figs")
+    assert r.returncode == 2 and "--force" in r.stderr and "fields.png" in r.stderr, r.stderr
+    assert (d / "figs" / "fields.png").stat().st_mtime_ns == before
+    r = run_cli("plot", d / "post.h5", "-o", d / "figs", "--force")
+    assert r.returncode == 0, r.stderr
