@@ -259,7 +259,8 @@ class PosteriorResult:
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n, *field_shape]`` posterior field draws (needs the generator: available after a solve)."""
         if self.generator is None:
-            raise GanflowError("this result has no generator attached; use ganflow.load_posterior(path, prior=...)")
+            raise GanflowError("this result has no generator attached: set result.generator = "
+                               "ganflow.load_prior(PRIOR) (the prior it was solved with)")
         with torch.no_grad():
             return self.generator(self.sample_latent(n, generator))
 

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -11,7 +14,31 @@ import torch
 from ganflow import GanflowError
 from ganflow.operators import check_compatible
 from problems.linear_gaussian import LinearGaussianProblem
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
+
+DOC_REFERENCE = re.compile(r"docs/[A-Za-z0-9_.-]+\.md")
+
+
+def _doc_references() -> dict[str, set[str]]:
+    """``docs/<name>.md`` -> the files under ganflow/, problems/, configs/ and scripts/ that cite it."""
+    found: dict[str, set[str]] = {}
+    for top in ("ganflow", "problems", "configs", "scripts"):
+        for dirpath, _, names in os.walk(os.path.join(ROOT, top)):
+            for name in names:
+                if not name.endswith((".py", ".toml", ".sh", ".md", ".txt")):
+                    continue
+                path = os.path.join(dirpath, name)
+                with open(path, encoding="utf-8") as f:
+                    for ref in DOC_REFERENCE.findall(f.read()):
+                        found.setdefault(ref, set()).add(os.path.relpath(path, ROOT))
+    return found
+
+
+def test_every_docs_reference_names_an_existing_file():
+    refs = _doc_references()
+    assert refs, "the scan found no docs/ reference at all: the pattern or the roots are wrong"
+    missing = {ref: sorted(where) for ref, where in refs.items() if not os.path.isfile(os.path.join(ROOT, ref))}
+    assert not missing, f"help texts, docstrings or configs cite docs that do not exist: {missing}"
 
 
 def test_stacked_y_without_n_obs_names_the_attribute():

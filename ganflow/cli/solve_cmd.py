@@ -41,7 +41,7 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
     """Fit the latent posterior and write posterior statistics to posterior.h5.
 
     A stacked obs.h5 (ganflow simulate --n-obs M) is solved observation by observation into one file with a
-    group per observation; under torchrun the observations are shared among the processes (docs/scale.md).
+    group per observation; under torchrun the observations are shared among the processes (docs/scaling.md).
     """
     cfg = Config.from_file(config_path, known=SOLVE_TABLES)
     if kw:

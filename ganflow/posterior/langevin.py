@@ -22,7 +22,7 @@ form and is estimated in one of three ways (``LangevinSettings.entropy``):
     and the noise path, so the estimate is an upper bound on the KL (it is the KL between the joint laws of
     ``(z_K, eps)``).  The bias is not constant in ``s``: it grows as the chain forgets ``z_0`` (the injected
     noise then carries all of ``z_K``'s spread), so this estimator systematically picks too small a step size
-    exactly when the chain mixes well (measured in docs/samplers.md: about half the optimal ``s`` on
+    exactly when the chain mixes well (measured in docs/posteriors.md: about half the optimal ``s`` on
     linear_gaussian).  Kept as a diagnostic and a guaranteed bound (``trace["kl_path_bound"]``).
 ``"linearized"`` (default for ``k <= hessian_max_dim``) -- the same Jacobians, but the noise enters the
     entropy too: along each chain the step is linearised, ``z_{t+1} ~ J_t z_t + s_t eps_t``, and a covariance

@@ -23,7 +23,7 @@ training device) and ``data`` (batch indices, CPU), plus split/initialisation st
 All their states are stored in the checkpoint, so an interrupted run resumed with ``resume=True`` ends with
 exactly the same weights as an uninterrupted one (on CPU).
 
-Data parallel (``torchrun --nproc_per_node N -m ganflow train-prior ...``, see docs/scale.md):
+Data parallel (``torchrun --nproc_per_node N -m ganflow train-prior ...``, see docs/scaling.md):
 ``batch_size`` is the global batch; each of the N ranks draws ``batch_size / N`` fields per step from its own
 disjoint shard of the training split (rows ``rank, rank + N, ...``) with its own noise and batch-order streams
 (rank 0's are the single-process streams), computes the losses and the gradient penalty on its local
