@@ -81,3 +81,28 @@ def test_plot_needs_force_to_replace_figures(tmp_path):
     assert (d / "figs" / "fields.png").stat().st_mtime_ns == before
     r = run_cli("plot", d / "post.h5", "-o", d / "figs", "--force")
     assert r.returncode == 0, r.stderr
+
+
+def test_checkpoint_provenance_has_no_absolute_path(tmp_path):
+    from ganflow.data import write_fields
+    from ganflow.prior import TrainSettings, train_prior
+    from ganflow.prior.checkpoint import load_checkpoint
+
+    fields = write_fields(tmp_path / "gp.h5", torch.randn(64, 16), problem="gp-test", seed=0)
+    s = TrainSettings(latent_dim=4, steps=2, batch_size=16, n_critic=1, mlp_hidden=8, mlp_depth=1)
+    train_prior(fields, tmp_path / "p.pt", s, seed=0, report=False)
+    raw = torch.load(tmp_path / "p.pt", weights_only=True)  # what is on disk, not what the reader shows
+    assert raw["data"]["path"] == "gp.h5" and len(raw["data"]["sha1"]) == 40
+    assert str(tmp_path) not in repr({k: v for k, v in raw.items() if k in ("data", "settings", "arch")})
+    assert load_checkpoint(tmp_path / "p.pt")["data"]["path"] == "gp.h5"
+
+
+@pytest.mark.parametrize("name", ["elliptic_32.pt", "phase_retrieval_32.pt"])
+def test_bundled_checkpoints_show_no_machine_path(name):
+    from ganflow.prior.checkpoint import load_checkpoint
+
+    path = os.path.join(ROOT, "problems", "data", name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{name} is not bundled in this checkout")
+    data = load_checkpoint(path)["data"]
+    assert not os.path.isabs(data["path"]) and os.sep not in data["path"], data["path"]
