@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from ganflow import GanflowError
+from ganflow import GanflowError, load_problem
 from ganflow.operators import check_compatible
-from problems.linear_gaussian import LinearGaussianProblem
+from ganflow.plugins import registered_problems
 from tests.conftest import ROOT, run_cli
+
+# The built-in generator, under whichever module name this layout gives it (problems.* or ganflow.problems.*).
+PRIOR = registered_problems()["linear_gaussian"].split(":")[0] + ":generator"
 
 DOC_REFERENCE = re.compile(r"docs/[A-Za-z0-9_.-]+\.md")
 
@@ -42,8 +45,8 @@ def test_every_docs_reference_names_an_existing_file():
 
 
 def test_stacked_y_without_n_obs_names_the_attribute():
-    G = LinearGaussianProblem().generator()
-    op = LinearGaussianProblem().make_operator()
+    G = load_problem("linear_gaussian").generator()
+    op = load_problem("linear_gaussian").make_operator()
     y = torch.zeros(4, *op.obs_shape)
     with pytest.raises(GanflowError, match=r"n_obs = 4") as e:
         check_compatible(G, op, y)
@@ -59,7 +62,7 @@ def test_solve_cli_hints_n_obs_for_an_unmarked_stack(tmp_path):
         f["y"] = y
         f.attrs["noise_sigma"] = 0.1
         f.attrs["problem"] = "linear_gaussian"
-    r = run_cli("solve", "--obs", tmp_path / "obs.h5", "--prior", "problems.linear_gaussian:generator",
+    r = run_cli("solve", "--obs", tmp_path / "obs.h5", "--prior", PRIOR,
                 "-o", tmp_path / "post.h5")
     assert r.returncode == 2 and "n_obs = 4" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -69,7 +72,7 @@ def test_plot_needs_force_to_replace_figures(tmp_path):
     (d / "c.toml").write_text("[solve]\nn_samples = 50\nn_quantile = 20\nn_field_samples = 2\n[flow]\n"
                               "n_layers = 1\nhidden = 4\nmax_iter = 3\nmin_iter = 0\nwarmup = 1\nmap_iter = 2\n"
                               "map_starts = 1\nprogress = false\n[diagnostics]\nenabled = false\n")
-    prior = "problems.linear_gaussian:generator"
+    prior = PRIOR
     assert run_cli("simulate", "--problem", "linear_gaussian", "--prior", prior, "--noise-sigma", "0.1",
                    "-o", d / "obs.h5").returncode == 0
     assert run_cli("solve", "--obs", d / "obs.h5", "--prior", prior, "--config", d / "c.toml", "--quiet",

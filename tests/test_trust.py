@@ -16,10 +16,13 @@ import h5py
 import pytest
 
 from ganflow.errors import GanflowError
-from ganflow.plugins import UntrustedSpecError, check_spec_from_file
+from ganflow.plugins import UntrustedSpecError, check_spec_from_file, registered_problems
 from tests.conftest import run_cli
 
-PRIOR = "problems.linear_gaussian:generator"  # built into ganflow: trusted wherever it is recorded
+# Built into ganflow, so trusted wherever it is recorded; named under whichever module name this layout gives
+# the built-ins (problems.* or ganflow.problems.*).
+LINEAR_GAUSSIAN = registered_problems()["linear_gaussian"].split(":")[0]
+PRIOR = f"{LINEAR_GAUSSIAN}:generator"
 TINY_SOLVE = (
     "[solve]\nn_samples = 50\nn_quantile = 20\nn_field_samples = 2\n"
     "[flow]\nn_layers = 1\nhidden = 4\nmax_iter = 3\nmin_iter = 0\nwarmup = 1\nmap_iter = 2\nmap_starts = 1\n"
@@ -87,27 +90,28 @@ def _refused(r, flag):
 
 
 def test_check_spec_from_file_accepts_only_registered_and_builtin(monkeypatch, tmp_path):
+    import importlib
     import types
 
-    import problems.linear_gaussian
-
-    builtin_file = problems.linear_gaussian.__file__
-    shutil.copyfile(builtin_file, tmp_path / "linear_gaussian.py")  # the same code, outside ganflow
-    for ok in ("elliptic", "linear_gaussian", "problems.elliptic:EllipticProblem", PRIOR, "prior.pt",
-               f"{builtin_file}:generator"):
-        assert check_spec_from_file(ok, "f.h5: attribute 'problem'", "--problem") == ok
-    # the built-ins' new home: a public name defined in a module of ganflow.problems is trusted too
+    builtin = importlib.import_module(LINEAR_GAUSSIAN)
+    short = LINEAR_GAUSSIAN.removeprefix("ganflow.")  # problems.linear_gaussian
+    shutil.copyfile(builtin.__file__, tmp_path / "linear_gaussian.py")  # the same code, outside ganflow
+    ok = ["elliptic", "linear_gaussian", registered_problems()["elliptic"], PRIOR, "prior.pt",
+          f"{short}:LinearGaussianProblem", f"ganflow.{short}:LinearGaussianProblem", f"{builtin.__file__}:generator"]
+    for spec in ok:  # both module names of the built-ins are accepted, whichever this layout imports
+        assert check_spec_from_file(spec, "f.h5: attribute 'problem'", "--problem") == spec
+    # a public name defined in a module of ganflow.problems is trusted
     fake = types.ModuleType("ganflow.problems.fake_builtin")
     exec("class FakeProblem:\n    pass\n", fake.__dict__)
     fake.FakeProblem.__module__ = fake.__name__
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
     assert check_spec_from_file("ganflow.problems.fake_builtin:FakeProblem", "f", "--problem")
-    for bad in ("evil.py:problem", "/abs/evil.py:problem", "evil:problem", "os:system", "problems.elliptic:np",
-                "problems.elliptic:GanflowError", "problems.elliptic:_grf", "ganflow.plugins:load_problem",
-                "problems.elliptic:EllipticProblem.make_operator", "problems.missing_module:X",
-                f"{tmp_path / 'linear_gaussian.py'}:generator", f"{builtin_file}:np"):
+    bad = ["evil.py:problem", "/abs/evil.py:problem", "evil:problem", "os:system", "ganflow.plugins:load_problem",
+           f"{short}:np", f"{short}:GanflowError", f"{short}:_cosine_basis", f"{short}:LinearGaussianProblem.generator",
+           f"{short}_missing:X", f"{tmp_path / 'linear_gaussian.py'}:generator", f"{builtin.__file__}:np"]
+    for spec in bad:
         with pytest.raises(UntrustedSpecError, match="--problem") as e:
-            check_spec_from_file(bad, "obs.h5: attribute 'problem'", "--problem")
+            check_spec_from_file(spec, "obs.h5: attribute 'problem'", "--problem")
         assert isinstance(e.value, GanflowError) and "\n" not in str(e.value)
 
 
