@@ -178,9 +178,12 @@ class FieldData:
         return tuple(self.fields.shape[1:])
 
     def provenance(self) -> dict:
-        """Plain-typed description stored in checkpoints (path, problem, seed, N, shape, content hash)."""
+        """Plain-typed description stored in checkpoints (file name, problem, seed, N, shape, content hash).
+
+        ``path`` is the file name only: a checkpoint travels between machines, and the SHA-1 of the fields
+        identifies the data wherever it lies."""
         return {
-            "path": os.path.abspath(self.path),
+            "path": os.path.basename(self.path),
             "problem": self.problem,
             "seed": int(self.seed),
             "generator_kwargs": json.dumps(self.generator_kwargs),

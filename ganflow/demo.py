@@ -97,7 +97,7 @@ def run_demo(outdir: str = "demo_output", problem: str = "phase_retrieval", seed
     result = solve(obs, G, method="flow", config=Config(tables), seed=seed, progress=progress)
     post_path = result.save(os.path.join(outdir, "posterior.h5"), force=True)
     figdir = os.path.join(outdir, "figures")
-    figures = plot_posterior(result, figdir)
+    figures = plot_posterior(result, figdir, force=True)  # a demo rerun replaces its own outputs
     operator = prob.make_operator(**spec.operator_kwargs)
     if hasattr(prob, "figures"):
         figures += prob.figures(result, operator, figdir)

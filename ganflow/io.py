@@ -123,7 +123,12 @@ def _read_dataset(f: h5py.File, name: str, path: str) -> np.ndarray:
 
 @dataclass
 class Observation:
-    """The contents of an ``obs.h5`` file."""
+    """The contents of an ``obs.h5`` file.
+
+    ``path`` is the file it was read from (None for one made in memory): the ``problem`` recorded in a file is
+    resolved only under the trust rule (`ganflow.plugins.check_spec_from_file`); ``prior`` is a label, never
+    loaded.
+    """
 
     y: torch.Tensor
     noise_sigma: float

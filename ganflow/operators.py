@@ -153,6 +153,14 @@ def call_plugin(fn, x: Tensor, what: str):
         raise GanflowError(f"{what} {type(fn).__name__} raised {type(e).__name__}: {first}") from e
 
 
+def _stack_hint(y_shape: tuple, obs_shape: tuple) -> str:
+    """A /y of shape [M, *obs_shape] is M observations that lack the marker that makes them a stack."""
+    if len(y_shape) == len(obs_shape) + 1 and y_shape[1:] == obs_shape:
+        return (f"; if /y holds {y_shape[0]} observations, set the obs.h5 attribute n_obs = {y_shape[0]} to solve "
+                "them as a stack (docs/files.md)")
+    return ""
+
+
 def check_compatible(generator, operator, y: Tensor | None = None, probe: bool = True) -> None:
     """The checks made before any solve, each with its own message.
 
@@ -170,7 +178,8 @@ def check_compatible(generator, operator, y: Tensor | None = None, probe: bool =
     if y is not None:
         oshape = tuple(operator.obs_shape)
         if tuple(y.shape) != oshape:
-            raise GanflowError(f"operator obs_shape {oshape} does not match /y shape {tuple(y.shape)}")
+            raise GanflowError(f"operator obs_shape {oshape} does not match /y shape {tuple(y.shape)}"
+                               + _stack_hint(tuple(y.shape), oshape))
         if not torch.isfinite(y).all():
             raise GanflowError(f"observation /y has {int((~torch.isfinite(y)).sum())} non-finite value(s)")
     if probe:

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from .errors import GanflowError  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
-__all__ = ["plot_posterior", "save_figure", "plot_qoi_hist", "plot_qois", "plot_diagnostics"]
+__all__ = ["plot_posterior", "FIGURE_NAMES", "save_figure", "plot_qoi_hist", "plot_qois", "plot_diagnostics"]
 
 
 def save_figure(fig, path: str) -> str:
@@ -152,12 +152,26 @@ def _as_image(a: np.ndarray) -> np.ndarray:
     raise GanflowError(f"cannot plot a field of shape {a.shape}")
 
 
-def plot_posterior(result, outdir: str | os.PathLike) -> list[str]:
-    """Write the posterior figures into ``outdir`` (created if missing); return their paths."""
-    outdir = os.fspath(outdir)
+# Every figure plot_posterior may write, checked together before any is written.
+FIGURE_NAMES = ("fields.png", "samples.png", "trace.png", "obs.png", "qoi.png", "diagnostics.png")
+
+
+def _check_figure_dir(outdir: str, force: bool) -> None:
     parent = os.path.dirname(os.path.abspath(outdir))
     if not os.path.isdir(parent):
         raise GanflowError(f"output directory's parent does not exist: {parent}")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise GanflowError(f"output path is a file, not a directory: {outdir}")
+    existing = [n for n in FIGURE_NAMES if os.path.exists(os.path.join(outdir, n))]
+    if existing and not force:
+        raise GanflowError(f"{outdir} already holds {', '.join(existing)} (use --force to overwrite)")
+
+
+def plot_posterior(result, outdir: str | os.PathLike, force: bool = False) -> list[str]:
+    """Write the posterior figures into ``outdir`` (created if missing); return their paths. Figures already
+    there are an error unless ``force``."""
+    outdir = os.fspath(outdir)
+    _check_figure_dir(outdir, force)
     os.makedirs(outdir, exist_ok=True)
     paths = []
     mean, std = result.mean, result.std

@@ -8,7 +8,8 @@ A spec is one of
 - ``path/to/file.py:attr``.
 
 ``attr`` is an object or a zero-argument factory (a class or function); keyword arguments from a config
-table are passed to the factory. Code is imported only from specs the user gave explicitly.
+table are passed to the factory. Code is imported only from specs the user gave explicitly: a spec read back
+from a file (obs.h5, posterior.h5, ...) goes through `check_spec_from_file` first (the trust rule).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -33,6 +35,9 @@ __all__ = [
     "load_generator_spec",
     "instantiate",
     "normalize_spec",
+    "check_spec_from_file",
+    "UntrustedSpecError",
+    "BUILTIN_PACKAGES",
 ]
 
 PROBLEM_GROUP = "ganflow.problems"
@@ -187,28 +192,47 @@ def load_problem(spec: str, **kwargs):
     return check_problem(problem)
 
 
+def _names_problem(obj) -> bool:
+    """Whether a resolved spec names a problem (an object or its class), not an operator."""
+    return _looks_like_problem(obj) or (
+        inspect.isclass(obj) and hasattr(obj, "make_operator") and hasattr(obj, "sample_fields")
+    )
+
+
 def load_operator(spec: str | None = None, *, problem=None, problem_kwargs=None, **kwargs):
-    """A forward operator from an operator spec, or from a problem (spec or object) via ``make_operator``."""
+    """A forward operator from an operator spec, or from a problem (spec or object) via ``make_operator``.
+
+    ``kwargs`` go to the operator's factory, or to ``make_operator`` when ``spec`` or ``problem`` names a problem;
+    ``problem_kwargs`` go to the problem's factory (``load_operator("phase_retrieval", problem_kwargs={"n": 16})``
+    is a 16x16 operator). A combination that would leave an argument unused is an error, never ignored.
+    """
+    if spec is not None and problem is not None:
+        raise GanflowError("give an operator spec or a problem, not both")
     if spec is not None:
         obj = resolve_spec(spec)
-        if _looks_like_problem(obj) or (
-            inspect.isclass(obj) and hasattr(obj, "make_operator") and hasattr(obj, "sample_fields")
-        ):
-            # A problem spec names its default operator; kwargs go to make_operator.
-            return load_operator(problem=load_problem(spec), **kwargs)
-        else:
-            op = instantiate(obj, kwargs, _looks_like_operator, f"operator '{spec}'")
-    else:
-        if problem is None:
-            raise GanflowError("an operator needs --operator SPEC or --problem P")
-        if isinstance(problem, str):
-            problem = load_problem(problem, **(problem_kwargs or {}))
-        try:
-            op = problem.make_operator(**kwargs)
-        except GanflowError:
-            raise
-        except TypeError as e:
-            raise GanflowError(f"operator options for problem '{problem.name}': {e}") from e
+        if not _names_problem(obj):
+            if problem_kwargs:
+                raise GanflowError(f"problem options ({', '.join(problem_kwargs)}) need a problem; "
+                                   f"'{spec}' names an operator")
+            return _checked_operator(instantiate(obj, kwargs, _looks_like_operator, f"operator '{spec}'"))
+        problem = spec  # a problem spec names its default operator
+    if problem is None:
+        raise GanflowError("an operator needs --operator SPEC or --problem P")
+    if isinstance(problem, str):
+        problem = load_problem(problem, **(problem_kwargs or {}))
+    elif problem_kwargs:
+        raise GanflowError(f"problem options ({', '.join(problem_kwargs)}) need a problem spec; this problem is "
+                           "an object already built (pass the options to its constructor)")
+    try:
+        op = problem.make_operator(**kwargs)
+    except GanflowError:
+        raise
+    except TypeError as e:
+        raise GanflowError(f"operator options for problem '{problem.name}': {e}") from e
+    return _checked_operator(op)
+
+
+def _checked_operator(op):
     op = check_operator(op)
     op.eval()
     return op
@@ -220,3 +244,77 @@ def load_generator_spec(spec: str, **kwargs):
     gen = check_generator(gen)
     gen.eval()
     return gen
+
+
+# --- issue 16: the trust rule ---------------------------------------------------------------------------------
+# ganflow's own problem package under its old and new module names (the built-ins move from `problems.` to
+# `ganflow.problems.`): a spec into it names installed ganflow code, never code a file chose.
+BUILTIN_PACKAGES = ("problems", "ganflow.problems")
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+class UntrustedSpecError(GanflowError):
+    """A spec read back from a file names code outside the registered problems and ganflow's own package."""
+
+
+def _builtin_module_of_file(path: str) -> str | None:
+    """``problems.<module>`` when ``path`` is a ``.py`` file directly inside a built-in problem package."""
+    real = os.path.realpath(path)
+    if not real.endswith(".py"):
+        return None
+    for package in BUILTIN_PACKAGES:
+        try:
+            found = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            continue
+        for location in (found.submodule_search_locations or []) if found else []:
+            if os.path.dirname(real) == os.path.realpath(location):
+                return f"{package}.{os.path.basename(real)[:-3]}"
+    return None
+
+
+def _is_builtin_spec(spec: str) -> bool:
+    """``problems.<module>:<name>`` or ``ganflow.problems.<module>:<name>`` (or the path of such a module's
+    file), ``name`` a public object defined in that module (a single name: a dotted path could reach a function
+    the module merely imported)."""
+    module_part, _, attr = spec.rpartition(":")
+    if _is_file_spec(module_part):
+        module_part = _builtin_module_of_file(module_part) or ""
+    package, _, module_name = module_part.rpartition(".")
+    if package not in BUILTIN_PACKAGES or not _IDENTIFIER.fullmatch(module_name) or not _IDENTIFIER.fullmatch(attr):
+        return False
+    module = _import_builtin(module_part)
+    obj = getattr(module, attr, None)
+    return obj is not None and getattr(obj, "__module__", None) == module.__name__
+
+
+def _import_builtin(module_part: str):
+    """A built-in problem module under either of its names (``problems.X`` is ``ganflow.problems.X`` once the
+    built-ins live there); None when neither imports: a module ganflow does not ship is not ours to vouch for."""
+    short = module_part.removeprefix("ganflow.")
+    for name in dict.fromkeys((module_part, short, f"ganflow.{short}")):
+        try:
+            return importlib.import_module(name)
+        except Exception:
+            continue
+    return None
+
+
+def check_spec_from_file(spec: str, where: str, flag: str) -> str:
+    """The trust rule: return ``spec``, read back from a file, if resolving it imports no code the file chose.
+
+    Resolved: a name without ``:`` (looked up among the registered problems only; a prior's path is opened as a
+    weights-only checkpoint, never imported), the target of a registered problem, or a public object of a
+    module of ganflow's built-in problem package. Refused with `UntrustedSpecError`: any other ``module:attr``
+    or ``file.py:attr``, since the file may be someone else's and importing the module runs its top-level code.
+    ``where`` names the file and attribute; ``flag`` the option that trusts the spec explicitly (``--problem``,
+    ``--operator``, ``--prior``). Specs typed on the command line or passed in Python never come here.
+    """
+    text = str(spec).strip()
+    if ":" not in text or text in registered_problems().values() or _is_builtin_spec(text):
+        return text
+    raise UntrustedSpecError(
+        f"{where} names {text!r}, neither a registered problem nor part of ganflow, and code named by a file is "
+        f"not run (trust rule, docs/reliability.md); to trust it, pass it yourself with {flag} (in Python: the "
+        "argument of that name)"
+    )

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .diagnostics import DiagnosticsResult, diagnose_draws, draw_flow, khat_warning
 from .errors import GanflowError
 from .io import atomic_path
-from .plugins import load_problem, resolve_spec
+from .plugins import check_spec_from_file, load_problem, resolve_spec
 from .posterior.flow import flow_from_state
 from .posterior.target import LatentTarget
 from .predictive import QUANTILES, StreamingMoments
@@ -133,7 +133,9 @@ def resolve_qois(specs, problem: str | None, problem_kwargs: dict | None) -> dic
         nonlocal problem_qois
         if problem_qois is None:
             if not problem:
-                raise GanflowError("this posterior names no problem: give QoIs as --qoi path/file.py:attr")
+                raise GanflowError(
+                    "this posterior names no problem: give --problem P, or QoIs as --qoi path/file.py:attr"
+                )
             p = load_problem(problem, **(problem_kwargs or {}))
             fn = getattr(p, "qois", None)
             problem_qois = dict(fn()) if callable(fn) else {}
@@ -337,30 +339,59 @@ class PredictReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def _operator_for(result: PosteriorResult) -> nn.Module:
+def _json_attr(attrs: dict, key: str) -> dict:
+    import json
+
+    v = attrs.get(key)
+    try:
+        return json.loads(v) if isinstance(v, str) and v else (v or {})
+    except json.JSONDecodeError:
+        raise GanflowError(f"posterior attribute '{key}' is not valid JSON") from None
+
+
+def _specs_to_resolve(result: PosteriorResult, problem: str | None, operator: str | None):
+    """The problem and operator specs `predict` resolves: the caller's as given; in their absence the
+    posterior's ``problem`` and ``operator`` attributes, each under the trust rule (`check_spec_from_file`)."""
+    a, where = result.attrs, f"{result.path}: attribute"
+    recorded_op = a.get("operator")
+    if problem is None and operator is None and isinstance(recorded_op, str) and ":" in recorded_op:
+        operator = check_spec_from_file(recorded_op, f"{where} 'operator'", "--operator")
+    if problem is None and a.get("problem"):
+        problem = check_spec_from_file(str(a["problem"]), f"{where} 'problem'", "--problem")
+    return problem, operator
+
+
+def _operator_for(result: PosteriorResult, problem: str | None, operator: str | None) -> nn.Module:
+    """The forward operator from the specs `_specs_to_resolve` returned, with the posterior's recorded options."""
     from .solve import resolve_operator
 
-    a = result.attrs
-
-    def js(key):
-        import json
-
-        v = a.get(key)
-        return json.loads(v) if isinstance(v, str) and v else (v or {})
-
-    op_spec = a.get("operator")
-    if isinstance(op_spec, str) and ":" in op_spec:
-        op, _ = resolve_operator(None, operator=op_spec, operator_kwargs=js("operator_kwargs"))
-    elif a.get("problem"):
-        op, _ = resolve_operator(
-            None,
-            problem=a["problem"],
-            operator_kwargs=js("operator_kwargs"),
-            problem_kwargs=js("problem_kwargs"),
-        )
+    if operator is not None:
+        op, _ = resolve_operator(None, operator=operator, operator_kwargs=_json_attr(result.attrs, "operator_kwargs"))
+    elif problem:
+        op, _ = resolve_operator(None, problem=problem, operator_kwargs=_json_attr(result.attrs, "operator_kwargs"),
+                                 problem_kwargs=_json_attr(result.attrs, "problem_kwargs"))
     else:
         raise GanflowError("the posterior records neither a problem nor an operator spec")
     return op
+
+
+def _generator_for(result: PosteriorResult, prior) -> nn.Module:
+    """The caller's prior, else the one the posterior records (weights-only checkpoint, or a trusted spec)."""
+    from .solve import load_prior, load_recorded_prior
+
+    if prior is not None:
+        G = load_prior(prior)
+    else:
+        prior = result.attrs.get("prior")
+        if prior is None or not str(prior):
+            raise GanflowError(f"{result.path} records no prior: give --prior")
+        G = load_recorded_prior(str(prior), f"{result.path}: attribute 'prior'")
+    if int(G.latent_dim) != result.latent_dim or tuple(G.field_shape) != tuple(result.field_shape):
+        raise GanflowError(
+            f"prior {prior} (latent_dim {G.latent_dim}, field_shape {tuple(G.field_shape)}) does not "
+            f"match the posterior (latent_dim {result.latent_dim}, field_shape {result.field_shape})"
+        )
+    return G
 
 
 def predict(
@@ -371,6 +402,8 @@ def predict(
     seed: int = 0,
     reweight: bool = False,
     prior: str | os.PathLike | nn.Module | None = None,
+    problem: str | None = None,
+    operator: str | None = None,
     batch_size: int = 500,
     n_quantile: int | None = None,
     n_keep: int | None = None,
@@ -384,12 +417,14 @@ def predict(
         n: posterior draws (flow: fresh draws, default 4,000; others: stored draws, default all).
         seed: seeds the one ``torch.Generator`` every draw comes from.
         reweight: PSIS-reweighted statistics (flow only); the diagnostics then use all ``n`` draws.
-        prior: the generator (module, checkpoint or spec); default the posterior's ``prior`` attribute.
+        prior: the generator (module, checkpoint or spec); default the posterior's ``prior`` attribute (a
+            checkpoint path, or a spec under the trust rule).
+        problem, operator: specs for the QoIs and the diagnostics' operator; default the posterior's ``problem``
+            and ``operator`` attributes under the trust rule (a spec from the file that names code outside the
+            registered problems and ganflow's own package must be passed here).
         diag_draws: draws (the first ones) used for the diagnostics when not reweighting.
         write: update posterior.h5 (atomically); False only computes.
     """
-    from .solve import load_prior
-
     path = os.fspath(posterior)
     result = PosteriorResult.load(path)
     if n is not None and n < 2:
@@ -400,21 +435,9 @@ def predict(
         raise GanflowError(
             f"--reweight needs a flow posterior (a density q(z)); this one is '{result.method}'"
         )
-    prior = prior if prior is not None else result.attrs.get("prior")
-    if prior is None or (isinstance(prior, str) and not prior):
-        raise GanflowError(f"{path} records no prior: give --prior")
-    G = load_prior(prior)
-    if int(G.latent_dim) != result.latent_dim or tuple(G.field_shape) != tuple(result.field_shape):
-        raise GanflowError(
-            f"prior {prior} (latent_dim {G.latent_dim}, field_shape {tuple(G.field_shape)}) does not "
-            f"match the posterior (latent_dim {result.latent_dim}, field_shape {result.field_shape})"
-        )
-    problem_kwargs = result.attrs.get("problem_kwargs")
-    if isinstance(problem_kwargs, str):
-        import json
-
-        problem_kwargs = json.loads(problem_kwargs or "{}")
-    qoi_fns = resolve_qois(qois, result.attrs.get("problem") or None, problem_kwargs or {})
+    G = _generator_for(result, prior)
+    problem, operator = _specs_to_resolve(result, problem, operator)
+    qoi_fns = resolve_qois(qois, problem, _json_attr(result.attrs, "problem_kwargs"))
 
     gen = torch.Generator().manual_seed(int(seed))
     z, log_q = posterior_latent_draws(result, n, gen, batch_size)
@@ -426,7 +449,7 @@ def predict(
     # diagnostics first: --reweight needs the weights of every draw before any statistic is taken
     diag: DiagnosticsResult | None = None
     try:
-        op = _operator_for(result)
+        op = _operator_for(result, problem, operator)
     except GanflowError as e:
         if reweight:
             raise GanflowError(f"--reweight needs the forward operator: {e}") from None

@@ -234,11 +234,12 @@ class PosteriorResult:
         return {k: self.attrs[k] for k in DIAGNOSTIC_ATTRS if k in self.attrs}
 
     # figures --------------------------------------------------------------------------------------
-    def plot(self, outdir: str | os.PathLike) -> list[str]:
-        """Write all figures (fields, samples, traces, data fit, QoIs, diagnostics) into ``outdir``."""
+    def plot(self, outdir: str | os.PathLike, force: bool = False) -> list[str]:
+        """Write all figures (fields, samples, traces, data fit, QoIs, diagnostics) into ``outdir`` (existing
+        figures there need ``force``)."""
         from .plots import plot_posterior  # plots sit above results in the layering
 
-        return plot_posterior(self, outdir)
+        return plot_posterior(self, outdir, force=force)
 
     def plot_qoi(self, name: str, ax=None):
         """Histogram of a scalar QoI's stored draws with its mean, 95 % interval and the truth; returns the
@@ -258,7 +259,8 @@ class PosteriorResult:
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n, *field_shape]`` posterior field draws (needs the generator: available after a solve)."""
         if self.generator is None:
-            raise GanflowError("this result has no generator attached; use ganflow.load_posterior(path, prior=...)")
+            raise GanflowError("this result has no generator attached: set result.generator = "
+                               "ganflow.load_prior(PRIOR) (the prior it was solved with)")
         with torch.no_grad():
             return self.generator(self.sample_latent(n, generator))
 

@@ -4,7 +4,9 @@
     result.mean, result.std, result.sample(100), result.save("posterior.h5")
 
 The operator is rebuilt from the observation's ``problem`` and ``operator_kwargs`` attributes unless an
-operator (object or spec) or a problem is given.
+operator (object or spec) or a problem is given. A ``problem`` read from obs.h5 is resolved under the trust
+rule (`ganflow.plugins.check_spec_from_file`): a registered name or ganflow's own package, else the user
+passes it explicitly.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from .config import ALL_TABLES, Config
 from .errors import GanflowError
 from .io import Observation, read_obs
 from .operators import check_compatible, check_observation
-from .plugins import load_generator_spec, load_operator, normalize_spec
+from .plugins import check_spec_from_file, load_generator_spec, load_operator, normalize_spec
 from .posterior.base import LatentFit
 from .posterior.flow import FlowSettings, fit_flow
 from .posterior.target import LatentTarget
 from .predictive import summarize_fields
 from .results import PosteriorResult, truth_metrics
 
-__all__ = ["SolveSettings", "solve", "load_prior", "resolve_operator", "SOLVE_TABLES", "METHODS"]
+__all__ = ["SolveSettings", "solve", "load_prior", "load_recorded_prior", "resolve_operator", "SOLVE_TABLES",
+           "METHODS"]
 
 METHODS = ("flow", "langevin", "nuts")
 # Config tables `ganflow solve` understands.
@@ -60,13 +63,17 @@ class SolveSettings:
             raise GanflowError("solve.representation_n_diag must be >= 0")
 
 
+def _is_checkpoint_path(prior: str) -> bool:
+    return prior.endswith((".pt", ".pth")) or (os.path.isfile(prior) and ":" not in prior)
+
+
 def load_prior(prior: str | os.PathLike | nn.Module, device: str = "cpu") -> nn.Module:
     """A generator: a module as is, a ganflow checkpoint (``.pt``), or a generator spec string."""
     if isinstance(prior, nn.Module):
         gen = prior
     else:
         prior = os.fspath(prior)
-        if prior.endswith((".pt", ".pth")) or (os.path.isfile(prior) and ":" not in prior):
+        if _is_checkpoint_path(prior):
             try:
                 from .prior import load_prior as load_checkpoint
             except ImportError as e:  # pragma: no cover - stage one not installed
@@ -79,13 +86,25 @@ def load_prior(prior: str | os.PathLike | nn.Module, device: str = "cpu") -> nn.
     return gen
 
 
+def load_recorded_prior(prior: str, where: str, device: str = "cpu") -> nn.Module:
+    """The prior a file names (``where``: the file and attribute): a checkpoint path is loaded weights-only, a
+    spec string only under the trust rule (else the user passes it with ``--prior``)."""
+    prior = str(prior)
+    if not _is_checkpoint_path(prior):
+        prior = check_spec_from_file(prior, where, "--prior")
+    return load_prior(prior, device)
+
+
 def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any = None,
                      operator_kwargs: dict | None = None, problem_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
     """The forward operator and a description of where it came from (for the result's attributes).
 
-    Precedence: an explicit operator (module or spec) > an explicit problem > the observation's attributes.
+    Precedence: an explicit operator (module or spec) or an explicit problem (not both) > the observation's
+    ``problem`` attribute, which for an observation read from a file (``obs.path`` set) must pass the trust rule.
     ``operator_kwargs`` override the observation's when the observation's problem is used.
     """
+    if operator is not None and problem is not None:
+        raise GanflowError("give --operator or --problem, not both (the operator would make the problem unused)")
     if isinstance(operator, nn.Module):
         return operator, {"operator": type(operator).__name__, "operator_kwargs": {}}
     if isinstance(operator, str):
@@ -99,12 +118,26 @@ def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any
                     "problem_kwargs": problem_kwargs or {}}
     if obs is None or not obs.problem:
         raise GanflowError("no operator: give --problem or --operator (the observation names no problem)")
+    recorded = obs.problem
+    if obs.path is not None:
+        recorded = check_spec_from_file(recorded, f"{obs.path}: attribute 'problem'", "--problem (or --operator)")
     kw = dict(obs.operator_kwargs or {})
     kw.update(operator_kwargs or {})
     pkw = dict(obs.problem_kwargs or {})
     pkw.update(problem_kwargs or {})
-    op = load_operator(problem=obs.problem, problem_kwargs=pkw, **kw)
-    return op, {"problem": obs.problem, "operator_kwargs": kw, "problem_kwargs": pkw}
+    op = load_operator(problem=recorded, problem_kwargs=pkw, **kw)
+    return op, {"problem": recorded, "operator_kwargs": kw, "problem_kwargs": pkw}
+
+
+def _checkpoint_options(method: str, checkpoint_path, resume: bool) -> dict | None:
+    """`fit_flow`'s checkpoint options; an option the method cannot use is an error, not ignored."""
+    if resume and method != "flow":
+        raise GanflowError(f"--resume of a single solve applies to --method flow, not {method}")
+    if checkpoint_path is not None and method != "flow":
+        raise GanflowError(f"checkpoint_path applies to method 'flow' (the one that checkpoints), not {method}")
+    if resume and checkpoint_path is None:
+        raise GanflowError("resume=True needs the checkpoint_path of the interrupted fit")
+    return {"checkpoint_path": checkpoint_path, "resume": resume} if checkpoint_path is not None else None
 
 
 def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Generator, progress: bool,
@@ -165,8 +198,8 @@ def solve(
         config: a `Config`, a dict of tables, or a TOML path.
         seed: every random draw of the solve comes from ``torch.Generator().manual_seed(seed)``.
         checkpoint_path: where ``method="flow"`` writes its fit state every ``[flow] checkpoint_every_s``
-            (atomically; other methods ignore it); ``resume=True`` continues from it (bit-identical on CPU).
-            The caller deletes it after saving the result.
+            (atomically; the other methods do not checkpoint and refuse it); ``resume=True`` continues from it
+            (bit-identical on CPU). The caller deletes it after saving the result.
     """
     t0 = time.perf_counter()
     if isinstance(config, Config):
@@ -194,9 +227,7 @@ def solve(
     else:  # --- issue 10: G and A on the device, latents on the host (see _DeviceTarget)
         target = _DeviceTarget(generator_module, op, obs.y, obs.noise_sigma, device)
     gen = torch.Generator().manual_seed(seed)
-    if resume and method != "flow":
-        raise GanflowError(f"--resume of a single solve applies to --method flow, not {method}")
-    ckpt = {"checkpoint_path": checkpoint_path, "resume": resume} if checkpoint_path is not None else None
+    ckpt = _checkpoint_options(method, checkpoint_path, resume)
     target, re_attrs = with_representation_error(target, cfg, ss, seed) if device == "cpu" else (target, {})
     fit = _run_method(method, target, cfg, gen, progress, ckpt)
 

@@ -183,6 +183,8 @@ def env(tmp_path_factory):
     (d / "train.toml").write_text(TRAIN)
     (d / "solve.toml").write_text(SOLVE)
     (d / "adir").mkdir()
+    (d / "figs_existing").mkdir()
+    (d / "figs_existing" / "fields.png").write_bytes(b"an earlier figure")
     for name, text in BAD_CONFIGS.items():
         (d / name).write_bytes(text if isinstance(text, bytes) else text.encode())
 
@@ -194,8 +196,9 @@ def env(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     r = run_cli("simulate", "--problem", u, "--prior", f"{user}:Gen", "--noise-sigma", "0.1", "-o", d / "obs.h5")
     assert r.returncode == 0, r.stderr
-    r = run_cli("solve", "--obs", d / "obs.h5", "--prior", d / "prior.pt", "--config", d / "solve.toml",
-                "--quiet", "-o", d / "post.h5")
+    # obs.h5 records the user's file as its problem: solve runs it only when given again (trust rule)
+    r = run_cli("solve", "--obs", d / "obs.h5", "--prior", d / "prior.pt", "--problem", u, "--config",
+                d / "solve.toml", "--quiet", "-o", d / "post.h5")
     assert r.returncode == 0, r.stderr
 
     with h5py.File(d / "fields.h5") as f:
@@ -446,6 +449,7 @@ CASES = [
     ("solve-obs-bad-json", _solve(obs="{d}/obs_badjson.h5", op=()), "operator_kwargs"),
     ("solve-obs-no-problem", _solve(obs="{d}/obs_noproblem.h5", op=()), "--problem"),
     ("solve-obs-unknown-problem", _solve(obs="{d}/obs_unknownproblem.h5", op=()), "no_such_problem_xyz"),
+    ("solve-obs-recorded-file-problem", _solve(op=()), "trust rule"),
     ("solve-obs-xtrue-shape", _solve(obs="{d}/obs_xtrue_shape.h5"), "x_true"),
     # ---- solve: prior
     ("solve-prior-missing", _solve(prior="{d}/missing.pt"), "not found"),
@@ -506,6 +510,7 @@ CASES = [
     ("plot-not-posterior", ["plot", "{d}/fields.h5", "-o", "{d}/figs"], "not a ganflow posterior"),
     ("plot-missing-attr", ["plot", "{d}/post_nomethod.h5", "-o", "{d}/figs"], "method"),
     ("plot-bad-json", ["plot", "{d}/post_badjson.h5", "-o", "{d}/figs"], "config"),
+    ("plot-figures-exist", ["plot", "{d}/post.h5", "-o", "{d}/figs_existing"], "--force"),
     ("plot-out-missing-parent", ["plot", "{d}/post.h5", "-o", "{d}/nodir/figs"], "does not exist"),
     ("plot-out-is-file", ["plot", "{d}/post.h5", "-o", "{d}/obs.h5"], "obs.h5"),
     # ---- check-operator
@@ -527,8 +532,10 @@ PREDICT_CASES = [
     ("predict-garbage", ["predict", "{d}/garbage.h5"], "HDF5"),
     ("predict-truncated", ["predict", "{d}/trunc_post.h5"], "trunc_post.h5"),
     ("predict-not-posterior", ["predict", "{d}/fields.h5"], "not a ganflow posterior"),
-    ("predict-qoi-unknown", ["predict", "{d}/post.h5", "--qoi", "no_such_qoi"], "no_such_qoi"),
-    ("predict-qoi-unresolved", ["predict", "{d}/post.h5", "--qoi", "{u}:nope"], "nope"),
+    ("predict-qoi-unknown", ["predict", "{d}/post.h5", "--problem", "{u}:problem", "--qoi", "no_such_qoi"],
+     "no_such_qoi"),
+    ("predict-qoi-unresolved", ["predict", "{d}/post.h5", "--problem", "{u}:problem", "--qoi", "{u}:nope"], "nope"),
+    ("predict-recorded-file-problem", ["predict", "{d}/post.h5"], "trust rule"),
     ("predict-n-zero", ["predict", "{d}/post.h5", "--n", "0"], "--n"),
     ("predict-prior-garbage", ["predict", "{d}/post.h5", "--prior", "{d}/garbage.pt"], "garbage.pt"),
     ("predict-prior-pickle", ["predict", "{d}/post.h5", "--prior", "{d}/evil.pt"], "refused"),

@@ -37,6 +37,11 @@ def _fmt(a) -> str:
 @click.option(
     "--prior", default=None, help="Generator (checkpoint or spec); default: the posterior's prior attr."
 )
+@click.option("--problem", default=None,
+              help="Problem spec for the QoIs and the diagnostics; default: the posterior's problem attr when it is "
+                   "a registered problem (a recorded module:attr or file.py:attr is run only when given here).")
+@click.option("--operator", default=None,
+              help="Operator spec for the diagnostics; default: the posterior's operator attr under the same rule.")
 @click.option("--batch-size", type=int, default=500, show_default=True)
 @click.option(
     "--diag-draws",
@@ -46,7 +51,7 @@ def _fmt(a) -> str:
     help="Draws used for k-hat / ESS / predictive check (all --n draws with --reweight).",
 )
 @seed_option()
-def predict(posterior, qois, n, reweight, prior, batch_size, diag_draws, seed):
+def predict(posterior, qois, n, reweight, prior, problem, operator, batch_size, diag_draws, seed):
     """Posterior-predictive statistics of quantities of interest, and diagnostics, written into POSTERIOR.
 
     Writes /qoi/NAME/{mean,std,q025,q25,q50,q75,q975,samples[,truth,error,inside_95]} and the attributes
@@ -62,6 +67,8 @@ def predict(posterior, qois, n, reweight, prior, batch_size, diag_draws, seed):
         seed=seed,
         reweight=reweight,
         prior=prior,
+        problem=problem,
+        operator=operator,
         batch_size=batch_size,
         diag_draws=diag_draws,
     )

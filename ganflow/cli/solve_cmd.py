@@ -8,7 +8,7 @@ import numpy as np
 from ..config import Config
 from ..errors import GanflowError
 from ..io import check_output_path, is_obs_stack
-from ..solve import METHODS, SOLVE_TABLES
+from ..solve import METHODS, SOLVE_TABLES, SolveSettings
 from ..solve import solve as solve_posterior
 from .common import config_option, force_option, kw_option, parse_kv, seed_option
 
@@ -16,7 +16,9 @@ from .common import config_option, force_option, kw_option, parse_kv, seed_optio
 @click.command("solve")
 @click.option("--obs", "obs_path", required=True, type=click.Path(dir_okay=False), help="Observation file obs.h5.")
 @click.option("--prior", required=True, help="Prior checkpoint (prior.pt) or generator spec.")
-@click.option("--problem", default=None, help="Problem spec; default: the one recorded in obs.h5.")
+@click.option("--problem", default=None,
+              help="Problem spec; default: the one recorded in obs.h5 when that is a registered problem (a recorded "
+                   "module:attr or file.py:attr is run only when given here: the trust rule).")
 @click.option("--operator", default=None, help="Operator spec (module:attr or file.py:attr).")
 @click.option("--method", type=click.Choice(METHODS), default=None, help="Posterior method [default: flow].")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output posterior.h5.")
@@ -54,11 +56,13 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
         raise GanflowError(f"--max-obs applies to stacked observation files; {obs_path} holds one")
     # --- end issue 10 ---
     check_output_path(output, force, "posterior")
-    checkpoint = _fit_checkpoint(output, resume, force)  # issue 9
+    # issue 9: the flow fit checkpoints beside the output; the other methods take no checkpoint
+    flow = (method or cfg.section(SolveSettings, "solve").method) == "flow"
+    checkpoint = _fit_checkpoint(output, resume, force) if flow else None
     result = solve_posterior(obs_path, prior, operator=operator, problem=problem, method=method, config=cfg,
                              seed=seed, progress=not quiet, checkpoint_path=checkpoint, resume=resume)
     result.save(output, force=force)
-    if os.path.exists(checkpoint):  # the result is safe on disk: the interrupted-fit state is no longer needed
+    if checkpoint is not None and os.path.exists(checkpoint):  # the result is safe: the fit state is not needed
         os.remove(checkpoint)
     a = result.attrs
     line = (f"{result.method}: {a['n_forward_evals']} forward evaluations, fit {a['fit_wall_time_s']:.1f} s, "

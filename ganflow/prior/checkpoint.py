@@ -10,8 +10,9 @@ Keys (``FORMAT_VERSION`` 1):
 ``latent_dim``     int;  ``field_shape``: list of int
 ``normalization``  dict: ``mean`` and ``std`` scalar tensors, ``kind`` = ``"scalar"``
 ``settings``       dict: the `TrainSettings` used (``betas`` a list)
-``data``           dict: ``path``, ``problem``, ``seed``, ``generator_kwargs`` (JSON), ``n``, ``n_train``,
-                   ``n_val``, ``field_shape``, ``sha1`` (of the float32 field bytes)
+``data``           dict: ``path`` (the file name, no directory), ``problem``, ``seed``, ``generator_kwargs``
+                   (JSON), ``n``, ``n_train``, ``n_val``, ``field_shape``, ``sha1`` (of the float32 field bytes);
+                   ``problem`` is a record, never resolved
 ``seed``           int: the training seed;   ``device``: str;   ``step``: generator steps done
 ``G``, ``D``, ``G_ema``  state dicts of the generator net, critic and EMA generator net (normalised units)
 ``opt_G``, ``opt_D``     Adam state dicts
@@ -44,6 +45,7 @@ __all__ = [
     "load_checkpoint",
     "load_weights_only",
     "generator_from_checkpoint",
+    "data_provenance",
 ]
 
 FORMAT_VERSION = 1
@@ -133,7 +135,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if missing:
         raise GanflowError(f"prior checkpoint {path} lacks key(s): {', '.join(missing)}")
     check_arch(ckpt["arch"])
+    ckpt["data"] = data_provenance(ckpt)
     return ckpt
+
+
+def data_provenance(ckpt: dict) -> dict:
+    """The checkpoint's data provenance with ``path`` reduced to the file name.
+
+    Older checkpoints (the bundled ones among them) record the absolute path on the machine that trained them;
+    it means nothing elsewhere (the SHA-1 identifies the data), so it is neither shown nor written again."""
+    data = dict(ckpt["data"]) if isinstance(ckpt.get("data"), dict) else {}
+    if isinstance(data.get("path"), str):
+        data["path"] = os.path.basename(data["path"])
+    return data
 
 
 def generator_from_checkpoint(ckpt: dict, which: str = "G_ema") -> PriorGenerator:
