@@ -1,17 +1,23 @@
-"""The built-in problems live in ``ganflow.problems``: registered names, the deprecated ``problems.`` spelling,
-and no code that still imports a top-level ``problems`` (which the repository's working directory would hide)."""
+"""Packaging in the source tree: the built-in problems live in ``ganflow.problems`` (registered names, the
+deprecated ``problems.`` spelling, no code that still imports a top-level ``problems``, which the repository's
+working directory would hide), and the version has one definition. The installed wheel: tests/test_install.py."""
 
 from __future__ import annotations
 
 import os
 import re
+import tomllib
 import warnings
 
+import h5py
 import pytest
+import torch
 from conftest import ROOT, run_cli
 
 import ganflow.problems.linear_gaussian as linear_gaussian
-from ganflow import load_problem
+from ganflow import __version__, load_problem, simulate
+from ganflow.data import write_fields
+from ganflow.io import write_obs
 from ganflow.plugins import registered_problems, resolve_spec
 
 
@@ -56,3 +62,18 @@ def test_no_source_imports_a_top_level_problems_package():
                         leftovers += [f"{os.path.relpath(path, ROOT)}: {m.group(0).strip()}"
                                       for m in pattern.finditer(f.read())]
     assert not leftovers, leftovers
+
+
+def test_version_is_defined_once_and_reported_by_cli_and_files(tmp_path):
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ganflow.__version__"}
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"ganflow, version {__version__}", r.stdout
+    obs = simulate("linear_gaussian", prior=linear_gaussian.generator(), noise_relative=0.1, seed=0)
+    write_obs(tmp_path / "obs.h5", obs)
+    write_fields(tmp_path / "fields.h5", torch.zeros(2, 4, 4), problem="linear_gaussian")
+    for name in ("obs.h5", "fields.h5"):
+        with h5py.File(tmp_path / name) as f:
+            assert f.attrs["ganflow_version"] == __version__, name

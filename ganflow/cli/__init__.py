@@ -14,6 +14,7 @@ import warnings
 
 import click
 
+from .. import __version__
 from ..errors import GanflowError
 
 __all__ = ["main", "cli"]
@@ -82,7 +83,7 @@ class GanflowGroup(click.Group):
 
 @click.group(cls=GanflowGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
-@click.version_option(package_name="ganflow")
+@click.version_option(version=__version__, prog_name="ganflow")
 def cli(debug: bool) -> None:
     """ganflow: Bayesian inverse problems with GAN priors and normalizing-flow posteriors."""
 
