@@ -46,8 +46,8 @@ _BUILTIN_PROBLEMS = {
 }
 
 
-# --- Deprecated alias, to be removed in the release after 0.1.x: the built-in problems used to install as a
-# top-level package `problems`; they now live in ganflow.problems, and the old spelling maps there with a warning.
+# --- Deprecated alias, kept for one release: the built-in problems used to install as a top-level package
+# `problems`; they now live in ganflow.problems, and the old spelling maps there with a warning.
 _LEGACY_PROBLEM_MODULES = ("problems", "problems.linear_gaussian", "problems.elliptic", "problems.phase_retrieval")
 
 
@@ -60,7 +60,7 @@ def _legacy_problems_alias(module_part: str) -> str:
     while frame is not None and frame.f_code.co_filename.startswith(root):
         frame, level = frame.f_back, level + 1
     new = f"ganflow.{module_part}"
-    warnings.warn(f"ganflow: the spec module '{module_part}' is deprecated and will be removed in the next release; "
+    warnings.warn(f"ganflow: the spec module '{module_part}' is deprecated (it stops working in the next release); "
                   f"write '{new}'", DeprecationWarning, stacklevel=level)
     return new
 
