@@ -36,16 +36,16 @@ BUILTINS = ("elliptic", "linear_gaussian", "phase_retrieval")
 # A short flow solve: enough to exercise the whole chain, not to converge.
 SMALL_SOLVE = textwrap.dedent("""
     [solve]
-    n_samples = 400
-    n_quantile = 200
+    n_samples = 200
+    n_quantile = 100
     n_field_samples = 4
     [flow]
-    max_iter = 20
+    max_iter = 10
     min_iter = 0
-    warmup = 5
+    warmup = 2
     batch_size = 8
     map_starts = 2
-    map_iter = 20
+    map_iter = 10
     progress = false
     [diagnostics]
     enabled = false
