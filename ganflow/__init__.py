@@ -5,6 +5,8 @@ Data flows one way: data -> prior (stage one, WGAN-GP) -> posterior (stage two, 
 operators and generators are plug-ins (see ``ganflow.operators`` and ``ganflow.plugins``).
 """
 
+# The one definition of the version: pyproject.toml reads it, `ganflow --version` prints it, and every output
+# file records it as ganflow_version.
 __version__ = "0.1.0"
 
 from .errors import GanflowError  # noqa: E402

@@ -319,9 +319,6 @@ def _find_prior(name: str, problem) -> tuple[str | None, str]:
         return path, ""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     n = getattr(problem, "n", 32)
-    bundled = os.path.join(root, "problems", "data", f"{name}_{n}.pt")
-    if os.path.isfile(bundled):
-        return bundled, ""
     interim = os.path.join(root, "runs", "demo_priors", f"{name}_{n}.pt")
     if os.path.isfile(interim):
         return (
@@ -420,7 +417,7 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
     nuts_fit, _, nuts_cpu = _timed(lambda: run_nuts(target, ns, torch.Generator().manual_seed(seed + 1)))
     nuts_z = nuts_fit.samples.double().numpy()
     if name == "linear_gaussian":
-        from problems.linear_gaussian import exact_posterior
+        from .problems.linear_gaussian import exact_posterior
 
         ex = exact_posterior(case.G, case.op, case.obs.y, case.obs.noise_sigma)
         rng = np.random.default_rng(seed + 2)
@@ -648,7 +645,7 @@ def numpy_phase_vjp(
 def scipy_elliptic_vjp(op, m: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Plain scipy elliptic forward + adjoint, one sample at a time: assemble ``K(m)`` from COO triplets,
     ``splu`` with scipy's default ordering, forward solve, sensor interpolation, adjoint solve, the
-    adjoint-state gradient. The same discretisation as ``problems.elliptic`` (its mesh arrays are reused)."""
+    adjoint-state gradient. The same discretisation as ``ganflow.problems.elliptic`` (its mesh arrays are reused)."""
     import scipy.sparse as sp
     import scipy.sparse.linalg as spla
 

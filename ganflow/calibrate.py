@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import __version__
 from .config import Config, parse_settings
 from .errors import GanflowError
 from .io import atomic_path
@@ -223,6 +224,7 @@ def calibrate(
         "rank_test": {kind: rank_uniformity(np.stack(ranks[kind]), L, s.n_bins) for kind in ranks},
         "per_truth": per_truth,
         "wall_time_s": time.perf_counter() - t_start,
+        "ganflow_version": __version__,
     }
     track = {
         "latent": list(range(min(s.n_track_latent, k))),

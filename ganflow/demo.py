@@ -57,7 +57,7 @@ DEMOS = {
         title="Darcy flow, 32x32 channelized log-conductivity, 8x8 pressure sensors, 1 % noise",
     ),
     "linear_gaussian": DemoSpec(
-        "linear_gaussian", {}, {}, prior="problems.linear_gaussian:generator", noise_relative=0.05,
+        "linear_gaussian", {}, {}, prior="ganflow.problems.linear_gaussian:generator", noise_relative=0.05,
         truth="prior", title="linear-Gaussian problem (16x16 field, k = 16, blur + subsampling, 5 % noise)",
     ),
 }
@@ -106,7 +106,7 @@ def run_demo(outdir: str = "demo_output", problem: str = "phase_retrieval", seed
     if hasattr(prob, "metrics") and result.x_true is not None:
         row.update(prob.metrics(result.mean, result.x_true))
     if problem == "linear_gaussian":
-        from problems.linear_gaussian import exact_posterior
+        from .problems.linear_gaussian import exact_posterior
 
         exact = exact_posterior(G, operator, obs.y, obs.noise_sigma)
         z = result.latent_samples.astype(np.float64)

@@ -11,7 +11,7 @@ one levels off at the size of the mistake. The check runs in float64 when the op
 copy of the operator is made; the caller's operator is not changed).
 
 Example:
-    >>> from problems.linear_gaussian import BlurSubsample
+    >>> from ganflow.problems.linear_gaussian import BlurSubsample
     >>> report = check_operator(BlurSubsample(), torch.Generator().manual_seed(0), eps_list=(1e-2, 1e-4))
     >>> report["dtype"], report["passed"]
     ('float64', True)

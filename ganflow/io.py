@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import torch
 
+from . import __version__
 from .errors import GanflowError
 
 __all__ = [
@@ -72,9 +73,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 @contextlib.contextmanager
 def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
-    """An ``h5py.File`` open for writing under a temporary name, renamed into place on success."""
+    """An ``h5py.File`` open for writing under a temporary name, renamed into place on success; every file
+    records the ``ganflow_version`` that wrote it."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
+            f.attrs["ganflow_version"] = __version__
             yield f
 
 

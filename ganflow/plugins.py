@@ -21,6 +21,7 @@ import inspect
 import os
 import re
 import sys
+import warnings
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -44,10 +45,29 @@ PROBLEM_GROUP = "ganflow.problems"
 
 # Built-ins, used when the package metadata (entry points) is not installed, e.g. running from a source tree.
 _BUILTIN_PROBLEMS = {
-    "linear_gaussian": "problems.linear_gaussian:LinearGaussianProblem",
-    "elliptic": "problems.elliptic:EllipticProblem",
-    "phase_retrieval": "problems.phase_retrieval:PhaseRetrievalProblem",
+    "linear_gaussian": "ganflow.problems.linear_gaussian:LinearGaussianProblem",
+    "elliptic": "ganflow.problems.elliptic:EllipticProblem",
+    "phase_retrieval": "ganflow.problems.phase_retrieval:PhaseRetrievalProblem",
 }
+
+
+# --- Deprecated alias, kept for one release: the built-in problems used to install as a top-level package
+# `problems`; they now live in ganflow.problems, and the old spelling maps there with a warning.
+_LEGACY_PROBLEM_MODULES = ("problems", "problems.linear_gaussian", "problems.elliptic", "problems.phase_retrieval")
+
+
+def _legacy_problems_alias(module_part: str) -> str:
+    """``problems.X`` (the old spelling of a built-in module) -> ``ganflow.problems.X``, with a DeprecationWarning
+    pointing at the first caller outside ganflow; any other module name is returned unchanged."""
+    if module_part not in _LEGACY_PROBLEM_MODULES:
+        return module_part
+    root, frame, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(), 1
+    while frame is not None and frame.f_code.co_filename.startswith(root):
+        frame, level = frame.f_back, level + 1
+    new = f"ganflow.{module_part}"
+    warnings.warn(f"ganflow: the spec module '{module_part}' is deprecated (it stops working in the next release); "
+                  f"write '{new}'", DeprecationWarning, stacklevel=level)
+    return new
 
 
 def registered_problems() -> dict[str, str]:
@@ -133,7 +153,10 @@ def resolve_spec(spec: str, group: str = PROBLEM_GROUP) -> Any:
     module_part, attr = spec.rsplit(":", 1)
     if not module_part or not attr:
         raise GanflowError(f"spec '{spec}' must look like package.module:attr or path/file.py:attr")
-    module = _import_file(module_part) if _is_file_spec(module_part) else _import_module(module_part)
+    if _is_file_spec(module_part):
+        module = _import_file(module_part)
+    else:
+        module = _import_module(_legacy_problems_alias(module_part))
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -168,7 +168,7 @@ class LinearGaussianProblem:
         return {"total": lambda x: x.reshape(x.shape[0], -1).sum(1), "center": lambda x: x[:, self.n // 2, self.n // 2]}
 
 
-# Zero-argument factories for spec strings: problems/linear_gaussian.py:generator / :operator
+# Zero-argument factories for spec strings: ganflow.problems.linear_gaussian:generator / :operator
 def generator() -> LinearGenerator:
     return LinearGaussianProblem().generator()
 

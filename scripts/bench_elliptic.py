@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from problems.elliptic import EllipticProblem
+from ganflow.problems.elliptic import EllipticProblem
 
 
 def main() -> None:

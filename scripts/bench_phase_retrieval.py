@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_phase_retrieval.py [--repeats 5] [--device cpu]
 
 For each (n, batch): the median wall time of ``y = A(x); grad = VJP(w)`` with the torch operator
-(``problems.phase_retrieval``) and with NumPy (``fft2`` of the padded object, magnitudes, then the adjoint
+(``ganflow.problems.phase_retrieval``) and with NumPy (``fft2`` of the padded object, magnitudes, then the adjoint
 ``Re(ifft2(w * F / |F|))`` cropped), after checking that both give the same ``y`` and gradient. Then the
 memory per sample at n = 256: the bytes autograd saves for the backward (exact, via saved-tensor hooks) and
 the peak CUDA allocation when run on a GPU.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ganflow.bench import numpy_phase_vjp
-from problems.phase_retrieval import PhaseRetrievalOperator
+from ganflow.problems.phase_retrieval import PhaseRetrievalOperator
 
 # The plain-NumPy reference lives in ganflow.bench (one copy for the script and `ganflow bench`).
 numpy_forward_vjp = numpy_phase_vjp

@@ -406,7 +406,7 @@ CASES = [
     ("sim-prior-spec-unresolved", _sim(src=("--prior", "{u}:NoGen")), "NoGen"),
     ("sim-prior-wrong-kind", _sim(src=("--prior", "{u}:Op")), "latent_dim"),
     ("sim-prior-shape-mismatch", _sim(problem="{u}:problem",
-                                      src=("--prior", "problems.linear_gaussian:generator")), "field_shape"),
+                                      src=("--prior", "ganflow.problems.linear_gaussian:generator")), "field_shape"),
     ("sim-prior-and-truth", _sim(src=("--prior", "{u}:Gen", "--truth", "{d}/truth_shape.h5")), "exactly one"),
     ("sim-no-source", _sim(src=()), "exactly one"),
     ("sim-sigma-zero", _sim(noise=("--noise-sigma", "0")), "noise"),
@@ -464,7 +464,7 @@ CASES = [
     ("solve-prior-spec-no-module", _solve(prior="no_such_pkg_xyz:G"), "no_such_pkg_xyz"),
     ("solve-prior-spec-wrong-kind", _solve(prior="{u}:Op"), "latent_dim"),
     ("solve-prior-spec-number", _solve(prior="{u}:NUMBER"), "int"),
-    ("solve-prior-shape-mismatch", _solve(prior="problems.linear_gaussian:generator"), "field_shape"),
+    ("solve-prior-shape-mismatch", _solve(prior="ganflow.problems.linear_gaussian:generator"), "field_shape"),
     # ---- solve: operator
     ("solve-op-declared-shape", _solve(op=("--operator", "{u}:WrongShapeOp")), "obs_shape"),
     ("solve-op-returns-wrong-shape", _solve(op=("--operator", "{u}:LyingOp")), "shape"),

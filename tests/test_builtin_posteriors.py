@@ -26,7 +26,7 @@ def test_phase_retrieval_posterior_with_bundled_prior():
     with 2 % noise: the posterior mean is close modulo the twin and the 95 % bands hold the truth at about
     the nominal rate (pixel fraction, averaged over the truths: Bayesian calibration is a statement about
     truths drawn from the prior, not about one field)."""
-    from problems.phase_retrieval import error_modulo_twin, twin
+    from ganflow.problems.phase_retrieval import error_modulo_twin, twin
 
     problem = load_problem("phase_retrieval", n=32)
     G = _bundled(problem)

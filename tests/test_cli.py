@@ -183,7 +183,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, user):
     r = run_cli(*base[:5], "--operator", f"{path}:WrongShapeOp", "--quiet", "-o", out)
     _assert_clean_error(r, outputs=[out], contains="obs_shape")
     # generator field_shape does not match the operator's
-    r = run_cli("solve", "--obs", obs, "--prior", "problems.linear_gaussian:generator", "--operator",
+    r = run_cli("solve", "--obs", obs, "--prior", "ganflow.problems.linear_gaussian:generator", "--operator",
                 f"{path}:Op", "-o", out)
     _assert_clean_error(r, outputs=[out], contains="field_shape")
     # non-finite /y

@@ -78,7 +78,7 @@ def test_cli_writes_schema_and_is_deterministic(tmp_path):
 
 def test_fields_follow_the_problem_prior(tmp_path):
     """linear_gaussian fields are x = W z + b with z ~ N(0, I): check that from W, b alone (least squares)."""
-    from problems.linear_gaussian import LinearGaussianProblem
+    from ganflow.problems.linear_gaussian import LinearGaussianProblem
 
     path = make_fields(
         "linear_gaussian", 3000, tmp_path / "f.h5", seed=0, problem_kwargs={"n": 8, "latent_dim": 5}

@@ -74,7 +74,7 @@ def test_psis_weights_normalised_and_bounded():
 
 def test_predictive_check_detects_wrong_noise_level():
     from ganflow.diagnostics import discrepancies
-    from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
+    from ganflow.problems.linear_gaussian import LinearGaussianProblem, exact_posterior
 
     p = LinearGaussianProblem()
     G, A = p.generator(), p.make_operator()

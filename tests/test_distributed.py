@@ -23,8 +23,8 @@ from ganflow.data import write_fields
 from ganflow.io import read_obs, read_obs_stack
 from ganflow.prior import TrainSettings, load_checkpoint, train_prior
 from ganflow.prior.checkpoint import generator_from_checkpoint
+from ganflow.problems.linear_gaussian import exact_posterior, generator, operator
 from ganflow.solve import solve
-from problems.linear_gaussian import exact_posterior, generator, operator
 
 GP_TRAIN = """
 [train]
@@ -131,7 +131,7 @@ def test_stacked_solve_two_processes_resume_and_max_obs(tmp_path):
         "--problem",
         "linear_gaussian",
         "--prior",
-        "problems.linear_gaussian:generator",
+        "ganflow.problems.linear_gaussian:generator",
         "--n-obs",
         4,
         "--noise-relative",
@@ -150,7 +150,7 @@ def test_stacked_solve_two_processes_resume_and_max_obs(tmp_path):
         "--problem",
         "linear_gaussian",
         "--prior",
-        "problems.linear_gaussian:generator",
+        "ganflow.problems.linear_gaussian:generator",
         "--noise-relative",
         0.2,
         "--seed",
@@ -165,7 +165,7 @@ def test_stacked_solve_two_processes_resume_and_max_obs(tmp_path):
         "--obs",
         obs,
         "--prior",
-        "problems.linear_gaussian:generator",
+        "ganflow.problems.linear_gaussian:generator",
         "--config",
         cfg,
         "--seed",
@@ -195,7 +195,7 @@ def test_stacked_solve_two_processes_resume_and_max_obs(tmp_path):
     assert got[0][1] < t_resume and got[1][1] < t_resume and got[2][1] >= t_resume and got[3][1] >= t_resume
     # Observation i is solved with seed 7 + i wherever it runs: rank 1 of 2 and a lone process agree.
     alone = solve(
-        observations[1], "problems.linear_gaussian:generator", config=str(cfg), seed=8, progress=False
+        observations[1], "ganflow.problems.linear_gaussian:generator", config=str(cfg), seed=8, progress=False
     )
     np.testing.assert_allclose(got[1][0], alone.latent_samples, rtol=0, atol=1e-5)
     # A finished result resumes to "nothing to do".
@@ -210,7 +210,7 @@ def test_stack_resume_refuses_other_inputs(tmp_path):
         "--problem",
         "linear_gaussian",
         "--prior",
-        "problems.linear_gaussian:generator",
+        "ganflow.problems.linear_gaussian:generator",
         "--n-obs",
         2,
         "--noise-relative",
@@ -225,7 +225,7 @@ def test_stack_resume_refuses_other_inputs(tmp_path):
         "--obs",
         obs,
         "--prior",
-        "problems.linear_gaussian:generator",
+        "ganflow.problems.linear_gaussian:generator",
         "--config",
         cfg,
         "--quiet",
@@ -241,7 +241,7 @@ def test_stack_resume_refuses_other_inputs(tmp_path):
         "--problem",
         "linear_gaussian",
         "--prior",
-        "problems.linear_gaussian:generator",
+        "ganflow.problems.linear_gaussian:generator",
         "--noise-relative",
         0.2,
         "-o",
@@ -252,7 +252,7 @@ def test_stack_resume_refuses_other_inputs(tmp_path):
         "--obs",
         tmp_path / "one.h5",
         "--prior",
-        "problems.linear_gaussian:generator",
+        "ganflow.problems.linear_gaussian:generator",
         "-o",
         tmp_path / "q.h5",
         "--max-obs",
@@ -270,7 +270,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):
         "--problem",
         "linear_gaussian",
         "--prior",
-        "problems.linear_gaussian:generator",
+        "ganflow.problems.linear_gaussian:generator",
         "--noise-relative",
         0.2,
         "-o",
@@ -283,7 +283,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):
             "--problem",
             "linear_gaussian",
             "--prior",
-            "problems.linear_gaussian:generator",
+            "ganflow.problems.linear_gaussian:generator",
             "--noise-relative",
             0.2,
             "-o",
@@ -296,7 +296,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):
             "--obs",
             obs,
             "--prior",
-            "problems.linear_gaussian:generator",
+            "ganflow.problems.linear_gaussian:generator",
             "-o",
             tmp_path / "post.h5",
             "--device",

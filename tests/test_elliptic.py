@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import ganflow
 from ganflow import GanflowError
 from ganflow.cli import cli
-from problems.elliptic import (
+from ganflow.problems.elliptic import (
     BOUNDARY_CONDITIONS,
     EllipticOperator,
     EllipticProblem,

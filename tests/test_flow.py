@@ -10,7 +10,7 @@ import torch
 
 from ganflow.posterior.flow import FlowSettings, LatentFlow, fit_flow
 from ganflow.posterior.target import LatentTarget
-from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
+from ganflow.problems.linear_gaussian import LinearGaussianProblem, exact_posterior
 
 
 def _perturb(flow: LatentFlow, seed: int) -> None:

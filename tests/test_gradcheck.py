@@ -8,7 +8,7 @@ from torch import nn
 
 from ganflow import GanflowError
 from ganflow.gradcheck import check_operator, format_report, operator_from_spec
-from problems.linear_gaussian import BlurSubsample
+from ganflow.problems.linear_gaussian import BlurSubsample
 
 
 class _Cube(torch.autograd.Function):
@@ -77,7 +77,7 @@ def test_wrong_output_shape_is_an_error():
 def test_problem_spec_gives_default_operator_and_prior_fields():
     op, x = operator_from_spec("linear_gaussian", {"stride": 4}, torch.Generator().manual_seed(0), batch=2)
     assert op.obs_shape == (16,) and x.shape == (2, 16, 16)
-    op, x = operator_from_spec("problems.linear_gaussian:operator", {})
+    op, x = operator_from_spec("ganflow.problems.linear_gaussian:operator", {})
     assert op.obs_shape == (64,) and x is None
     with pytest.raises(GanflowError):
         operator_from_spec("linear_gaussian", {"strid": 4})

@@ -19,7 +19,7 @@ from ganflow import GanflowError
 from ganflow.config import parse_settings
 from ganflow.posterior import LatentTarget
 from ganflow.posterior.langevin import HAND_SET_STEP_SIZE, LangevinSettings, run_langevin
-from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
+from ganflow.problems.linear_gaussian import LinearGaussianProblem, exact_posterior
 from tests.conftest import NaNGradGenerator
 
 # a fast search for the tests: fewer chains and grid points than the shipped defaults

@@ -27,13 +27,13 @@ num_samples = 200
 @pytest.mark.parametrize("method", ["langevin", "nuts"])
 def test_method_output_is_read_by_plot_and_predict(tmp_path, method):
     obs = tmp_path / "obs.h5"
-    r = run_cli("simulate", "--problem", "linear_gaussian", "--prior", "problems.linear_gaussian:generator",
+    r = run_cli("simulate", "--problem", "linear_gaussian", "--prior", "ganflow.problems.linear_gaussian:generator",
                 "--kw", "stride=4", "--noise-relative", "0.2", "--seed", "1", "-o", obs)
     assert r.returncode == 0, r.stderr
     cfg = tmp_path / "small.toml"
     cfg.write_text(SMALL)
     post = tmp_path / "post.h5"
-    r = run_cli("solve", "--obs", obs, "--prior", "problems.linear_gaussian:generator", "--method", method,
+    r = run_cli("solve", "--obs", obs, "--prior", "ganflow.problems.linear_gaussian:generator", "--method", method,
                 "--config", cfg, "--quiet", "-o", post)
     assert r.returncode == 0, r.stderr
     with h5py.File(post) as f:

@@ -1,4 +1,4 @@
-"""NUTS reference posterior against the closed-form linear-Gaussian posterior (problems.linear_gaussian)."""
+"""NUTS reference posterior against the closed-form linear-Gaussian posterior (ganflow.problems.linear_gaussian)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ganflow import GanflowError
 from ganflow.config import parse_settings
 from ganflow.posterior import LatentTarget
 from ganflow.posterior.nuts import NutsSettings, run_nuts
-from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
+from ganflow.problems.linear_gaussian import LinearGaussianProblem, exact_posterior
 from tests.conftest import NaNGradGenerator
 
 

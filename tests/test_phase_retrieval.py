@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ganflow import GanflowError, load_operator, load_problem
-from problems.phase_retrieval import (
+from ganflow.problems.phase_retrieval import (
     PhaseRetrievalOperator,
     PhaseRetrievalProblem,
     central_region,

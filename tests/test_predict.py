@@ -15,10 +15,10 @@ from ganflow.errors import GanflowError
 from ganflow.io import write_obs
 from ganflow.predict import WeightedMoments, predict, qoi_statistics, weighted_quantiles
 from ganflow.predictive import QUANTILES
+from ganflow.problems.linear_gaussian import LinearGaussianProblem, exact_posterior
 from ganflow.results import PosteriorResult
 from ganflow.simulate import simulate
 from ganflow.solve import solve
-from problems.linear_gaussian import LinearGaussianProblem, exact_posterior
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRIOR = os.path.join(ROOT, "problems", "linear_gaussian.py") + ":generator"

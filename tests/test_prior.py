@@ -191,7 +191,7 @@ def test_bad_checkpoints_are_one_line_errors(gp_file, tmp_path, monkeypatch):
 
 
 def test_load_prior_spec_string():
-    gen = load_prior("problems.linear_gaussian:generator")
+    gen = load_prior("ganflow.problems.linear_gaussian:generator")
     assert gen.latent_dim == 16 and gen(torch.zeros(2, 16)).shape == (2, 16, 16)
     with pytest.raises(GanflowError):
         load_prior("no_such_module_xyz:gen")

@@ -100,7 +100,7 @@ spec_text = st.one_of(
     st.text(max_size=30),
     st.text(alphabet="abcxyz_.:/0123456789", max_size=20),
     st.builds(lambda m, a: f"{m}:{a}",
-              st.sampled_from(["ganflow", "ganflow.config", "json", "problems.linear_gaussian", "no_such_mod_q",
+              st.sampled_from(["ganflow", "ganflow.config", "json", "ganflow.problems.linear_gaussian", "no_such_mod_q",
                                "ganflow..x", ".ganflow", "/nonexistent/dir/f.py", "f.py", "", "ganflow.cli:x"]),
               st.text(alphabet="abcdefghijklmnopqrstuvwxyzGLP_.0", max_size=15)),
 )

@@ -7,11 +7,14 @@ Errors from bad input (`GanflowError`, and the clear file errors) print one line
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+import warnings
 
 import click
 
+from .. import __version__
 from ..errors import GanflowError
 
 __all__ = ["main", "cli"]
@@ -31,13 +34,34 @@ _COMMAND_MODULES = {
 }
 
 
+@contextlib.contextmanager
+def _ganflow_warnings_as_one_line():
+    """ganflow's own warnings (messages starting 'ganflow: ', e.g. a deprecated spelling the user typed) print as
+    one 'warning:' line on stderr. Python would hide a DeprecationWarning raised outside __main__, or print it
+    with a file name and a source line; other warnings keep Python's handling."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if text.startswith("ganflow: "):
+                click.echo(f"warning: {text.removeprefix('ganflow: ')}", err=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.filterwarnings("default", message="ganflow: ")
+        yield
+
+
 class GanflowGroup(click.Group):
     """A group that turns user errors into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug"))
         try:
-            return super().invoke(ctx)
+            with _ganflow_warnings_as_one_line():
+                return super().invoke(ctx)
         except GanflowError as e:
             if debug:
                 raise
@@ -59,7 +83,7 @@ class GanflowGroup(click.Group):
 
 @click.group(cls=GanflowGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
-@click.version_option(package_name="ganflow")
+@click.version_option(version=__version__, prog_name="ganflow")
 def cli(debug: bool) -> None:
     """ganflow: Bayesian inverse problems with GAN priors and normalizing-flow posteriors."""
 

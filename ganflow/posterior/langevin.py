@@ -48,7 +48,7 @@ recorded.
 
 Example:
     >>> import torch
-    >>> from problems.linear_gaussian import LinearGaussianProblem
+    >>> from ganflow.problems.linear_gaussian import LinearGaussianProblem
     >>> from ganflow.posterior import LatentTarget
     >>> p = LinearGaussianProblem(latent_dim=4)
     >>> target = LatentTarget(p.generator(), p.make_operator(), torch.zeros(p.obs_shape), 0.5)

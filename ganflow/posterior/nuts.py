@@ -19,7 +19,7 @@ but reliable and bit-reproducible. Each chain reseeds pyro's global RNG (``pyro.
 
 Example:
     >>> import torch
-    >>> from problems.linear_gaussian import LinearGaussianProblem
+    >>> from ganflow.problems.linear_gaussian import LinearGaussianProblem
     >>> from ganflow.posterior import LatentTarget
     >>> p = LinearGaussianProblem(latent_dim=2)
     >>> target = LatentTarget(p.generator(), p.make_operator(), torch.zeros(p.obs_shape), 0.5)

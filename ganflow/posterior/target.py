@@ -35,7 +35,7 @@ class LatentTarget(nn.Module):
             representation error.
 
     Example:
-        >>> from problems.linear_gaussian import LinearGaussianProblem
+        >>> from ganflow.problems.linear_gaussian import LinearGaussianProblem
         >>> p = LinearGaussianProblem()
         >>> t = LatentTarget(p.generator(), p.make_operator(), torch.zeros(p.obs_shape), 0.1)
         >>> t.log_joint(torch.zeros(3, t.latent_dim)).shape

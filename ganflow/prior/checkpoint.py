@@ -34,6 +34,7 @@ import zipfile
 
 import torch
 
+from .. import __version__
 from ..errors import GanflowError
 from ..io import atomic_path
 from .nets import PriorGenerator, build_generator_net, check_arch
@@ -70,9 +71,10 @@ REQUIRED_KEYS = (
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
-    """Write ``ckpt`` atomically (temporary file renamed into place)."""
+    """Write ``ckpt`` atomically (temporary file renamed into place), with the ``ganflow_version`` that wrote it
+    unless ``ckpt`` names one."""
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        torch.save({"ganflow_version": __version__, **ckpt}, tmp)
 
 
 def load_weights_only(path: str | os.PathLike, what: str, map_location="cpu"):
