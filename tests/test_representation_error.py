@@ -16,8 +16,8 @@ from ganflow.io import Observation
 from ganflow.posterior.flow import FlowSettings, laplace_approximation
 from ganflow.posterior.target import LatentTarget
 from ganflow.prior.residuals import estimate_representation_error
+from ganflow.problems.linear_gaussian import BlurSubsample, LinearGenerator, _cosine_basis, exact_posterior
 from ganflow.solve import SolveSettings, field_sampler, solve, with_representation_error
-from problems.linear_gaussian import BlurSubsample, LinearGenerator, _cosine_basis, exact_posterior
 
 N, K_FULL, K = 16, 12, 6
 SIGMA = 0.05
