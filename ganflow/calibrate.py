@@ -141,11 +141,15 @@ def calibrate(
     config: Config | dict | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    truths: str | os.PathLike | None = None,
 ) -> dict:
     """Run SBC and return the summary dict (written as ``calibration.json`` by `run_calibration_cli`).
 
     Truth ``t`` is simulated with seed ``seed * 100_003 + t`` and solved with seed ``seed * 100_003 + t +
-    50_000``.
+    50_000``. The truths are ``G(z)``, ``z ~ N(0, I)``, or with ``truths`` (a fields.h5 or .npy/.npz file of
+    held-out fields) the first ``n_truths`` of those fields: what users have, off the range of ``G``; then
+    only the field coverage is defined (there is no true latent). Field draws include the representation
+    error when the solve uses it.
     Returns keys ``coverage`` (``{"latent"|"field": {"50"|"90"|"95": fraction}}``), ``n_indicators``,
     ``rank_test`` (pooled), ``tracked`` (per-coordinate histograms), ``per_truth``, ``settings``, ``warning``.
     """
@@ -154,84 +158,58 @@ def calibrate(
     cfg = config if isinstance(config, Config) else Config(config or {}, known=CALIBRATE_TABLES)
     solve_cfg = Config(_solve_config(cfg), known=SOLVE_TABLES)
     G = load_prior(prior)
-    prior_label = prior if isinstance(prior, str) else type(prior).__name__
+    held_out = _held_out_truths(truths, G, s.n_truths) if truths is not None else None
+    if held_out is not None:
+        s = CalibrateSettings(**{**asdict(s), "n_truths": int(held_out.shape[0])})
     if s.noise_sigma is None and s.noise_relative is None:
         s = CalibrateSettings(**{**asdict(s), "noise_relative": 0.1})
-    k = int(G.latent_dim)
-    d = int(np.prod(G.field_shape))
-    cover = {kind: {lvl: [] for lvl in LEVELS} for kind in ("latent", "field")}
-    ranks = {"latent": [], "field": []}
+    kinds = ("field",) if held_out is not None else ("latent", "field")
+    cover = {kind: {lvl: [] for lvl in LEVELS} for kind in kinds}
+    ranks = {kind: [] for kind in kinds}
     per_truth = []
     L = None
     t_start = time.perf_counter()
     for t in range(s.n_truths):
         t0 = time.perf_counter()
-        obs = simulate(
-            problem,
-            prior=G,
-            operator_kwargs=solve_cfg.table("operator"),
-            problem_kwargs=solve_cfg.table("problem"),
-            noise_sigma=s.noise_sigma,
-            noise_relative=s.noise_relative,
-            seed=seed * 100_003 + t,
-        )
-        result = solve(
-            obs, G, method=s.method, config=solve_cfg, seed=seed * 100_003 + t + 50_000, progress=False
-        )
-        z = np.asarray(result.latent_samples, np.float64)
-        if s.shrink != 1.0:
-            z = z.mean(0) + s.shrink * (z - z.mean(0))
-        with torch.no_grad():
-            x = np.concatenate(
-                [
-                    G(torch.from_numpy(z[i : i + 1000]).float()).double().reshape(-1, d).numpy()
-                    for i in range(0, z.shape[0], 1000)
-                ]
-            )
-        z_true = obs.z_true.double().numpy()
-        x_true = obs.x_true.double().numpy().reshape(-1)
-        for lvl in LEVELS:
-            cover["latent"][lvl].append(coverage_indicators(z, z_true, lvl))
-            cover["field"][lvl].append(coverage_indicators(x, x_true, lvl))
-        L = min(s.n_rank_draws, z.shape[0])
-        idx = np.linspace(0, z.shape[0] - 1, L).round().astype(int)  # evenly spaced: thins MCMC draws
-        ranks["latent"].append(sbc_ranks(z[idx], z_true))
-        ranks["field"].append(sbc_ranks(x[idx], x_true))
-        row = {"truth": t, "noise_sigma": float(obs.noise_sigma), "wall_time_s": time.perf_counter() - t0}
-        for key in ("rel_l2_error", "coverage_95", "psis_khat", "is_ess_ratio", "ppc_p_value"):
-            if key in result.attrs:
-                row[key] = float(result.attrs[key])
-        per_truth.append(row)
+        source = {"truth": held_out[t]} if held_out is not None else {"prior": G}
+        obs = simulate(problem, operator_kwargs=solve_cfg.table("operator"), problem_kwargs=solve_cfg.table("problem"),
+                       noise_sigma=s.noise_sigma, noise_relative=s.noise_relative, seed=seed * 100_003 + t, **source)
+        result = solve(obs, G, method=s.method, config=solve_cfg, seed=seed * 100_003 + t + 50_000, progress=False)
+        draws = _draws(result, G, s.shrink, obs, seed * 100_003 + t)
+        L = min(s.n_rank_draws, draws["field"][0].shape[0])
+        for kind in kinds:
+            x, truth = draws[kind]
+            for lvl in LEVELS:
+                cover[kind][lvl].append(coverage_indicators(x, truth, lvl))
+            idx = np.linspace(0, x.shape[0] - 1, L).round().astype(int)  # evenly spaced: thins MCMC draws
+            ranks[kind].append(sbc_ranks(x[idx], truth))
+        per_truth.append(_truth_row(t, obs, result, t0))
         if progress is not None:
-            progress(
-                f"truth {t + 1}/{s.n_truths}: {row['wall_time_s']:.1f} s, rel. L2 error "
-                f"{row.get('rel_l2_error', float('nan')):.3f}"
-            )
+            row = per_truth[-1]
+            nan = float("nan")
+            progress(f"truth {t + 1}/{s.n_truths}: {row['wall_time_s']:.1f} s, rel. L2 error "
+                     f"{row.get('rel_l2_error', nan):.3f}, 95 % coverage {row.get('coverage_95', nan):.3f}")
+    sizes = {"latent": int(G.latent_dim), "field": int(np.prod(G.field_shape))}
     out = {
         "problem": problem,
-        "prior": prior_label,
+        "prior": prior if isinstance(prior, str) else type(prior).__name__,
+        "truths": os.fspath(truths) if truths is not None else "prior",
         "method": s.method,
         "seed": int(seed),
         "settings": asdict(s),
         "solve_config": solve_cfg.data,
-        "latent_dim": k,
-        "field_size": d,
+        "latent_dim": sizes["latent"],
+        "field_size": sizes["field"],
         "n_rank_draws": int(L),
-        "coverage": {
-            kind: {str(int(lvl * 100)): float(np.mean(cover[kind][lvl])) for lvl in LEVELS} for kind in cover
-        },
-        "n_indicators": {"latent": s.n_truths * k, "field": s.n_truths * d},
+        "coverage": {kind: {str(int(lvl * 100)): float(np.mean(cover[kind][lvl])) for lvl in LEVELS} for kind in cover},
+        "n_indicators": {kind: s.n_truths * sizes[kind] for kind in kinds},
         "rank_test": {kind: rank_uniformity(np.stack(ranks[kind]), L, s.n_bins) for kind in ranks},
         "per_truth": per_truth,
         "wall_time_s": time.perf_counter() - t_start,
         "ganflow_version": __version__,
     }
-    track = {
-        "latent": list(range(min(s.n_track_latent, k))),
-        "field": [int(i) for i in np.linspace(0, d - 1, s.n_track_field + 2)[1:-1].round()]
-        if s.n_track_field
-        else [],
-    }
+    n_track = {"latent": s.n_track_latent, "field": s.n_track_field}
+    track = {kind: _tracked_indices(sizes[kind], n_track[kind], kind == "latent") for kind in kinds}
     out["tracked"] = {
         kind: [{"index": i, **rank_uniformity(np.stack(ranks[kind])[:, i], L, s.n_bins)} for i in track[kind]]
         for kind in track
@@ -241,11 +219,54 @@ def calibrate(
     return out
 
 
+def _held_out_truths(path, G, n_truths: int) -> torch.Tensor:
+    """The first ``n_truths`` fields of ``path`` (all of them if fewer), checked against the prior's shape."""
+    from .data import load_fields
+
+    fd = load_fields(path)
+    if tuple(fd.field_shape) != tuple(G.field_shape):
+        raise GanflowError(
+            f"--truths {fd.path}: fields {fd.field_shape} do not match the prior's {tuple(G.field_shape)}")
+    if fd.fields.shape[0] < 2:
+        raise GanflowError(f"--truths {fd.path}: need at least 2 fields, got {fd.fields.shape[0]}")
+    return fd.fields[:n_truths]
+
+
+def _draws(result, G, shrink: float, obs, seed: int) -> dict:
+    """``{"latent"|"field": (draws [N, d], truth [d])}`` from a solve; fields through the solve's own field
+    sampler (with the representation error when it is on)."""
+    z = np.asarray(result.latent_samples, np.float64)
+    if shrink != 1.0:
+        z = z.mean(0) + shrink * (z - z.mean(0))
+    fields = result.field_fn or G
+    with torch.no_grad():
+        parts = [torch.from_numpy(z[i : i + 1000]).float() for i in range(0, z.shape[0], 1000)]
+        x = np.concatenate([fields(p).double().reshape(p.shape[0], -1).numpy() for p in parts])
+    out = {"field": (x, obs.x_true.double().numpy().reshape(-1))}
+    if obs.z_true is not None:
+        out["latent"] = (z, obs.z_true.double().numpy())
+    return out
+
+
+def _truth_row(t: int, obs, result, t0: float) -> dict:
+    row = {"truth": t, "noise_sigma": float(obs.noise_sigma), "wall_time_s": time.perf_counter() - t0}
+    for key in ("rel_l2_error", "coverage_95", "psis_khat", "is_ess_ratio", "ppc_p_value"):
+        if key in result.attrs:
+            row[key] = float(result.attrs[key])
+    return row
+
+
+def _tracked_indices(size: int, n: int, leading: bool) -> list[int]:
+    if leading:
+        return list(range(min(n, size)))
+    return [int(i) for i in np.linspace(0, size - 1, n + 2)[1:-1].round()] if n else []
+
+
 def _verdict(out: dict) -> str | None:
     """A warning when the 90/95 % coverage is off by more than 3 binomial standard errors plus 2 points
     (the entries are correlated, so the naive standard error is too small; the 2 points absorb that)."""
     msgs = []
-    for kind in ("latent", "field"):
+    for kind in out["coverage"]:
         for lvl in ("90", "95"):
             c = out["coverage"][kind][lvl]
             nominal = int(lvl) / 100
@@ -261,7 +282,7 @@ def plot_calibration(out: dict, path: str) -> str:
     """The calibration figure: coverage vs nominal, pooled and per-coordinate rank histograms."""
     from .plots import plt, save_figure
 
-    tracked = out["tracked"]
+    tracked = {kind: out["tracked"].get(kind, []) for kind in ("latent", "field")}
     ncols = max(3, len(tracked["latent"]), len(tracked["field"]))
     nrows = 1 + (1 if tracked["latent"] else 0) + (1 if tracked["field"] else 0)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.6 * nrows), squeeze=False)
@@ -271,13 +292,16 @@ def plot_calibration(out: dict, path: str) -> str:
     ax.set_visible(True)
     nominal = [int(v) / 100 for v in ("50", "90", "95")]
     for kind, marker in (("latent", "o"), ("field", "s")):
+        if kind not in out["coverage"]:
+            continue
         ax.plot(nominal, [out["coverage"][kind][v] for v in ("50", "90", "95")], marker, ls="-", label=kind)
     ax.plot([0.4, 1], [0.4, 1], "k--", lw=0.8)
     ax.set_xlabel("nominal")
     ax.set_ylabel("empirical coverage")
     ax.legend(fontsize=7)
     ax.set_title(
-        f"coverage, T={out['settings']['n_truths']}, shrink={out['settings']['shrink']:g}", fontsize=8
+        f"coverage, T={out['settings']['n_truths']} ({'held-out' if out.get('truths', 'prior') != 'prior' else 'prior'}"
+        f" truths), shrink={out['settings']['shrink']:g}", fontsize=8
     )
 
     def hist(ax, test, title):
@@ -299,8 +323,9 @@ def plot_calibration(out: dict, path: str) -> str:
         ax.set_title(f"{title}\nchi2 p={test['p_value']:.2g}", fontsize=8)
         ax.set_xticks([])
 
-    hist(axes[0, 1], out["rank_test"]["latent"], "ranks, all latent coords")
-    hist(axes[0, 2], out["rank_test"]["field"], "ranks, all field entries")
+    for j, kind in enumerate(("latent", "field")):
+        if kind in out["rank_test"]:
+            hist(axes[0, 1 + j], out["rank_test"][kind], f"ranks, all {kind} {'coords' if j == 0 else 'entries'}")
     row = 1
     for kind in ("latent", "field"):
         if not tracked[kind]:
@@ -329,6 +354,7 @@ def run_calibration_cli(
     config_path: str | None,
     seed: int,
     progress: Callable[[str], None] | None,
+    truths: str | None = None,
 ) -> dict:
     """`calibrate` with settings from ``[calibrate]`` overridden by options; writes
     ``outdir/calibration.json``
@@ -352,7 +378,7 @@ def run_calibration_cli(
         raise GanflowError(f"output directory's parent does not exist: {parent}")
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise GanflowError(f"output path is a file: {outdir}")
-    out = calibrate(problem, prior, settings, cfg, seed, progress)
+    out = calibrate(problem, prior, settings, cfg, seed, progress, truths=truths)
     # created only after the inputs proved valid, so a bad call leaves nothing behind
     os.makedirs(outdir, exist_ok=True)
     ranks = out.pop("_ranks")

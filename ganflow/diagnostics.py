@@ -203,6 +203,7 @@ def discrepancies(
     generator: torch.Generator,
     batch_size: int = 500,
     on_pred: Callable[[Tensor, Tensor, slice], None] | None = None,
+    sq_dist: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``D_obs`` and ``D_rep`` ``[N]`` (module docstring) for latent draws ``z`` ``[N, k]``.
 
@@ -210,6 +211,8 @@ def discrepancies(
         predict: ``z -> A(G(z))`` ``[B, *obs_shape]`` (one forward evaluation per draw).
         on_pred: called as ``on_pred(z_batch, pred_batch, rows)`` so that a caller can reuse ``A(G(z))``
             (the importance weights need it too) without a second forward evaluation.
+        sq_dist: ``(pred, y) -> [B]`` squared distance in the noise model's whitened units (default
+            ``||y - pred||^2 / sigma^2``); with the representation error, ``rho^T Sigma^-1 rho``.
     """
     d_obs, d_rep = [], []
     yv = y.reshape(-1).double()
@@ -219,9 +222,12 @@ def discrepancies(
             pred = predict(zb)
             if on_pred is not None:
                 on_pred(zb, pred, slice(s, s + zb.shape[0]))
+            if sq_dist is not None:
+                d_obs.append(sq_dist(pred, y).double())
             pred = pred.reshape(-1, yv.numel()).double()
             eps = torch.randn(pred.shape, generator=generator, dtype=torch.float64)
-            d_obs.append(((yv - pred) ** 2).sum(1) / noise_sigma**2)
+            if sq_dist is None:
+                d_obs.append(((yv - pred) ** 2).sum(1) / noise_sigma**2)
             d_rep.append(
                 (eps * eps).sum(1)
             )  # ||y_rep - A(G(z))||^2 / sigma^2 with y_rep = A(G(z)) + sigma eps
@@ -306,6 +312,7 @@ def diagnose_draws(
         generator,
         batch_size,
         keep_log_joint if log_q is not None else None,
+        getattr(target.noise, "sq_mahalanobis", None),
     )
     m = target.y.numel()
     out.arrays["ppc_d_obs"], out.arrays["ppc_d_rep"] = d_obs, d_rep

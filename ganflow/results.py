@@ -188,6 +188,7 @@ class PosteriorResult:
     path: str | None = None
     qois: dict[str, QoIStats] = field(default_factory=dict)  # /qoi (ganflow predict)
     diagnostic_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # /diagnostics
+    field_fn: Any = None  # z [B, k] -> field draws [B, *field_shape] (with r | z, y); in the solving process
 
     # statistics -----------------------------------------------------------------------------------
     @property

@@ -284,6 +284,7 @@ def solve(
         flow_state=fit.state if method == "flow" else {},
         fit=fit,
         generator=generator_module,
+        field_fn=field_sampler(target, torch.Generator().manual_seed(seed + 1)),
     )
 
 

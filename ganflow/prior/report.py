@@ -291,7 +291,9 @@ def _figure(rep: dict):
     ax_h.set_title("value histogram", fontsize=9)
     ax_h.legend(fontsize=7)
     m = rep["metrics"]
-    fig.suptitle(format_summary(m), fontsize=9)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(format_summary(m), 140)), fontsize=9)
     return fig
 
 
