@@ -159,3 +159,55 @@ def test_load_fields_rejects_bad_files(tmp_path):
             load_fields(path)
     fd = load_fields(write_fields(tmp_path / "ok.h5", torch.ones(2, 3), problem="x", seed=1))
     assert fd.field_shape == (3,) and fd.problem == "x" and fd.seed == 1 and len(fd.sha1) == 40
+
+
+# --- train-prior --data takes .npy / .npz arrays (the usual way people hold example fields) ---------------
+def test_npy_and_npz_load_like_fields_h5(tmp_path):
+    x = np.random.default_rng(0).random((12, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "f.npy", x)
+    np.savez(tmp_path / "f.npz", fields=x, other=x[:1])
+    np.savez(tmp_path / "one.npz", x.astype(np.float64))
+    for name in ("f.npy", "f.npz", "one.npz"):
+        fd = load_fields(tmp_path / name)
+        assert fd.fields.dtype == torch.float32 and np.array_equal(fd.fields.numpy(), x), name
+        # the same content hash as fields.h5 of the same values: provenance does not depend on the container
+        assert fd.sha1 == load_fields(write_fields(tmp_path / f"{name}.h5", torch.from_numpy(x))).sha1
+
+
+def test_train_prior_from_npy(tmp_path):
+    x = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
+    np.save(tmp_path / "f.npy", x)
+    r = _invoke(["train-prior", "--data", str(tmp_path / "f.npy"), "-o", str(tmp_path / "p.pt"), "--steps", "2",
+                 "--no-progress", "--no-report"])
+    assert r.exit_code == 0, r.output
+    assert os.path.isfile(tmp_path / "p.pt")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan", "non-finite"), ("shape", "power of two in 16..256"), ("object", "not a readable numpy array"),
+    ("two", "one array or one named 'fields'"), ("garbage", "not a readable numpy array"),
+    ("complex", "real numbers"), ("one_d", "[N, *field_shape]"), ("missing", "not found"),
+])
+def test_bad_npy_is_one_line_exit_2(tmp_path, case, message):
+    rng = np.random.default_rng(2)
+    path = tmp_path / ("f.npz" if case == "two" else "f.npy")
+    if case == "nan":
+        a = rng.random((20, 16, 16)); a[3, 2, 2] = np.nan; np.save(path, a)  # noqa: E702
+    elif case == "shape":
+        np.save(path, rng.random((20, 20, 20)))
+    elif case == "object":
+        np.save(path, np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+    elif case == "two":
+        np.savez(path, a=rng.random((4, 16)), b=rng.random((4, 16)))
+    elif case == "garbage":
+        path.write_bytes(b"not numpy")
+    elif case == "complex":
+        np.save(path, rng.random((20, 16)) + 1j)
+    elif case == "one_d":
+        np.save(path, rng.random(20))
+    out = tmp_path / "p.pt"
+    r = CliRunner().invoke(cli, ["train-prior", "--data", str(path), "-o", str(out), "--steps", "1"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], r.output
+    assert not out.exists()  # nothing half-written
