@@ -189,7 +189,18 @@ def calibrate(
             nan = float("nan")
             progress(f"truth {t + 1}/{s.n_truths}: {row['wall_time_s']:.1f} s, rel. L2 error "
                      f"{row.get('rel_l2_error', nan):.3f}, 95 % coverage {row.get('coverage_95', nan):.3f}")
+    out = _summary(problem, prior, truths, s, seed, solve_cfg, G, cover, ranks, L)
+    out["per_truth"], out["wall_time_s"] = per_truth, time.perf_counter() - t_start
+    out["warning"] = _verdict(out)
+    out["_ranks"] = {kind: np.stack(ranks[kind]) for kind in ranks}  # for the figure; not written to JSON
+    return out
+
+
+def _summary(problem, prior, truths, s: CalibrateSettings, seed: int, solve_cfg: Config, G, cover: dict,
+             ranks: dict, L: int) -> dict:
+    """The JSON summary: coverage and rank tests per kind (``latent`` only with truths from the prior)."""
     sizes = {"latent": int(G.latent_dim), "field": int(np.prod(G.field_shape))}
+    kinds = tuple(cover)
     out = {
         "problem": problem,
         "prior": prior if isinstance(prior, str) else type(prior).__name__,
@@ -201,11 +212,9 @@ def calibrate(
         "latent_dim": sizes["latent"],
         "field_size": sizes["field"],
         "n_rank_draws": int(L),
-        "coverage": {kind: {str(int(lvl * 100)): float(np.mean(cover[kind][lvl])) for lvl in LEVELS} for kind in cover},
+        "coverage": {kind: {str(int(lvl * 100)): float(np.mean(cover[kind][lvl])) for lvl in LEVELS} for kind in kinds},
         "n_indicators": {kind: s.n_truths * sizes[kind] for kind in kinds},
-        "rank_test": {kind: rank_uniformity(np.stack(ranks[kind]), L, s.n_bins) for kind in ranks},
-        "per_truth": per_truth,
-        "wall_time_s": time.perf_counter() - t_start,
+        "rank_test": {kind: rank_uniformity(np.stack(ranks[kind]), L, s.n_bins) for kind in kinds},
         "ganflow_version": __version__,
     }
     n_track = {"latent": s.n_track_latent, "field": s.n_track_field}
@@ -214,8 +223,6 @@ def calibrate(
         kind: [{"index": i, **rank_uniformity(np.stack(ranks[kind])[:, i], L, s.n_bins)} for i in track[kind]]
         for kind in track
     }
-    out["warning"] = _verdict(out)
-    out["_ranks"] = {kind: np.stack(ranks[kind]) for kind in ranks}  # for the figure; not written to JSON
     return out
 
 
