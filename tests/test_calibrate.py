@@ -29,12 +29,37 @@ CHEAP = {
 }
 
 
-def test_rank_uniformity_test_against_scipy():
-    rng = np.random.default_rng(0)
-    uniform = rank_uniformity(rng.integers(0, 100, size=5000), 99, 10)
-    assert uniform["p_value"] > 0.01 and sum(uniform["counts"]) == 5000
-    peaked = rank_uniformity(np.clip(rng.normal(50, 10, size=5000).round(), 0, 99), 99, 10)
-    assert peaked["p_value"] < 1e-10
+def _reference_rank_test(ranks: np.ndarray, n_draws: int, n_bins: int):
+    """Equal-width bins over the L + 1 rank values by integer arithmetic (bin of r: floor(r n_bins / (L + 1))),
+    expected counts from how many rank values each bin holds, and scipy's chi-square test."""
+    from scipy.stats import chisquare
+
+    counts = np.bincount(ranks * n_bins // (n_draws + 1), minlength=n_bins)
+    per_bin = np.bincount(np.arange(n_draws + 1) * n_bins // (n_draws + 1), minlength=n_bins)
+    expected = ranks.size * per_bin / (n_draws + 1)
+    return counts, expected, chisquare(counts, expected)
+
+
+# (L, n_bins): bin counts that divide L + 1 (100/10, 21/3) and that do not (100/7, 100/3, 21/6, 10/4)
+RANK_CASES = [(99, 10), (20, 3), (99, 7), (99, 3), (20, 6), (9, 4)]
+
+
+@pytest.mark.parametrize("n_draws, n_bins", RANK_CASES)
+def test_rank_uniformity_test_against_scipy(n_draws, n_bins):
+    # Perfectly uniform ranks (every value of 0..L equally often) are a perfect fit whatever the binning.
+    exact = rank_uniformity(np.repeat(np.arange(n_draws + 1), 1000), n_draws, n_bins)
+    assert exact["chi2"] == pytest.approx(0.0, abs=1e-9) and exact["p_value"] == pytest.approx(1.0), exact
+    rng = np.random.default_rng(n_draws * 100 + n_bins)
+    uniform = rng.integers(0, n_draws + 1, size=5000)
+    peaked = np.clip(rng.normal(n_draws / 2, n_draws / 10, size=5000).round(), 0, n_draws).astype(int)
+    for ranks in (uniform, peaked):
+        got = rank_uniformity(ranks, n_draws, n_bins)
+        counts, expected, ref = _reference_rank_test(ranks, n_draws, n_bins)
+        np.testing.assert_array_equal(got["counts"], counts)
+        np.testing.assert_allclose(got["expected"], expected, rtol=1e-12)
+        assert got["chi2"] == pytest.approx(ref.statistic, rel=1e-10)
+        assert got["p_value"] == pytest.approx(ref.pvalue, rel=1e-8, abs=1e-300)
+    assert rank_uniformity(peaked, n_draws, n_bins)["p_value"] < 1e-10
 
 
 def test_flow_posterior_is_calibrated():
