@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
+import torch
 
 from ganflow.bench import sliced_wasserstein
+from ganflow.errors import GanflowError
+from ganflow.prior.report import sliced_wasserstein as report_swd
 
 METHOD_KEYS = {
     "problem",
@@ -24,15 +28,65 @@ METHOD_KEYS = {
 HEADER_KEYS = {"cpu_model", "cores", "torch_version", "torch_threads", "date", "load_average_start"}
 
 
-def test_sliced_wasserstein_separates_shifted_clouds():
+def _swd_bench(a, b, n_proj, seed):
+    return sliced_wasserstein(a, b, n_proj, seed=seed)
+
+
+def _swd_report(a, b, n_proj, seed):
+    return report_swd(torch.from_numpy(a), torch.from_numpy(b), n_proj, torch.Generator().manual_seed(seed))
+
+
+# A shift d of a whole cloud shifts every 1-D projection by v.d, so each direction's squared W2 is (v.d)^2
+# exactly and SWD^2 = mean over the P directions of (v.d)^2, whose expectation over unit v in D dimensions is
+# |d|^2 / D. One direction's (v.d)^2 has sd sqrt(2 (D - 1) / (D + 2)) = 1.07 times its mean (D = 5), so SWD^2
+# carries a relative Monte-Carlo error 1.07 / sqrt(P) and SWD half of it (0.84 % for P = 4096); 4 SE = 3.3 %.
+# A W1 in place of W2 (E|v.d| = 0.84 sqrt(|d|^2 / D) for D = 5) or a missing square root (SWD^2 = 2.85 SWD
+# here) is far outside.
+SHIFT = np.array([2.0, -1.0, 0.5, 3.0, 0.0])
+N_PROJ = 4096
+
+
+@pytest.mark.parametrize("swd", [_swd_bench, _swd_report], ids=["bench", "prior_report"])
+def test_sliced_wasserstein_of_a_shifted_cloud_is_analytic(swd):
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((2000, 5)), rng.standard_normal((1500, 5))
-    same = sliced_wasserstein(a, b, 64, seed=1)
-    shifted = sliced_wasserstein(a, b + 1.0, 64, seed=1)
-    assert same < 0.15
-    # a unit shift in every coordinate projects to |<1, u>| ~ 1 on average over unit directions u
-    assert shifted > 5 * same
-    assert sliced_wasserstein(a, b, 64, seed=1) == same  # seeded
+    a = rng.standard_normal((1000, SHIFT.size)) * np.array([1.0, 2.0, 0.5, 1.0, 3.0])  # any cloud will do
+    exact = np.sqrt(SHIFT @ SHIFT / SHIFT.size)
+    se = 0.5 * np.sqrt(2 * (SHIFT.size - 1) / (SHIFT.size + 2)) / np.sqrt(N_PROJ) * exact
+    got = swd(a, a + SHIFT, N_PROJ, 1)
+    assert abs(got - exact) < 4 * se, (got, exact, se)
+    assert swd(a, a, 64, 1) == 0.0 and swd(a, a + SHIFT, N_PROJ, 1) == got  # seeded
+
+
+def test_sliced_wasserstein_separates_independent_shifted_clouds():
+    """Independent Gaussian clouds of unequal sizes (the bench subsamples the larger): for sorted 1-D samples
+    W2^2(p, q + c) = W2^2(p, q) + c^2 + 2 c (mean q - mean p), so SWD(a, b + d)^2 = SWD(a, b)^2 + |d|^2 / D up
+    to the directions' Monte-Carlo error (2.4 % of |d|^2 / D for P = 2048) and the cross term with the
+    clouds' mean difference (sd ~ 2 |d| sqrt(2 / 6000) / D ~ 1 % here)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((8000, SHIFT.size)), rng.standard_normal((6000, SHIFT.size))
+    same = sliced_wasserstein(a, b, 2048, seed=1)
+    shifted = sliced_wasserstein(a, b + SHIFT, 2048, seed=1)
+    assert same < 0.05  # the sampling floor: W2 between two empirical N(0, 1) samples of 6000
+    excess, exact = shifted**2 - same**2, SHIFT @ SHIFT / SHIFT.size
+    assert abs(excess - exact) < 0.1 * exact, (excess, exact)
+
+
+def test_pixel_wasserstein1_matches_scipy():
+    """`pixel_wasserstein1` (issue 20's headline figure) against scipy's 1-D W1 of the pooled pixel values, in
+    units of the reference sample's sd, and against the analytic W1 = |mu| of N(0, 1) vs N(mu, 1)."""
+    from scipy.stats import wasserstein_distance
+
+    from ganflow.prior import report
+
+    rng = np.random.default_rng(0)
+    a, b = rng.gamma(2.0, size=(300, 4, 4)), 1.5 * rng.standard_normal((300, 4, 4)) + 0.3
+    ref = wasserstein_distance(a.ravel(), b.ravel()) / b.std(ddof=1)
+    assert report.pixel_wasserstein1(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(ref, rel=1e-10)
+    # N(0, 1) vs N(0.5, 1), 200,000 values each: W1 = 0.5; sorted-sample W1 error ~ 1 / sqrt(n) = 0.002
+    x, y = rng.standard_normal(200_000), rng.standard_normal(200_000) + 0.5
+    assert report.pixel_wasserstein1(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(GanflowError, match="equal sizes"):
+        report.pixel_wasserstein1(torch.zeros(3), torch.zeros(4))
 
 
 def test_bench_quick_linear_gaussian(cli, tmp_path):
