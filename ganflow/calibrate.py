@@ -111,9 +111,10 @@ def rank_uniformity(ranks: np.ndarray, n_draws: int, n_bins: int) -> dict:
     ranks = np.asarray(ranks).ravel()
     edges = np.linspace(0, n_draws + 1, n_bins + 1)
     counts, _ = np.histogram(ranks, bins=edges)
-    # bin widths differ by at most one rank value when n_bins does not divide L + 1: expected counts follow
-    # them
-    widths = np.diff(np.floor(edges))
+    # When n_bins does not divide L + 1 the bins hold different numbers of rank values; the expected counts
+    # follow how many of 0..L the same histogram puts in each bin (not a formula for it, which can disagree
+    # with np.histogram's edge rule and flag a calibrated posterior).
+    widths, _ = np.histogram(np.arange(n_draws + 1), bins=edges)
     expected = counts.sum() * widths / widths.sum()
     stat, p = chisquare(counts, expected)
     return {
