@@ -365,7 +365,7 @@ def test_cli_conv_prior_end_to_end(tmp_path):
         ]
     )
     assert r.exit_code == 0, r.output
-    assert "prior report:" in r.output and "held-out reference" in r.output
+    assert "prior report:" in r.output and "data vs data" in r.output and "SWD ratio" in r.output
     for name in ("prior_report.h5", "prior_report.png"):
         assert (tmp_path / name).stat().st_size > 0
     with h5py.File(tmp_path / "prior_report.h5") as f:
