@@ -36,8 +36,11 @@ from .common import config_option, force_option, kw_option, parse_kv, seed_optio
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Where the generator and operator run [default: [solve] device, cpu].")
 # --- end issue 10 ---
+@click.option("--representation-error", "repr_error", type=click.Choice(["on", "off"]), default=None,
+              help="Carry the prior's representation error (x = G(z) + r) into the likelihood and the field draws "
+                   "when its checkpoint has the statistics [default: [solve] representation_error, on].")
 def solve(obs_path, prior, problem, operator, method, output, kw, config_path, seed, force, quiet, resume, max_obs,
-          device):
+          device, repr_error):
     """Fit the latent posterior and write posterior statistics to posterior.h5.
 
     A stacked obs.h5 (ganflow simulate --n-obs M) is solved observation by observation into one file with a
@@ -49,6 +52,8 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
     # --- issue 10 ---
     if device is not None:
         cfg.data["solve"] = {**cfg.data.get("solve", {}), "device": device}
+    if repr_error is not None:
+        cfg.data["solve"] = {**cfg.data.get("solve", {}), "representation_error": repr_error}
     if is_obs_stack(obs_path):
         return _solve_stack(obs_path, prior, problem, operator, method, output, cfg, seed, force, quiet, resume,
                             max_obs)
