@@ -258,12 +258,13 @@ class PosteriorResult:
         return LatentFit(self.method, samples=stored).draw(n, g)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``[n, *field_shape]`` posterior field draws (needs the generator: available after a solve)."""
+        """``[n, *field_shape]`` posterior field draws (needs the generator: available after a solve); in the
+        solving process they include the representation error's ``r | z, y`` when the solve used it."""
         if self.generator is None:
             raise GanflowError("this result has no generator attached: set result.generator = "
                                "ganflow.load_prior(PRIOR) (the prior it was solved with)")
         with torch.no_grad():
-            return self.generator(self.sample_latent(n, generator))
+            return (self.field_fn or self.generator)(self.sample_latent(n, generator))
 
     # files ----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, force: bool = False) -> str:
