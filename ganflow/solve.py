@@ -22,13 +22,13 @@ from torch import nn
 
 from .config import ALL_TABLES, Config
 from .errors import GanflowError
+from .field_stats import summarize_fields
 from .io import Observation, read_obs
 from .operators import check_compatible, check_observation
 from .plugins import check_spec_from_file, load_generator_spec, load_operator, normalize_spec
 from .posterior.base import LatentFit
 from .posterior.flow import FlowSettings, fit_flow
 from .posterior.target import LatentTarget
-from .predictive import summarize_fields
 from .results import PosteriorResult, truth_metrics
 
 __all__ = ["SolveSettings", "solve", "load_prior", "load_recorded_prior", "resolve_operator", "SOLVE_TABLES",

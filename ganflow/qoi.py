@@ -39,11 +39,11 @@ from torch import Tensor, nn
 
 from .diagnostics import DiagnosticsResult, diagnose_draws, draw_flow, khat_warning
 from .errors import GanflowError
+from .field_stats import QUANTILES, StreamingMoments
 from .io import atomic_path
 from .plugins import check_spec_from_file, load_problem, resolve_spec
 from .posterior.flow import flow_from_state
 from .posterior.target import LatentTarget
-from .predictive import QUANTILES, StreamingMoments
 from .results import PosteriorResult, QoIStats, quantile_key, write_qoi
 
 __all__ = [
