@@ -39,9 +39,9 @@ from torch import Tensor
 
 from . import __version__
 from .errors import GanflowError
+from .field_stats import QUANTILES, FieldSummary
 from .io import atomic_h5, check_output_path, open_h5, read_json_attr
 from .posterior.base import LatentFit
-from .predictive import QUANTILES, FieldSummary
 
 __all__ = ["PosteriorResult", "QoIStats", "truth_metrics", "REQUIRED_DATASETS", "REQUIRED_ATTRS",
            "quantile_key", "write_qoi", "read_qoi", "DIAGNOSTIC_ATTRS"]
@@ -220,7 +220,7 @@ class PosteriorResult:
         return {k: self.attrs[k] for k in keys if k in self.attrs}
 
     def qoi(self, name: str) -> QoIStats:
-        """Statistics of a computed quantity of interest (``ganflow predict`` / `ganflow.predict.predict`):
+        """Statistics of a computed quantity of interest (``ganflow predict`` / `ganflow.qoi.predict`):
         ``r.qoi("total").mean``, ``.std``, ``.quantile(0.5)``, ``.credible_interval(0.95)``, ``.error``."""
         if name not in self.qois:
             known = ", ".join(sorted(self.qois)) or "none"

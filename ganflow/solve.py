@@ -22,13 +22,13 @@ from torch import nn
 
 from .config import ALL_TABLES, Config
 from .errors import GanflowError
+from .field_stats import summarize_fields
 from .io import Observation, read_obs
 from .operators import check_compatible, check_observation
 from .plugins import check_spec_from_file, load_generator_spec, load_operator, normalize_spec
 from .posterior.base import LatentFit
 from .posterior.flow import FlowSettings, fit_flow
 from .posterior.target import LatentTarget
-from .predictive import summarize_fields
 from .results import PosteriorResult, truth_metrics
 
 __all__ = ["SolveSettings", "solve", "load_prior", "load_recorded_prior", "resolve_operator", "SOLVE_TABLES",
@@ -202,60 +202,23 @@ def solve(
             (bit-identical on CPU). The caller deletes it after saving the result.
     """
     t0 = time.perf_counter()
-    if isinstance(config, Config):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = Config(config, known=SOLVE_TABLES)
-    else:
-        cfg = Config.from_file(config, known=SOLVE_TABLES)
+    cfg = _as_config(config)
     ss = cfg.section(SolveSettings, "solve")
     method = method or ss.method
     if method not in METHODS:
         raise GanflowError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if not isinstance(obs, Observation):
         obs = read_obs(obs)
-    check_observation(obs.y, obs.noise_sigma)
-    device = ss.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise GanflowError("--device cuda requested but CUDA is not available")
-    generator_module = load_prior(prior, device)
-    op, op_info = resolve_operator(obs, operator, problem, cfg.table("operator") or None, cfg.table("problem") or None)
-    op = op.to(device)
-    check_compatible(generator_module, op, obs.y.to(device))
-    if device == "cpu":
-        target = LatentTarget(generator_module, op, obs.y.to(device), obs.noise_sigma, check=False)
-    else:  # --- issue 10: G and A on the device, latents on the host (see _DeviceTarget)
-        target = _DeviceTarget(generator_module, op, obs.y, obs.noise_sigma, device)
+    generator_module, op, op_info, target = _set_up(obs, prior, operator, problem, cfg, ss.device)
     gen = torch.Generator().manual_seed(seed)
     ckpt = _checkpoint_options(method, checkpoint_path, resume)
-    target, re_attrs = with_representation_error(target, cfg, ss, seed) if device == "cpu" else (target, {})
+    target, re_attrs = with_representation_error(target, cfg, ss, seed) if ss.device == "cpu" else (target, {})
     fit = _run_method(method, target, cfg, gen, progress, ckpt)
-
-    def draw(b: int) -> torch.Tensor:
-        return fit.draw(b, gen).to(device)
-
-    summary = summarize_fields(
-        draw, field_sampler(target, gen), op, n_samples=ss.n_samples, batch_size=ss.batch_size,
-        n_quantile=ss.n_quantile, n_keep=ss.n_field_samples,
-    )
+    summary = _summarise(fit, target, op, ss, gen)
     y = obs.y.cpu().numpy()
-    attrs: dict[str, Any] = dict(fit.attrs)
-    attrs.update(re_attrs)
-    attrs.update({
-        "seed": int(seed),
-        "n_forward_evals": int(fit.n_forward_evals),
-        "fit_wall_time_s": float(fit.wall_time_s),
-        "prior": prior if isinstance(prior, str) and ":" in prior else (
-            os.path.abspath(os.fspath(prior)) if not isinstance(prior, nn.Module) else type(prior).__name__),
-        "obs_path": os.path.abspath(obs.path) if obs.path else "",
-    })
-    for key, value in op_info.items():
-        attrs[key] = value
-    x_true = obs.x_true.numpy() if obs.x_true is not None else None
+    x_true = _truth_field(obs, generator_module)
+    attrs = _result_attrs(fit, re_attrs, op_info, prior, obs, seed)
     if x_true is not None:
-        if tuple(x_true.shape) != tuple(generator_module.field_shape):
-            raise GanflowError(f"/x_true shape {tuple(x_true.shape)} does not match field_shape "
-                               f"{tuple(generator_module.field_shape)}")
         attrs.update(truth_metrics(summary.mean, summary.quantiles[0.025], summary.quantiles[0.975], x_true,
                                    y, summary.obs_pred_mean, obs.noise_sigma))
     # --- issue 7 (ganflow.diagnostics, owned by the predict/diagnostics work): PSIS k-hat and ESS/N of the flow,
@@ -286,6 +249,76 @@ def solve(
         generator=generator_module,
         field_fn=field_sampler(target, torch.Generator().manual_seed(seed + 1)),
     )
+
+
+def _summarise(fit: LatentFit, target: LatentTarget, op: nn.Module, ss: SolveSettings, gen: torch.Generator):
+    """Field and data statistics (`summarize_fields`) over ``ss.n_samples`` posterior draws of ``fit``, drawn
+    from ``gen``."""
+
+    def draw(b: int) -> torch.Tensor:
+        return fit.draw(b, gen).to(ss.device)
+
+    return summarize_fields(
+        draw, field_sampler(target, gen), op, n_samples=ss.n_samples, batch_size=ss.batch_size,
+        n_quantile=ss.n_quantile, n_keep=ss.n_field_samples,
+    )
+
+
+def _as_config(config: Config | dict | str | os.PathLike | None) -> Config:
+    """``solve``'s ``config`` argument as a `Config` (a dict of tables or a TOML path is read and checked)."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return Config(config, known=SOLVE_TABLES)
+    return Config.from_file(config, known=SOLVE_TABLES)
+
+
+def _set_up(obs: Observation, prior: str | os.PathLike | nn.Module, operator: Any, problem: Any, cfg: Config,
+            device: str) -> tuple[nn.Module, nn.Module, dict, LatentTarget]:
+    """The generator, the operator (and where it came from) and the latent target, checked against each other
+    and placed on ``device``."""
+    check_observation(obs.y, obs.noise_sigma)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GanflowError("--device cuda requested but CUDA is not available")
+    generator_module = load_prior(prior, device)
+    op, op_info = resolve_operator(obs, operator, problem, cfg.table("operator") or None, cfg.table("problem") or None)
+    op = op.to(device)
+    check_compatible(generator_module, op, obs.y.to(device))
+    if device == "cpu":
+        target = LatentTarget(generator_module, op, obs.y.to(device), obs.noise_sigma, check=False)
+    else:  # --- issue 10: G and A on the device, latents on the host (see _DeviceTarget)
+        target = _DeviceTarget(generator_module, op, obs.y, obs.noise_sigma, device)
+    return generator_module, op, op_info, target
+
+
+def _truth_field(obs: Observation, generator_module: nn.Module):
+    """The observation's ``/x_true`` as an array ``[*field_shape]`` (None without one); a shape that is not the
+    prior's field shape is an error."""
+    if obs.x_true is None:
+        return None
+    x_true = obs.x_true.numpy()
+    if tuple(x_true.shape) != tuple(generator_module.field_shape):
+        raise GanflowError(f"/x_true shape {tuple(x_true.shape)} does not match field_shape "
+                           f"{tuple(generator_module.field_shape)}")
+    return x_true
+
+
+def _result_attrs(fit: LatentFit, re_attrs: dict, op_info: dict, prior, obs: Observation, seed: int) -> dict:
+    """The result's attributes from the fit, the representation error and the provenance (seed, cost, the prior,
+    the observation and the operator's origin)."""
+    attrs: dict[str, Any] = dict(fit.attrs)
+    attrs.update(re_attrs)
+    attrs.update({
+        "seed": int(seed),
+        "n_forward_evals": int(fit.n_forward_evals),
+        "fit_wall_time_s": float(fit.wall_time_s),
+        "prior": prior if isinstance(prior, str) and ":" in prior else (
+            os.path.abspath(os.fspath(prior)) if not isinstance(prior, nn.Module) else type(prior).__name__),
+        "obs_path": os.path.abspath(obs.path) if obs.path else "",
+    })
+    for key, value in op_info.items():
+        attrs[key] = value
+    return attrs
 
 
 def with_representation_error(target: LatentTarget, cfg: Config, ss: SolveSettings,

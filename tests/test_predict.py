@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ganflow.errors import GanflowError
+from ganflow.field_stats import QUANTILES
 from ganflow.io import write_obs
-from ganflow.predict import WeightedMoments, predict, qoi_statistics, weighted_quantiles
-from ganflow.predictive import QUANTILES
 from ganflow.problems.linear_gaussian import LinearGaussianProblem, exact_posterior
+from ganflow.qoi import WeightedMoments, predict, qoi_statistics, weighted_quantiles
 from ganflow.results import PosteriorResult
 from ganflow.simulate import simulate
 from ganflow.solve import solve

@@ -58,7 +58,7 @@ def predict(posterior, qois, n, reweight, prior, problem, operator, batch_size, 
     psis_khat, is_ess_ratio (flow), ppc_p_value, ppc_chi2_per_dof (every method). posterior.h5 is updated
     atomically and is left unchanged on any error.
     """
-    from ..predict import predict as run_predict
+    from ..qoi import predict as run_predict
 
     report = run_predict(
         posterior,

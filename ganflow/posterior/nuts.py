@@ -38,7 +38,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pyro
@@ -185,79 +185,36 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
     settings.validate()
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     k = target.latent_dim
-    auto_dense = settings.mass_matrix == "auto" and k <= settings.dense_max_dim
-    dense = settings.mass_matrix == "dense" or auto_dense
+    dense = settings.mass_matrix == "dense" or (settings.mass_matrix == "auto" and k <= settings.dense_max_dim)
     dtype = target.y.dtype if target.y.is_floating_point() else torch.get_default_dtype()
     evals0 = target.n_forward_evals
     t0 = time.perf_counter()
 
-    # With init = "laplace" the chains run in the whitened coordinates u of the Laplace approximation,
-    # z = z_map + L u (a linear map: the posterior is only translated and rescaled, its draws are mapped back).
-    # There the posterior is close to isotropic, so the short warm-up's step size and mass matrix suit it; in
-    # z the GAN posteriors are so anisotropic that 150 warm-up steps left chains with ESS 2-16 of 600 draws.
-    frame = _laplace_frame(target, settings, generator, dtype)
-    loc, L = frame if frame is not None else (None, None)
-
-    def to_z(u: torch.Tensor) -> torch.Tensor:
-        return u if L is None else loc + u @ L.T
+    to_z, u_init = _chain_coordinates(target, settings, generator, dtype)
 
     def potential_fn(params: dict) -> torch.Tensor:
         return -target.log_joint(to_z(params["z"].unsqueeze(0)))[0]
 
-    z_init = _initial_points(target, settings, generator, dtype, frame)
-    if L is not None:
-        z_init = torch.linalg.solve_triangular(L, (z_init - loc).T, upper=False).T
     seeds = torch.randint(0, 2**31 - 1, (settings.num_chains,), generator=generator).tolist()
     chains, step_sizes, divergences, accept = [], [], 0, []
     for c in range(settings.num_chains):
-        kernel = NUTS(
-            potential_fn=potential_fn,
-            adapt_step_size=True,
-            adapt_mass_matrix=True,
-            full_mass=dense,
-            target_accept_prob=settings.target_accept_prob,
-            max_tree_depth=settings.max_tree_depth,
-        )
-        mcmc = MCMC(
-            kernel,
-            num_samples=settings.num_samples,
-            warmup_steps=settings.warmup_steps,
-            initial_params={"z": z_init[c].clone()},
-            num_chains=1,
-            disable_progbar=True,
-        )
-        with _seeded_global_rng(int(seeds[c])):
-            mcmc.run()
-        draws = to_z(mcmc.get_samples()["z"].detach().reshape(settings.num_samples, k))
+        draws, step_size, n_divergent, chain_accept = _run_chain(potential_fn, u_init[c], int(seeds[c]), settings,
+                                                                 dense)
+        draws = to_z(draws.reshape(settings.num_samples, k))
         if not bool(torch.isfinite(draws).all()):
             raise GanflowError(
                 f"nuts: chain {c} produced non-finite draws (non-finite gradient of the target?)"
             )
         chains.append(draws)
-        step_sizes.append(float(kernel.step_size))
-        # the kernel resets its counters after a run; MCMC keeps each chain's diagnostics
-        diag = mcmc.diagnostics()
-        divergences += sum(len(v) for v in diag["divergences"].values())
-        accept.extend(float(v) for v in diag["acceptance rate"].values())
+        step_sizes.append(step_size)
+        divergences += n_divergent
+        accept.extend(chain_accept)
 
     grouped = torch.stack(chains)  # [C, S, k]
     samples = grouped.reshape(-1, k)
     with torch.no_grad():
         potential = -target.log_joint(samples).double()
-    rhat = split_gelman_rubin(grouped.double(), chain_dim=0, sample_dim=1)
-    ess = effective_sample_size(grouped.double(), chain_dim=0, sample_dim=1)
-    rhat_pot = split_gelman_rubin(potential.reshape(settings.num_chains, settings.num_samples, 1))
-    rhat_max, ess_min = float(rhat.max()), float(ess.min())
-    if not rhat_max <= settings.rhat_threshold:
-        msg = (f"nuts: max split R-hat {rhat_max:.4f} > {settings.rhat_threshold} over {settings.num_chains} "
-               f"chains; the draws may not represent the posterior (more warmup_steps / num_samples)")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        print(msg, file=sys.stderr)
-    if divergences:
-        warnings.warn(
-            f"nuts: {divergences} divergent transitions after warm-up", RuntimeWarning, stacklevel=2
-        )
-
+    convergence = _convergence(grouped, potential, settings, divergences)
     return LatentFit(
         method="nuts",
         samples=samples,
@@ -267,9 +224,7 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
             "chain": np.repeat(np.arange(settings.num_chains), settings.num_samples),
         },
         attrs={
-            "rhat_max": rhat_max,
-            "ess_min": ess_min,
-            "rhat_potential": float(rhat_pot.max()),
+            **convergence,
             "num_chains": settings.num_chains,
             "num_samples": settings.num_samples,
             "warmup_steps": settings.warmup_steps,
@@ -283,3 +238,75 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
         wall_time_s=time.perf_counter() - t0,
     )
 
+
+def _chain_coordinates(target: LatentTarget, settings: NutsSettings, generator: torch.Generator,
+                       dtype: torch.dtype) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """The map ``u -> z`` from the coordinates the chains run in, and the chains' start points ``[C, k]`` in u.
+
+    With init = "laplace" the chains run in the whitened coordinates u of the Laplace approximation,
+    z = z_map + L u (a linear map: the posterior is only translated and rescaled, its draws are mapped back).
+    There the posterior is close to isotropic, so the short warm-up's step size and mass matrix suit it; in
+    z the GAN posteriors are so anisotropic that 150 warm-up steps left chains with ESS 2-16 of 600 draws.
+    Otherwise u = z.
+    """
+    frame = _laplace_frame(target, settings, generator, dtype)
+    z_init = _initial_points(target, settings, generator, dtype, frame)
+    if frame is None:
+        return (lambda u: u), z_init
+    loc, L = frame
+
+    def to_z(u: torch.Tensor) -> torch.Tensor:
+        return loc + u @ L.T
+
+    return to_z, torch.linalg.solve_triangular(L, (z_init - loc).T, upper=False).T
+
+
+def _run_chain(potential_fn: Callable[[dict], torch.Tensor], u_init: torch.Tensor, seed: int,
+               settings: NutsSettings, dense: bool) -> tuple[torch.Tensor, float, int, list[float]]:
+    """One chain from ``u_init`` ``[k]`` under pyro's global RNG seeded with ``seed``: its kept draws
+    ``[num_samples, k]`` (chain coordinates), adapted step size, divergent transitions and acceptance rates."""
+    kernel = NUTS(
+        potential_fn=potential_fn,
+        adapt_step_size=True,
+        adapt_mass_matrix=True,
+        full_mass=dense,
+        target_accept_prob=settings.target_accept_prob,
+        max_tree_depth=settings.max_tree_depth,
+    )
+    mcmc = MCMC(
+        kernel,
+        num_samples=settings.num_samples,
+        warmup_steps=settings.warmup_steps,
+        initial_params={"z": u_init.clone()},
+        num_chains=1,
+        disable_progbar=True,
+    )
+    with _seeded_global_rng(seed):
+        mcmc.run()
+    # the kernel resets its counters after a run; MCMC keeps each chain's diagnostics
+    diag = mcmc.diagnostics()
+    divergences = sum(len(v) for v in diag["divergences"].values())
+    accept = [float(v) for v in diag["acceptance rate"].values()]
+    return mcmc.get_samples()["z"].detach(), float(kernel.step_size), divergences, accept
+
+
+def _convergence(grouped: torch.Tensor, potential: torch.Tensor, settings: NutsSettings,
+                 divergences: int) -> dict:
+    """``rhat_max``, ``ess_min`` over the latent coordinates of the draws ``grouped`` ``[C, S, k]`` and
+    ``rhat_potential`` of their potential energies ``[C * S]``; warns on R-hat above the threshold and on
+    divergent transitions."""
+    rhat = split_gelman_rubin(grouped.double(), chain_dim=0, sample_dim=1)
+    ess = effective_sample_size(grouped.double(), chain_dim=0, sample_dim=1)
+    rhat_pot = split_gelman_rubin(potential.reshape(settings.num_chains, settings.num_samples, 1))
+    rhat_max, ess_min = float(rhat.max()), float(ess.min())
+    # stacklevel 3: the warning points at run_nuts' caller, as before the split
+    if not rhat_max <= settings.rhat_threshold:
+        msg = (f"nuts: max split R-hat {rhat_max:.4f} > {settings.rhat_threshold} over {settings.num_chains} "
+               f"chains; the draws may not represent the posterior (more warmup_steps / num_samples)")
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        print(msg, file=sys.stderr)
+    if divergences:
+        warnings.warn(
+            f"nuts: {divergences} divergent transitions after warm-up", RuntimeWarning, stacklevel=3
+        )
+    return {"rhat_max": rhat_max, "ess_min": ess_min, "rhat_potential": float(rhat_pot.max())}

@@ -39,11 +39,11 @@ from torch import Tensor, nn
 
 from .diagnostics import DiagnosticsResult, diagnose_draws, draw_flow, khat_warning
 from .errors import GanflowError
+from .field_stats import QUANTILES, StreamingMoments
 from .io import atomic_path
 from .plugins import check_spec_from_file, load_problem, resolve_spec
 from .posterior.flow import flow_from_state
 from .posterior.target import LatentTarget
-from .predictive import QUANTILES, StreamingMoments
 from .results import PosteriorResult, QoIStats, quantile_key, write_qoi
 
 __all__ = [
@@ -427,14 +427,7 @@ def predict(
     """
     path = os.fspath(posterior)
     result = PosteriorResult.load(path)
-    if n is not None and n < 2:
-        raise GanflowError(f"--n must be >= 2, got {n}")
-    if batch_size < 1 or diag_draws < 10:
-        raise GanflowError("batch_size must be >= 1 and diag_draws >= 10")
-    if reweight and not (result.method == "flow" and result.flow_state):
-        raise GanflowError(
-            f"--reweight needs a flow posterior (a density q(z)); this one is '{result.method}'"
-        )
+    _check_arguments(result, n, batch_size, diag_draws, reweight)
     G = _generator_for(result, prior)
     problem, operator = _specs_to_resolve(result, problem, operator)
     qoi_fns = resolve_qois(qois, problem, _json_attr(result.attrs, "problem_kwargs"))
@@ -445,33 +438,12 @@ def predict(
     report = PredictReport(
         path=path, method=result.method, n=n_draws, weighting="psis" if reweight else "none"
     )
-
     # diagnostics first: --reweight needs the weights of every draw before any statistic is taken
-    diag: DiagnosticsResult | None = None
-    try:
-        op = _operator_for(result, problem, operator)
-    except GanflowError as e:
-        if reweight:
-            raise GanflowError(f"--reweight needs the forward operator: {e}") from None
-        op = None
-        report.warnings.append(f"diagnostics skipped: cannot rebuild the operator ({e})")
-    if op is not None:
-        target = LatentTarget(G, op, torch.as_tensor(result.y, dtype=torch.float32), result.noise_sigma)
-        m = n_draws if reweight else min(n_draws, diag_draws)
-        diag = diagnose_draws(target, z[:m], None if log_q is None else log_q[:m], gen, batch_size)
-        report.diagnostics = dict(diag.attrs)
-        warn = khat_warning(diag.attrs.get("psis_khat"))
-        if warn:
-            report.warnings.append(warn)
+    m = n_draws if reweight else min(n_draws, diag_draws)
+    diag = _diagnose(result, G, problem, operator, z[:m], None if log_q is None else log_q[:m], gen, batch_size,
+                     reweight, report)
     weights = np.exp(diag.psis.log_weights) if reweight else None
-
-    def fields(start: int, stop: int) -> Tensor:
-        with torch.no_grad():
-            x = G(z[start:stop])
-        if not torch.isfinite(x).all():
-            raise GanflowError("the generator produced non-finite fields for some posterior draws")
-        return x
-
+    fields = _field_batches(G, z)
     report.qois = qoi_statistics(
         fields, n_draws, qoi_fns, weights, batch_size, n_quantile, n_keep, result.x_true
     )
@@ -492,6 +464,54 @@ def predict(
     if write:
         _write_update(path, report, diag, psis_field, seed)
     return report
+
+
+def _check_arguments(result: PosteriorResult, n: int | None, batch_size: int, diag_draws: int,
+                     reweight: bool) -> None:
+    """`predict`'s arguments against each other and the posterior (``--reweight`` needs a flow)."""
+    if n is not None and n < 2:
+        raise GanflowError(f"--n must be >= 2, got {n}")
+    if batch_size < 1 or diag_draws < 10:
+        raise GanflowError("batch_size must be >= 1 and diag_draws >= 10")
+    if reweight and not (result.method == "flow" and result.flow_state):
+        raise GanflowError(
+            f"--reweight needs a flow posterior (a density q(z)); this one is '{result.method}'"
+        )
+
+
+def _diagnose(result: PosteriorResult, G: nn.Module, problem: str | None, operator: str | None, z: Tensor,
+              log_q: Tensor | None, gen: torch.Generator, batch_size: int, reweight: bool,
+              report: PredictReport) -> DiagnosticsResult | None:
+    """Diagnostics (PSIS k-hat, ESS/N, predictive check) of the draws ``z`` ``[m, k]`` (``log_q`` ``[m]`` for a
+    flow), recorded in ``report``. Without the forward operator they are skipped with a warning, unless
+    ``reweight`` needs their weights."""
+    try:
+        op = _operator_for(result, problem, operator)
+    except GanflowError as e:
+        if reweight:
+            raise GanflowError(f"--reweight needs the forward operator: {e}") from None
+        report.warnings.append(f"diagnostics skipped: cannot rebuild the operator ({e})")
+        return None
+    target = LatentTarget(G, op, torch.as_tensor(result.y, dtype=torch.float32), result.noise_sigma)
+    diag = diagnose_draws(target, z, log_q, gen, batch_size)
+    report.diagnostics = dict(diag.attrs)
+    warn = khat_warning(diag.attrs.get("psis_khat"))
+    if warn:
+        report.warnings.append(warn)
+    return diag
+
+
+def _field_batches(G: nn.Module, z: Tensor) -> Callable[[int, int], Tensor]:
+    """``(start, stop) -> G(z[start:stop])`` ``[stop - start, *field_shape]``; a non-finite field is an error."""
+
+    def fields(start: int, stop: int) -> Tensor:
+        with torch.no_grad():
+            x = G(z[start:stop])
+        if not torch.isfinite(x).all():
+            raise GanflowError("the generator produced non-finite fields for some posterior draws")
+        return x
+
+    return fields
 
 
 def _write_update(

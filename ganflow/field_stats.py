@@ -1,4 +1,5 @@
-"""Posterior-predictive statistics, streamed over batches of posterior draws.
+"""Streamed field statistics of the posterior: mean, std and quantiles of ``G(z)`` and ``A(G(z))`` over batches
+of posterior draws (`StreamingMoments`, `summarize_fields`).
 
 For ``N`` latent draws ``z_i`` (fresh from a flow, or stored MCMC draws) the fields ``x_i = G(z_i)`` are pushed
 through in batches; mean and standard deviation are accumulated exactly (Chan et al.'s parallel update of
