@@ -173,84 +173,113 @@ def plot_posterior(result, outdir: str | os.PathLike, force: bool = False) -> li
     outdir = os.fspath(outdir)
     _check_figure_dir(outdir, force)
     os.makedirs(outdir, exist_ok=True)
-    paths = []
-    mean, std = result.mean, result.std
-    lo, hi = result.credible_interval(0.95)
-    truth = result.x_true
+    path = lambda name: os.path.join(outdir, name)  # noqa: E731
+    if result.mean.ndim == 1:
+        written = [_plot_band(result, path("fields.png"))]
+    else:
+        written = [_plot_field_maps(result, path("fields.png")), _plot_samples(result, path("samples.png"))]
+    written += [
+        _plot_traces(result, path("trace.png")),
+        _plot_data_fit(result, path("obs.png")),
+        plot_qois(result, path("qoi.png")),
+        plot_diagnostics(result, path("diagnostics.png")),
+    ]
+    return [p for p in written if p is not None]
+
+
+def _suptitle(result) -> str:
+    """The method, the error metrics and the diagnostics, for the title of ``fields.png``."""
     suptitle = f"{result.method} posterior" + (f" - {_title_metrics(result)}" if _title_metrics(result) else "")
     if _title_diagnostics(result):
         suptitle += "\n" + _title_diagnostics(result)
+    return suptitle
 
-    if mean.ndim == 1:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        t = np.arange(mean.size)
-        ax.fill_between(t, lo, hi, alpha=0.3, label="95% interval")
-        ax.plot(t, mean, label="posterior mean")
-        if truth is not None:
-            ax.plot(t, truth, "k--", label="truth")
-        ax.legend(fontsize=8)
-        ax.set_title(suptitle, fontsize=9)
-        paths.append(save_figure(fig, os.path.join(outdir, "fields.png")))
-    else:
-        panels = []
-        if truth is not None:
-            panels.append(("truth", _as_image(truth), "viridis"))
-        panels.append(("posterior mean", _as_image(mean), "viridis"))
-        panels.append(("posterior std", _as_image(std), "magma"))
-        if truth is not None:
-            panels.append(("|mean - truth|", np.abs(_as_image(mean) - _as_image(truth)), "magma"))
-            inside = ((truth >= lo) & (truth <= hi)).astype(float)
-            panels.append(("truth inside 95% interval", _as_image(inside), "RdYlGn"))
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
-        axes = np.atleast_1d(axes)
-        vmin = vmax = None
-        if truth is not None:
-            vmin, vmax = float(min(truth.min(), mean.min())), float(max(truth.max(), mean.max()))
-        for ax, (title, img, cmap) in zip(axes, panels, strict=True):
-            shared = title in ("truth", "posterior mean")
-            _imshow(ax, img, title, cmap, vmin if shared else None, vmax if shared else None)
-        fig.suptitle(suptitle, fontsize=10)
-        paths.append(save_figure(fig, os.path.join(outdir, "fields.png")))
 
-        samples = result.summary.samples[:16]
-        if len(samples):
-            n = len(samples)
-            cols = min(8, n)
-            rows = int(np.ceil(n / cols))
-            fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
-            for i, ax in enumerate(axes.ravel()):
-                ax.axis("off")
-                if i < n:
-                    ax.imshow(_as_image(samples[i]), origin="lower", cmap="viridis")
-            fig.suptitle(f"{result.method}: posterior samples", fontsize=10)
-            paths.append(save_figure(fig, os.path.join(outdir, "samples.png")))
+def _plot_band(result, path: str) -> str:
+    """``fields.png`` of a 1-D field: the posterior mean with its 95 % band, and the truth."""
+    mean, truth = result.mean, result.x_true
+    lo, hi = result.credible_interval(0.95)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    t = np.arange(mean.size)
+    ax.fill_between(t, lo, hi, alpha=0.3, label="95% interval")
+    ax.plot(t, mean, label="posterior mean")
+    if truth is not None:
+        ax.plot(t, truth, "k--", label="truth")
+    ax.legend(fontsize=8)
+    ax.set_title(_suptitle(result), fontsize=9)
+    return save_figure(fig, path)
 
+
+def _plot_field_maps(result, path: str) -> str:
+    """``fields.png`` of a 2-D field: truth, mean, std, |error| and the 95 %-interval coverage map."""
+    mean, std, truth = result.mean, result.std, result.x_true
+    lo, hi = result.credible_interval(0.95)
+    panels = []
+    if truth is not None:
+        panels.append(("truth", _as_image(truth), "viridis"))
+    panels.append(("posterior mean", _as_image(mean), "viridis"))
+    panels.append(("posterior std", _as_image(std), "magma"))
+    if truth is not None:
+        panels.append(("|mean - truth|", np.abs(_as_image(mean) - _as_image(truth)), "magma"))
+        inside = ((truth >= lo) & (truth <= hi)).astype(float)
+        panels.append(("truth inside 95% interval", _as_image(inside), "RdYlGn"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    axes = np.atleast_1d(axes)
+    vmin = vmax = None
+    if truth is not None:  # truth and mean on one colour scale, so they compare by eye
+        vmin, vmax = float(min(truth.min(), mean.min())), float(max(truth.max(), mean.max()))
+    for ax, (title, img, cmap) in zip(axes, panels, strict=True):
+        shared = title in ("truth", "posterior mean")
+        _imshow(ax, img, title, cmap, vmin if shared else None, vmax if shared else None)
+    fig.suptitle(_suptitle(result), fontsize=10)
+    return save_figure(fig, path)
+
+
+def _plot_samples(result, path: str) -> str | None:
+    """``samples.png``: up to 16 posterior field samples (2-D fields); None when there are none."""
+    samples = result.summary.samples[:16]
+    if not len(samples):
+        return None
+    n = len(samples)
+    cols = min(8, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(_as_image(samples[i]), origin="lower", cmap="viridis")
+    fig.suptitle(f"{result.method}: posterior samples", fontsize=10)
+    return save_figure(fig, path)
+
+
+def _plot_traces(result, path: str) -> str | None:
+    """``trace.png``: one panel per per-iteration trace; None when there are none."""
     trace_items = [(k, v) for k, v in result.trace.items() if np.asarray(v).ndim == 1 and np.asarray(v).size > 1]
-    if trace_items:
-        fig, axes = plt.subplots(1, len(trace_items), figsize=(4 * len(trace_items), 3), squeeze=False)
-        for ax, (name, arr) in zip(axes[0], trace_items, strict=True):
-            arr = np.asarray(arr, float)
-            ax.plot(arr, lw=0.8)
-            ax.set_title(name, fontsize=9)
-            if name in ("loss",) and np.all(np.isfinite(arr)) and arr.size > 20:
-                lo_, hi_ = np.percentile(arr, [1, 99])
-                ax.set_ylim(lo_ - 0.1 * abs(hi_ - lo_), hi_ + 0.1 * abs(hi_ - lo_))
-        fig.suptitle(f"{result.method}: traces", fontsize=10)
-        paths.append(save_figure(fig, os.path.join(outdir, "trace.png")))
+    if not trace_items:
+        return None
+    fig, axes = plt.subplots(1, len(trace_items), figsize=(4 * len(trace_items), 3), squeeze=False)
+    for ax, (name, arr) in zip(axes[0], trace_items, strict=True):
+        arr = np.asarray(arr, float)
+        ax.plot(arr, lw=0.8)
+        ax.set_title(name, fontsize=9)
+        if name in ("loss",) and np.all(np.isfinite(arr)) and arr.size > 20:
+            lo_, hi_ = np.percentile(arr, [1, 99])
+            ax.set_ylim(lo_ - 0.1 * abs(hi_ - lo_), hi_ + 0.1 * abs(hi_ - lo_))
+    fig.suptitle(f"{result.method}: traces", fontsize=10)
+    return save_figure(fig, path)
 
+
+def _plot_data_fit(result, path: str) -> str | None:
+    """``obs.png``: the data against the posterior-predictive mean; None without a finite prediction."""
     pred = result.summary.obs_pred_mean
-    if pred is not None and np.all(np.isfinite(pred)):
-        y = np.asarray(result.y).ravel()
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.errorbar(y, np.asarray(pred).ravel(), xerr=2 * result.noise_sigma, fmt=".", ms=3, alpha=0.6, lw=0.5)
-        lims = [min(y.min(), pred.min()), max(y.max(), pred.max())]
-        ax.plot(lims, lims, "k--", lw=0.8)
-        ax.set_xlabel("observed y (±2σ)")
-        ax.set_ylabel("posterior-predictive mean")
-        ax.set_title("data fit", fontsize=9)
-        paths.append(save_figure(fig, os.path.join(outdir, "obs.png")))
-    for extra in (plot_qois(result, os.path.join(outdir, "qoi.png")),
-                  plot_diagnostics(result, os.path.join(outdir, "diagnostics.png"))):
-        if extra is not None:
-            paths.append(extra)
-    return paths
+    if pred is None or not np.all(np.isfinite(pred)):
+        return None
+    y = np.asarray(result.y).ravel()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.errorbar(y, np.asarray(pred).ravel(), xerr=2 * result.noise_sigma, fmt=".", ms=3, alpha=0.6, lw=0.5)
+    lims = [min(y.min(), pred.min()), max(y.max(), pred.max())]
+    ax.plot(lims, lims, "k--", lw=0.8)
+    ax.set_xlabel("observed y (±2σ)")
+    ax.set_ylabel("posterior-predictive mean")
+    ax.set_title("data fit", fontsize=9)
+    return save_figure(fig, path)

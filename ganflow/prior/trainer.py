@@ -257,9 +257,52 @@ def train_prior(
                             steps=steps, progress=progress, report=report, ctx=ctx)
 
 
+@dataclass
+class _Run:
+    """One training run: what it was set up with, and the state each step changes and a checkpoint stores."""
+
+    out: str
+    settings: TrainSettings
+    seed: int
+    device: str
+    ctx: distributed.DistContext
+    fd: FieldData
+    arch: dict
+    start: int  # the generator step the run starts from (the checkpoint's on resume)
+    val_idx: Tensor
+    mean: Tensor
+    std: Tensor
+    u_train: Tensor  # this rank's normalised training fields, on the training device
+    provenance: dict
+    G: nn.Module
+    D: nn.Module
+    G_ema: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    noise: torch.Generator
+    order: torch.Generator
+    history: dict = field(default_factory=lambda: {"step": [], "wasserstein": [], "loss_g": []})
+    wall0: float = 0.0  # training seconds before this process started (on resume)
+    failures: int = 0  # non-finite steps undone so far
+    lr_scale: float = 1.0  # the learning-rate factor they left
+
+
 def _train_prior(data, out, settings, *, seed, device, resume, force, steps, progress, report,
                  ctx: distributed.DistContext) -> TrainResult:
     out = os.fspath(out)
+    _check_outputs_and_device(out, device, resume=resume, force=force, report=report)
+    fd = data if isinstance(data, FieldData) else load_fields(data)
+    ckpt = load_checkpoint(out, map_location="cpu") if resume else None
+    settings, seed = _resolve_settings(settings, steps, seed, fd, ckpt)
+    run = _set_up(out, fd, settings, seed, device, ctx, ckpt)
+    if ckpt is not None:
+        _restore_resumed(run, ckpt)
+    step, w_est, elapsed = _train_loop(run, progress)
+    return _write_out(run, step, w_est, elapsed, report)
+
+
+def _check_outputs_and_device(out: str, device: str, *, resume: bool, force: bool, report: bool) -> None:
+    """Fail before any work: a missing checkpoint to resume, outputs not to be replaced, an unusable device."""
     if resume:
         if not os.path.exists(out):
             raise GanflowError(f"--resume: no checkpoint at {out}")
@@ -272,11 +315,12 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
         raise GanflowError(f"device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise GanflowError("--device cuda: no CUDA device is available")
-    dev = ctx.device  # cuda:LOCAL_RANK under torchrun
-    rank, world = ctx.rank, ctx.world_size
 
-    fd = data if isinstance(data, FieldData) else load_fields(data)
-    ckpt = load_checkpoint(out, map_location="cpu") if resume else None
+
+def _resolve_settings(settings: TrainSettings | None, steps: int | None, seed: int, fd: FieldData,
+                      ckpt: dict | None) -> tuple[TrainSettings, int]:
+    """The run's settings and seed: the given ones, or on resume the checkpoint's (checked against the given
+    settings and the data); ``steps`` overrides."""
     if ckpt is not None:
         saved = ckpt["settings"]
         if settings is not None:
@@ -291,7 +335,12 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
     if steps is not None:
         settings = dataclasses.replace(settings, steps=int(steps))
     settings.validate()
+    return settings, seed
 
+
+def _set_up(out: str, fd: FieldData, settings: TrainSettings, seed: int, device: str,
+            ctx: distributed.DistContext, ckpt: dict | None) -> _Run:
+    """The architecture, the split and normalised training fields, fresh networks, optimisers and streams."""
     arch = (
         default_arch(
             fd.field_shape,
@@ -311,7 +360,23 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
     start = int(ckpt["step"]) if ckpt else 0
     if ckpt is not None and settings.steps <= start:
         raise GanflowError(f"--resume: checkpoint is already at step {start}; ask for more --steps")
+    train_idx, val_idx, mean, std, u_train = _training_fields(fd, settings, seed, ckpt, ctx)
+    G, D, G_ema, opt_g, opt_d = _build_networks(arch, settings, seed, ctx.device)
+    # Rank r > 0 gets its own streams; rank 0 (and a single process) keeps the original ones.
+    noise = torch.Generator(device=ctx.device).manual_seed(_substream(seed, 3 + 100 * ctx.rank))
+    order = torch.Generator().manual_seed(_substream(seed, 4 + 100 * ctx.rank))
+    provenance = fd.provenance()
+    provenance.update(n_train=int(train_idx.numel()), n_val=int(val_idx.numel()))
+    return _Run(out=out, settings=settings, seed=seed, device=device, ctx=ctx, fd=fd, arch=arch, start=start,
+                val_idx=val_idx, mean=mean, std=std, u_train=u_train, provenance=provenance,
+                G=G, D=D, G_ema=G_ema, opt_g=opt_g, opt_d=opt_d, noise=noise, order=order)
 
+
+def _training_fields(fd: FieldData, settings: TrainSettings, seed: int, ckpt: dict | None,
+                     ctx: distributed.DistContext) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(train_idx, val_idx, mean, std, u_train)``: the seeded split, the normalisation (the checkpoint's on
+    resume) and this rank's shard of the normalised training fields on the training device."""
+    rank, world = ctx.rank, ctx.world_size
     train_idx, val_idx = split_indices(fd.fields.shape[0], settings.val_fraction, seed)
     x_train = fd.fields[train_idx]
     if ckpt is None:
@@ -331,9 +396,13 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
     x_shard = x_train if world == 1 else distributed.shard_tensor(x_train, rank, world)
     if x_shard.shape[0] < 1:
         raise GanflowError(f"{x_train.shape[0]} training fields cannot be shared by {world} processes")
-    u_train = ((x_shard - mean) / std).to(dev)
+    return train_idx, val_idx, mean, std, ((x_shard - mean) / std).to(ctx.device)
 
-    # Networks: initialised from a seeded stream under fork_rng so the global RNG is left alone.
+
+def _build_networks(arch: dict, settings: TrainSettings, seed: int, dev) -> tuple:
+    """``(G, D, G_ema, opt_g, opt_d)``: seeded initial networks on ``dev`` (the EMA a frozen copy of ``G``)
+    and their Adam optimisers."""
+    # Initialised from a seeded stream under fork_rng so the global RNG is left alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_substream(seed, 2))
         G, D = build_generator_net(arch), build_critic(arch)
@@ -346,92 +415,95 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
         p.requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=settings.lr_g, betas=tuple(settings.betas))
     opt_d = torch.optim.Adam(D.parameters(), lr=settings.lr_d, betas=tuple(settings.betas))
-    # Rank r > 0 gets its own streams; rank 0 (and a single process) keeps the original ones.
-    noise = torch.Generator(device=dev).manual_seed(_substream(seed, 3 + 100 * rank))
-    order = torch.Generator().manual_seed(_substream(seed, 4 + 100 * rank))
-    history = {"step": [], "wasserstein": [], "loss_g": []}
-    wall0 = 0.0
-    failures, lr_scale = 0, 1.0  # non-finite steps undone so far, and the learning-rate factor they left
-    if ckpt is not None:
-        try:
-            G.load_state_dict(ckpt["G"])
-            D.load_state_dict(ckpt["D"])
-            G_ema.load_state_dict(ckpt["G_ema"])
-            opt_g.load_state_dict(ckpt["opt_G"])
-            opt_d.load_state_dict(ckpt["opt_D"])
-            rng = ckpt["rng"]
-            if rank > 0:
-                # The checkpoint holds rank 0's streams only: other ranks continue with fresh streams tied to
-                # the step (reproducible; bit-identical only for the world size and ranks that wrote it).
-                noise.manual_seed(_substream(seed, 3 + 100 * rank) + start)
-                order.manual_seed(_substream(seed, 4 + 100 * rank) + start)
-            elif ckpt.get("device", "cpu") == device:
-                noise.set_state(rng["noise"])
-                order.set_state(rng["data"])
-            else:
-                # A CPU and a CUDA generator have different states: continue with a fresh stream tied to the
-                # step (reproducible, but not bit-identical to an uninterrupted run on one device).
-                noise.manual_seed(_substream(seed, 3) + start)
-                order.set_state(rng["data"])
-            torch.set_rng_state(rng["torch_cpu"])
-            if device == "cuda" and "cuda" in rng:
-                torch.cuda.set_rng_state_all(list(rng["cuda"]))
-            h = ckpt.get("history", {})
-            history = {k: [v.item() for v in h[k]] if k in h else [] for k in history}
-            wall0 = float(ckpt.get("wall_time_s", 0.0))
-            failures = int(ckpt.get("nonfinite_steps", 0))
-            lr_scale = float(ckpt.get("lr_scale", 1.0))
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise GanflowError(
-                f"--resume: checkpoint {out} does not fit its recorded architecture or state ({first[:160]})"
-            ) from None
+    return G, D, G_ema, opt_g, opt_d
 
-    provenance = fd.provenance()
-    provenance.update(n_train=int(train_idx.numel()), n_val=int(val_idx.numel()))
 
-    def make_checkpoint(step: int, wall: float) -> dict:
-        rng = {"torch_cpu": torch.get_rng_state(), "noise": noise.get_state(), "data": order.get_state()}
-        if device == "cuda":
-            rng["cuda"] = list(torch.cuda.get_rng_state_all())
-        cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
-        return {
-            "format_version": FORMAT_VERSION,
-            "kind": "ganflow.prior",
-            "ganflow_version": __version__,
-            "arch": dict(arch),
-            "latent_dim": int(arch["latent_dim"]),
-            "field_shape": list(arch["field_shape"]),
-            "normalization": {"kind": "range" if settings.output == "tanh" else "scalar",
-                              "mean": mean.clone(), "std": std.clone()},
-            "settings": settings.to_dict(),
-            "data": provenance,
-            "seed": int(seed),
-            "device": device,
-            "world_size": int(world),
-            "step": int(step),
-            "G": cpu(G.state_dict()),
-            "D": cpu(D.state_dict()),
-            "G_ema": cpu(G_ema.state_dict()),
-            "opt_G": _optimizer_state_cpu(opt_g),
-            "opt_D": _optimizer_state_cpu(opt_d),
-            "rng": rng,
-            "history": {
-                "step": torch.tensor(history["step"], dtype=torch.int64),
-                "wasserstein": torch.tensor(history["wasserstein"], dtype=torch.float64),
-                "loss_g": torch.tensor(history["loss_g"], dtype=torch.float64),
-            },
-            "wall_time_s": float(wall),
-            "nonfinite_steps": int(failures),
-            "lr_scale": float(lr_scale),
-        }
+def _restore_resumed(run: _Run, ckpt: dict) -> None:
+    """Load the checkpoint's networks, optimisers, random streams, history and counters into ``run``."""
+    seed, start, device = run.seed, run.start, run.device
+    try:
+        run.G.load_state_dict(ckpt["G"])
+        run.D.load_state_dict(ckpt["D"])
+        run.G_ema.load_state_dict(ckpt["G_ema"])
+        run.opt_g.load_state_dict(ckpt["opt_G"])
+        run.opt_d.load_state_dict(ckpt["opt_D"])
+        rng = ckpt["rng"]
+        if run.ctx.rank > 0:
+            # The checkpoint holds rank 0's streams only: other ranks continue with fresh streams tied to
+            # the step (reproducible; bit-identical only for the world size and ranks that wrote it).
+            run.noise.manual_seed(_substream(seed, 3 + 100 * run.ctx.rank) + start)
+            run.order.manual_seed(_substream(seed, 4 + 100 * run.ctx.rank) + start)
+        elif ckpt.get("device", "cpu") == device:
+            run.noise.set_state(rng["noise"])
+            run.order.set_state(rng["data"])
+        else:
+            # A CPU and a CUDA generator have different states: continue with a fresh stream tied to the
+            # step (reproducible, but not bit-identical to an uninterrupted run on one device).
+            run.noise.manual_seed(_substream(seed, 3) + start)
+            run.order.set_state(rng["data"])
+        torch.set_rng_state(rng["torch_cpu"])
+        if device == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+        h = ckpt.get("history", {})
+        run.history = {k: [v.item() for v in h[k]] if k in h else [] for k in run.history}
+        run.wall0 = float(ckpt.get("wall_time_s", 0.0))
+        run.failures = int(ckpt.get("nonfinite_steps", 0))
+        run.lr_scale = float(ckpt.get("lr_scale", 1.0))
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GanflowError(
+            f"--resume: checkpoint {run.out} does not fit its recorded architecture or state ({first[:160]})"
+        ) from None
 
+
+def _make_checkpoint(run: _Run, step: int, wall: float) -> dict:
+    """The checkpoint dict at generator step ``step`` after ``wall`` seconds of training (tensors on CPU)."""
+    rng = {"torch_cpu": torch.get_rng_state(), "noise": run.noise.get_state(), "data": run.order.get_state()}
+    if run.device == "cuda":
+        rng["cuda"] = list(torch.cuda.get_rng_state_all())
+    cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
+    settings, arch, history = run.settings, run.arch, run.history
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "ganflow.prior",
+        "ganflow_version": __version__,
+        "arch": dict(arch),
+        "latent_dim": int(arch["latent_dim"]),
+        "field_shape": list(arch["field_shape"]),
+        "normalization": {"kind": "range" if settings.output == "tanh" else "scalar",
+                          "mean": run.mean.clone(), "std": run.std.clone()},
+        "settings": settings.to_dict(),
+        "data": run.provenance,
+        "seed": int(run.seed),
+        "device": run.device,
+        "world_size": int(run.ctx.world_size),
+        "step": int(step),
+        "G": cpu(run.G.state_dict()),
+        "D": cpu(run.D.state_dict()),
+        "G_ema": cpu(run.G_ema.state_dict()),
+        "opt_G": _optimizer_state_cpu(run.opt_g),
+        "opt_D": _optimizer_state_cpu(run.opt_d),
+        "rng": rng,
+        "history": {
+            "step": torch.tensor(history["step"], dtype=torch.int64),
+            "wasserstein": torch.tensor(history["wasserstein"], dtype=torch.float64),
+            "loss_g": torch.tensor(history["loss_g"], dtype=torch.float64),
+        },
+        "wall_time_s": float(wall),
+        "nonfinite_steps": int(run.failures),
+        "lr_scale": float(run.lr_scale),
+    }
+
+
+def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
+    """Generator steps from ``run.start`` to ``settings.steps``, with periodic checkpoints (rank 0); returns
+    ``(step, last logged Wasserstein estimate, seconds)``."""
     from tqdm.auto import tqdm
 
-    n_train, B = u_train.shape[0], settings.batch_size // world  # B: this rank's share of the batch
+    settings, ctx = run.settings, run.ctx
     bar = tqdm(
         total=settings.steps,
-        initial=start,
+        initial=run.start,
         disable=not (progress and ctx.is_main),
         desc="train-prior",
         unit="step",
@@ -439,120 +511,148 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
     )
     t_start = time.perf_counter()
     t_last_save = t_start
-    w_est, loss_g_val = float("nan"), float("nan")
-    step = start
-    G.train()
-    D.train()
-    good = _snapshot(G, D, G_ema, opt_g, opt_d)
+    w_est = float("nan")
+    step = run.start
+    run.G.train()
+    run.D.train()
+    good = _snapshot(run.G, run.D, run.G_ema, run.opt_g, run.opt_d)
     try:
         while step < settings.steps:
             step += 1
-            # Finiteness of every loss of this generator step, checked once at its end (one device sync).
-            finite = torch.ones((), dtype=torch.bool, device=dev)
-            for _ in range(settings.n_critic):
-                idx = torch.randint(n_train, (B,), generator=order)
-                real = u_train[idx.to(dev)]
-                z = torch.randn(B, arch["latent_dim"], generator=noise, device=dev)
-                with torch.no_grad():
-                    fake = G(z)
-                d_real, d_fake = D(real).mean(), D(fake).mean()
-                loss_d = d_fake - d_real
-                if settings.gp_weight > 0:
-                    loss_d = loss_d + settings.gp_weight * _gradient_penalty(D, real, fake, noise)
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                distributed.all_reduce_grads(D)
-                opt_d.step()
-                finite &= torch.isfinite(loss_d.detach())
-            z = torch.randn(B, arch["latent_dim"], generator=noise, device=dev)
-            loss_g = -D(G(z)).mean()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            distributed.all_reduce_grads(G)
-            opt_g.step()
-            finite &= torch.isfinite(loss_g.detach())
-            # A non-finite gradient shows up in the weights Adam just wrote.
-            finite &= _all_finite(list(G.parameters()) + list(D.parameters()))
-            ok = bool(finite)
-            if world > 1:  # every rank takes the same decision
-                ok = distributed.all_reduce_mean([0.0 if ok else 1.0], dev)[0] == 0.0
+            ok, d_real, d_fake, loss_g = _train_step(run)
             if not ok:
-                # Undo the step: networks, EMA and optimisers back to the last good step, learning rates halved.
-                # The random streams go on, so the retry sees other batches.
-                failures += 1
                 step -= 1
-                lr_scale *= 0.5
-                _restore(good, G, D, G_ema, opt_g, opt_d)
-                for opt, lr in ((opt_g, settings.lr_g), (opt_d, settings.lr_d)):
-                    for group in opt.param_groups:
-                        group["lr"] = lr * lr_scale
-                if failures > settings.max_failures:
-                    if ctx.is_main:
-                        save_checkpoint(out, make_checkpoint(step, wall0 + time.perf_counter() - t_start))
-                    raise GanflowError(
-                        f"training diverged: {failures} non-finite steps (loss or gradient), each undone with "
-                        f"halved learning rates; the last good state (step {step}) is saved in {out}; check the "
-                        "data and try smaller lr_g/lr_d"
-                    )
+                _roll_back(run, good, step, t_start)
                 continue
-            _ema_update(G_ema, G, min(settings.ema_decay, (1.0 + step) / (10.0 + step)))
-
+            _ema_update(run.G_ema, run.G, min(settings.ema_decay, (1.0 + step) / (10.0 + step)))
             if step % settings.log_every == 0 or step == settings.steps:
-                w_est, loss_g_val = float((d_real - d_fake).detach()), float(loss_g.detach())
-                if world > 1:
-                    # Rank means, so every rank logs (and stops on divergence) alike.
-                    w_est, loss_g_val = distributed.all_reduce_mean([w_est, loss_g_val], dev)
-                if not (math.isfinite(w_est) and math.isfinite(loss_g_val)):
-                    raise GanflowError(
-                        f"training diverged at step {step} (non-finite loss); try smaller lr_g/lr_d"
-                    )
-                history["step"].append(step)
-                history["wasserstein"].append(w_est)
-                history["loss_g"].append(loss_g_val)
+                w_est = _log_step(run, step, d_real, d_fake, loss_g)
                 bar.set_postfix(W=f"{w_est:.3f}")
             bar.update(1)
-            good = _snapshot(G, D, G_ema, opt_g, opt_d)
+            good = _snapshot(run.G, run.D, run.G_ema, run.opt_g, run.opt_d)
             now = time.perf_counter()
             if ctx.is_main and now - t_last_save >= settings.checkpoint_every_s and step < settings.steps:
-                save_checkpoint(out, make_checkpoint(step, wall0 + now - t_start))
+                save_checkpoint(run.out, _make_checkpoint(run, step, run.wall0 + now - t_start))
                 t_last_save = now
     finally:
         bar.close()
-    elapsed = time.perf_counter() - t_start
-    distributed.check_in_sync({"G": G, "D": D, "G_ema": G_ema}, dev)
+    return step, w_est, time.perf_counter() - t_start
+
+
+def _train_step(run: _Run) -> tuple[bool, Tensor, Tensor, Tensor]:
+    """``n_critic`` critic steps, then one generator step; returns ``(every loss and weight finite, E[D(u)],
+    E[D(g(z))] of the last critic step, the generator loss)``, the verdict agreed by all ranks."""
+    settings, dev, G, D = run.settings, run.ctx.device, run.G, run.D
+    n_train, B = run.u_train.shape[0], settings.batch_size // run.ctx.world_size  # B: this rank's share
+    # Finiteness of every loss of this generator step, checked once at its end (one device sync).
+    finite = torch.ones((), dtype=torch.bool, device=dev)
+    for _ in range(settings.n_critic):
+        idx = torch.randint(n_train, (B,), generator=run.order)
+        real = run.u_train[idx.to(dev)]
+        z = torch.randn(B, run.arch["latent_dim"], generator=run.noise, device=dev)
+        with torch.no_grad():
+            fake = G(z)
+        d_real, d_fake = D(real).mean(), D(fake).mean()
+        loss_d = d_fake - d_real
+        if settings.gp_weight > 0:
+            loss_d = loss_d + settings.gp_weight * _gradient_penalty(D, real, fake, run.noise)
+        run.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        distributed.all_reduce_grads(D)
+        run.opt_d.step()
+        finite &= torch.isfinite(loss_d.detach())
+    z = torch.randn(B, run.arch["latent_dim"], generator=run.noise, device=dev)
+    loss_g = -D(G(z)).mean()
+    run.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    distributed.all_reduce_grads(G)
+    run.opt_g.step()
+    finite &= torch.isfinite(loss_g.detach())
+    # A non-finite gradient shows up in the weights Adam just wrote.
+    finite &= _all_finite(list(G.parameters()) + list(D.parameters()))
+    ok = bool(finite)
+    if run.ctx.world_size > 1:  # every rank takes the same decision
+        ok = distributed.all_reduce_mean([0.0 if ok else 1.0], dev)[0] == 0.0
+    return ok, d_real, d_fake, loss_g
+
+
+def _roll_back(run: _Run, good: dict, step: int, t_start: float) -> None:
+    """Undo a non-finite step: networks, EMA and optimisers back to ``good`` (the state at ``step``), learning
+    rates halved. Past ``max_failures`` the run stops with that state saved."""
+    # The random streams go on, so the retry sees other batches.
+    settings = run.settings
+    run.failures += 1
+    run.lr_scale *= 0.5
+    _restore(good, run.G, run.D, run.G_ema, run.opt_g, run.opt_d)
+    for opt, lr in ((run.opt_g, settings.lr_g), (run.opt_d, settings.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr * run.lr_scale
+    if run.failures > settings.max_failures:
+        if run.ctx.is_main:
+            save_checkpoint(run.out, _make_checkpoint(run, step, run.wall0 + time.perf_counter() - t_start))
+        raise GanflowError(
+            f"training diverged: {run.failures} non-finite steps (loss or gradient), each undone with "
+            f"halved learning rates; the last good state (step {step}) is saved in {run.out}; check the "
+            "data and try smaller lr_g/lr_d"
+        )
+
+
+def _log_step(run: _Run, step: int, d_real: Tensor, d_fake: Tensor, loss_g: Tensor) -> float:
+    """Record the Wasserstein estimate and the generator loss (rank means) in the history; return the
+    estimate. A non-finite one stops the run."""
+    w_est, loss_g_val = float((d_real - d_fake).detach()), float(loss_g.detach())
+    if run.ctx.world_size > 1:
+        # Rank means, so every rank logs (and stops on divergence) alike.
+        w_est, loss_g_val = distributed.all_reduce_mean([w_est, loss_g_val], run.ctx.device)
+    if not (math.isfinite(w_est) and math.isfinite(loss_g_val)):
+        raise GanflowError(
+            f"training diverged at step {step} (non-finite loss); try smaller lr_g/lr_d"
+        )
+    run.history["step"].append(step)
+    run.history["wasserstein"].append(w_est)
+    run.history["loss_g"].append(loss_g_val)
+    return w_est
+
+
+def _write_out(run: _Run, step: int, w_est: float, elapsed: float, report: bool) -> TrainResult:
+    """Check the replicas agree, save the final checkpoint, the report and the representation error (rank 0);
+    return the `TrainResult` with the EMA generator."""
+    ctx, settings, fd = run.ctx, run.settings, run.fd
+    distributed.check_in_sync({"G": run.G, "D": run.D, "G_ema": run.G_ema}, ctx.device)
     if ctx.is_main:
-        save_checkpoint(out, make_checkpoint(step, wall0 + elapsed))
+        save_checkpoint(run.out, _make_checkpoint(run, step, run.wall0 + elapsed))
 
     generator = generator_from_checkpoint(
         {
-            "arch": arch,
-            "G_ema": {k: v.cpu() for k, v in G_ema.state_dict().items()},
-            "normalization": {"mean": mean, "std": std},
+            "arch": run.arch,
+            "G_ema": {k: v.cpu() for k, v in run.G_ema.state_dict().items()},
+            "normalization": {"mean": run.mean, "std": run.std},
         }
     )
     result = TrainResult(
-        path=out,
+        path=run.out,
         generator=generator,
         step=step,
-        steps_run=step - start,
+        steps_run=step - run.start,
         wall_time_s=elapsed,
-        steps_per_s=(step - start) / max(elapsed, 1e-9),
+        steps_per_s=(step - run.start) / max(elapsed, 1e-9),
         wasserstein=w_est,
-        history=history,
-        rank=rank,
-        world_size=world,
+        history=run.history,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
     )
     if report and ctx.is_main:
         from .report import prior_report
 
         result.report = prior_report(
             generator,
-            fd.fields[val_idx] if val_idx.numel() >= 4 else fd.fields,
-            prefix=report_prefix(out),
-            seed=seed,
+            fd.fields[run.val_idx] if run.val_idx.numel() >= 4 else fd.fields,
+            prefix=report_prefix(run.out),
+            seed=run.seed,
         )
     if ctx.is_main and settings.representation_fields > 0:
-        add_representation_error(out, generator, fd.fields[val_idx][: settings.representation_fields], seed)
+        add_representation_error(run.out, generator, fd.fields[run.val_idx][: settings.representation_fields],
+                                 run.seed)
     distributed.barrier()  # the other ranks return once the checkpoint and report exist
     return result
 
