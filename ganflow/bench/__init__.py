@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import GanflowError
+from ..errors import GanflowError
 
 __all__ = [
     "BENCH_PROBLEMS",
@@ -317,7 +317,7 @@ def _find_prior(name: str, problem) -> tuple[str | None, str]:
     path = hook() if hook else None
     if path:
         return path, ""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     n = getattr(problem, "n", 32)
     interim = os.path.join(root, "runs", "demo_priors", f"{name}_{n}.pt")
     if os.path.isfile(interim):
@@ -331,10 +331,10 @@ def _find_prior(name: str, problem) -> tuple[str | None, str]:
 
 def _make_case(name: str, seed: int) -> _Case | str:
     """The problem, its prior and a seeded observation of a truth drawn from the prior; or a skip note."""
-    from .demo import DEMOS
-    from .plugins import load_problem
-    from .simulate import simulate
-    from .solve import load_prior
+    from ..demo import DEMOS
+    from ..plugins import load_problem
+    from ..simulate import simulate
+    from ..solve import load_prior
 
     spec = DEMOS[name]
     prob = load_problem(spec.problem, **spec.problem_kwargs)
@@ -365,7 +365,7 @@ def _make_case(name: str, seed: int) -> _Case | str:
 
 
 def _settings(cls, table: dict):
-    from .config import parse_settings
+    from ..config import parse_settings
 
     return parse_settings(cls, dict(table), cls.__name__)
 
@@ -390,10 +390,10 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 
 
 def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, echo) -> list[dict]:
-    from .posterior.flow import FlowSettings, fit_flow
-    from .posterior.langevin import LangevinSettings, run_langevin
-    from .posterior.nuts import NutsSettings, run_nuts
-    from .posterior.target import LatentTarget
+    from ..posterior.flow import FlowSettings, fit_flow
+    from ..posterior.langevin import LangevinSettings, run_langevin
+    from ..posterior.nuts import NutsSettings, run_nuts
+    from ..posterior.target import LatentTarget
 
     name = case.name
     flow_table = dict(plan.flow[name], progress=False, **overrides.get("flow", {}))
@@ -417,7 +417,7 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
     nuts_fit, _, nuts_cpu = _timed(lambda: run_nuts(target, ns, torch.Generator().manual_seed(seed + 1)))
     nuts_z = nuts_fit.samples.double().numpy()
     if name == "linear_gaussian":
-        from .problems.linear_gaussian import exact_posterior
+        from ..problems.linear_gaussian import exact_posterior
 
         ex = exact_posterior(case.G, case.op, case.obs.y, case.obs.noise_sigma)
         rng = np.random.default_rng(seed + 2)
@@ -581,8 +581,8 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
 def _flow_overhead(case: _Case, fs, plan: BenchPlan, seed: int) -> dict:
     """Seconds per flow step, from the difference of two fits of different lengths (same code path as a real
     fit, Laplace start skipped, no early stop), over the bare ``log_joint_and_grad`` of a batch."""
-    from .posterior.flow import fit_flow
-    from .posterior.target import LatentTarget
+    from ..posterior.flow import fit_flow
+    from ..posterior.target import LatentTarget
 
     n1, n2 = plan.overhead_steps
     target = LatentTarget(case.G, case.op, case.obs.y, case.obs.noise_sigma)
@@ -696,7 +696,7 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
 
 
 def _throughput(plan: BenchPlan, seed: int, echo) -> list[dict]:
-    from .plugins import load_problem
+    from ..plugins import load_problem
 
     records = []
     for n in plan.elliptic_sizes:
@@ -787,7 +787,7 @@ def _cpu_model() -> str:
 
 
 def _header(plan: BenchPlan, seed: int, problems) -> dict:
-    from . import __version__
+    from .. import __version__
 
     try:
         import subprocess
