@@ -1,4 +1,4 @@
-"""The benchmark suite; the same as ``ganflow bench`` (see ganflow/bench.py).
+"""The benchmark suite; the same as ``ganflow bench`` (see ganflow/bench/).
 
 OMP_NUM_THREADS=2 .venv/bin/python scripts/bench.py -o bench_output [--quick] [--problem NAME ...]
 """
