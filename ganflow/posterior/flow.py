@@ -40,7 +40,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
 
 import normflows as nf
@@ -333,6 +333,300 @@ def load_flow_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+@dataclass
+class _FlowFit:
+    """One flow fit: what it was set up with, and the state each step changes and a checkpoint stores."""
+
+    target: LatentTarget
+    settings: FlowSettings
+    generator: torch.Generator
+    t0: float  # perf_counter when this process started the fit
+    evals0: int  # the target's forward evaluations before this process started the fit
+    flow: LatentFlow
+    opt: torch.optim.Optimizer
+    params: list[Tensor]
+    loc: Tensor | None  # the fixed affine start (Laplace), or None for the identity
+    scale_tril: Tensor | None
+    attrs: dict
+    good: tuple[dict, dict]  # the last good (flow, optimiser) snapshot a non-finite step rolls back to
+    lr_scale: float = 1.0
+    losses: list = field(default_factory=list)
+    elbo_smooth: list = field(default_factory=list)
+    lrs: list = field(default_factory=list)
+    smooth: float | None = None
+    best_smooth: float = -math.inf
+    best_step: int = 0
+    failures: int = 0
+    step: int = 0
+    evals_before: int = 0  # forward evaluations of the interrupted run(s)
+    wall_before: float = 0.0
+
+    def n_forward_evals(self) -> int:
+        return self.evals_before + self.target.n_forward_evals - self.evals0
+
+    def wall_time_s(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+
+def _snapshot(flow: LatentFlow, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Copies of the flow's and the optimiser's state to roll back to."""
+    # Plain tensor clones (cheaper than deepcopy of the whole dicts).
+    model = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+    opt_state = opt.state_dict()
+    opt_copy = {
+        "state": {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                  for i, st in opt_state["state"].items()},
+        "param_groups": copy.deepcopy(opt_state["param_groups"]),
+    }
+    return model, opt_copy
+
+
+def _load_resume_checkpoint(target: LatentTarget, s: FlowSettings, checkpoint_path) -> dict:
+    """The checkpoint to resume from, refused unless it was fitted with these settings to this target."""
+    if checkpoint_path is None:
+        raise GanflowError("resume needs a checkpoint path")
+    if not os.path.exists(checkpoint_path):
+        raise GanflowError(f"--resume: no flow checkpoint at {checkpoint_path}")
+    ckpt = load_flow_checkpoint(checkpoint_path)
+    try:
+        saved = dict(ckpt["settings"])
+        fingerprint = ckpt["target"]
+    except (KeyError, TypeError, ValueError):
+        raise GanflowError(f"flow checkpoint {checkpoint_path} lacks its settings or target") from None
+    bad = sorted(key for key in set(saved) | set(asdict(s))
+                 if key not in _RESUME_FREE and saved.get(key) != asdict(s).get(key))
+    if bad:
+        raise GanflowError(f"--resume: flow settings differ from the checkpoint's: {', '.join(bad)}")
+    if fingerprint != _target_fingerprint(target):
+        raise GanflowError(f"--resume: {checkpoint_path} was fitted to other data, noise or prior")
+    return ckpt
+
+
+def _start_fit(target: LatentTarget, s: FlowSettings, g: torch.Generator, ckpt: dict | None,
+               t0: float, evals0: int) -> _FlowFit:
+    """Set-up: the affine start (Laplace, or the checkpoint's), the flow, its optimiser and the first snapshot."""
+    attrs: dict = {}
+    loc = scale_tril = None
+    if ckpt is not None:
+        if ckpt.get("init_loc") is not None:
+            loc, scale_tril = ckpt["init_loc"], ckpt["init_scale_tril"]
+        attrs.update(ckpt.get("attrs", {}))
+    elif s.init == "laplace":
+        loc, scale_tril, lp_map = laplace_approximation(target, s, g)
+        attrs["laplace_log_joint_map"] = float(lp_map)
+        attrs["laplace_forward_evals"] = target.n_forward_evals - evals0
+    # Layer initialisation draws from torch's global RNG: seed it from `g` (and restore it) so the fit
+    # depends only on the generator passed in. (On resume the draw is repeated but overwritten below.)
+    init_seed = int(torch.randint(0, 2**62, (1,), generator=g)) if ckpt is None else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        flow = LatentFlow(target.latent_dim, s, loc, scale_tril)
+    params = [p for p in flow.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=s.lr, foreach=True)
+    return _FlowFit(target=target, settings=s, generator=g, t0=t0, evals0=evals0, flow=flow, opt=opt,
+                    params=params, loc=loc, scale_tril=scale_tril, attrs=attrs, good=_snapshot(flow, opt))
+
+
+def _restore_fit(fit: _FlowFit, ckpt: dict, checkpoint_path) -> None:
+    """Resume: put the interrupted fit's flow, optimiser, snapshot, RNG state, step and traces back."""
+    try:
+        fit.flow.load_state_dict(ckpt["flow"])
+        fit.opt.load_state_dict(ckpt["opt"])
+        fit.good = (ckpt["good_flow"], ckpt["good_opt"])
+        fit.generator.set_state(ckpt["rng"])
+        fit.step, fit.failures, fit.lr_scale = int(ckpt["step"]), int(ckpt["failures"]), float(ckpt["lr_scale"])
+        fit.smooth = None if ckpt["smooth"] is None else float(ckpt["smooth"])
+        fit.best_smooth, fit.best_step = float(ckpt["best_smooth"]), int(ckpt["best_step"])
+        fit.losses = ckpt["losses"].tolist()
+        fit.elbo_smooth = ckpt["elbo_smooth"].tolist()
+        fit.lrs = ckpt["lrs"].tolist()
+        fit.evals_before, fit.wall_before = int(ckpt["n_forward_evals"]), float(ckpt["wall_time_s"])
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GanflowError(f"flow checkpoint {checkpoint_path} does not fit this flow ({first[:160]})") from None
+
+
+def _save_fit_checkpoint(fit: _FlowFit, checkpoint_path) -> None:
+    """Write the whole fit state atomically (tensors and plain types: ``weights_only``-loadable)."""
+    from ..prior.checkpoint import save_checkpoint
+
+    cpu = lambda sd: copy.deepcopy({k_: v for k_, v in sd.items()})  # noqa: E731
+    save_checkpoint(checkpoint_path, {
+        "kind": FLOW_CHECKPOINT_KIND,
+        "format_version": FLOW_CHECKPOINT_VERSION,
+        "settings": asdict(fit.settings),
+        "target": _target_fingerprint(fit.target),
+        "latent_dim": fit.target.latent_dim,
+        "init_loc": None if fit.loc is None else fit.loc.detach().cpu().clone(),
+        "init_scale_tril": None if fit.scale_tril is None else fit.scale_tril.detach().cpu().clone(),
+        "attrs": {k_: v for k_, v in fit.attrs.items() if isinstance(v, (int, float, str, bool))},
+        "flow": cpu(fit.flow.state_dict()),
+        "opt": cpu(fit.opt.state_dict()),
+        "good_flow": fit.good[0],
+        "good_opt": fit.good[1],
+        "rng": fit.generator.get_state(),
+        "step": fit.step,
+        "failures": fit.failures,
+        "lr_scale": fit.lr_scale,
+        "smooth": fit.smooth,
+        "best_smooth": fit.best_smooth,
+        "best_step": fit.best_step,
+        "losses": torch.tensor(fit.losses, dtype=torch.float64),
+        "elbo_smooth": torch.tensor(fit.elbo_smooth, dtype=torch.float64),
+        "lrs": torch.tensor(fit.lrs, dtype=torch.float64),
+        "n_forward_evals": fit.n_forward_evals(),
+        "wall_time_s": fit.wall_time_s(),
+    })
+
+
+class _StopGradientTwin:
+    """``log q`` with the flow's parameters held fixed (the STL estimator): a frozen copy synced in place."""
+
+    def __init__(self, flow: LatentFlow):
+        # A plain parameter copy each step; torch.func.functional_call's per-call re-parametrisation cost ~1/3
+        # of a step.
+        self.frozen = copy.deepcopy(flow).requires_grad_(False)
+        self.frozen_tensors = list(self.frozen.parameters()) + list(self.frozen.buffers())
+        self.live_tensors = list(flow.parameters()) + list(flow.buffers())
+
+    def __call__(self, z: Tensor) -> Tensor:
+        with torch.no_grad():
+            for dst, src in zip(self.frozen_tensors, self.live_tensors, strict=True):
+                dst.copy_(src)
+        return self.frozen(z)
+
+
+def _step(fit: _FlowFit, twin: _StopGradientTwin, lr: float) -> Tensor | None:
+    """One optimisation step on a fresh batch; the loss, or None when the loss or a gradient is not finite."""
+    s = fit.settings
+    for group in fit.opt.param_groups:
+        group["lr"] = lr
+    eps = torch.randn(s.batch_size, fit.target.latent_dim, generator=fit.generator)
+    z, log_q = fit.flow.transform(eps)
+    if s.estimator == "stl":
+        log_q = twin(z)
+    log_p = fit.target.log_joint(z)
+    loss = (log_q - log_p).mean()
+    fit.opt.zero_grad(set_to_none=True)
+    ok = bool(torch.isfinite(loss))
+    if ok:
+        loss.backward()
+        # One reduction instead of a check per tensor: the total norm is finite iff every gradient is.
+        grad_norm = torch.nn.utils.clip_grad_norm_(fit.params, s.grad_clip)
+        ok = bool(torch.isfinite(grad_norm))
+    if ok:
+        fit.opt.step()
+        ok = bool(torch.isfinite(torch.nn.utils.get_total_norm(fit.params)))
+    return loss.detach() if ok else None
+
+
+def _roll_back(fit: _FlowFit) -> None:
+    """Undo a non-finite step: model and optimiser back to the last good snapshot, learning rate halved."""
+    fit.failures += 1
+    fit.flow.load_state_dict(fit.good[0])
+    # A copy: the optimiser adopts the given tensors and updates them in place, which would corrupt the
+    # snapshot for a second rollback.
+    fit.opt.load_state_dict(copy.deepcopy(fit.good[1]))
+    fit.lr_scale *= 0.5
+
+
+def _record(fit: _FlowFit, elbo: float, lr: float) -> None:
+    """Book a good step: snapshot every 50 steps, the smoothed ELBO, the traces and the best so far."""
+    s = fit.settings
+    if fit.step % 50 == 0:
+        fit.good = _snapshot(fit.flow, fit.opt)
+    fit.smooth = elbo if fit.smooth is None else s.smoothing * fit.smooth + (1 - s.smoothing) * elbo
+    fit.losses.append(-elbo)
+    fit.elbo_smooth.append(fit.smooth)
+    fit.lrs.append(lr)
+    if fit.smooth > fit.best_smooth + s.tol:
+        fit.best_smooth, fit.best_step = fit.smooth, fit.step
+    fit.step += 1
+
+
+def _converged(fit: _FlowFit) -> bool:
+    """The stopping rule: past min_iter and warm-up, no gain of ``tol`` in the smoothed ELBO for ``patience``."""
+    s = fit.settings
+    return fit.step >= max(s.min_iter, s.warmup) and fit.step - fit.best_step > s.patience
+
+
+def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int) -> str:
+    """The loop: step until ``max_iter`` or the stopping rule, checkpointing on the clock; why it stopped."""
+    s = fit.settings
+    twin = _StopGradientTwin(fit.flow)
+
+    def observe() -> None:
+        if monitor is not None:
+            with torch.no_grad():
+                monitor(fit.step, fit.flow)
+
+    observe()
+    t_last_save = time.perf_counter()
+    bar = tqdm(total=s.max_iter, initial=fit.step, desc="flow", disable=not s.progress, file=sys.stderr,
+               leave=False)
+    stopped = "max_iter"
+    while fit.step < s.max_iter:
+        lr = s.lr * _lr_factor(fit.step, s) * fit.lr_scale
+        loss = _step(fit, twin, lr)
+        if loss is None:
+            _roll_back(fit)
+            if fit.failures > s.max_failures:
+                bar.close()
+                raise GanflowError(
+                    f"flow fit: {fit.failures} non-finite steps (loss or gradient); the target or operator "
+                    "returns NaN/Inf; check the operator with `ganflow check-operator`"
+                )
+            continue
+        _record(fit, -float(loss), lr)
+        bar.update(1)
+        if fit.step % 10 == 0:
+            bar.set_postfix(elbo=f"{fit.smooth:.3f}")
+        if fit.step % monitor_every == 0:
+            observe()
+        if _converged(fit):
+            stopped = "converged"
+            break
+        if checkpoint_path is not None and time.perf_counter() - t_last_save >= s.checkpoint_every_s:
+            _save_fit_checkpoint(fit, checkpoint_path)
+            t_last_save = time.perf_counter()
+    bar.close()
+    if fit.step % monitor_every != 0:
+        observe()
+    return stopped
+
+
+def _fit_result(fit: _FlowFit, stopped: str) -> LatentFit:
+    """Write-out: freeze the flow and hand back its sampler, traces, attributes and state."""
+    flow = fit.flow
+    flow.eval()
+    for p in flow.parameters():
+        p.requires_grad_(False)
+
+    def sampler(n: int, gen: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            return flow.sample(n, gen)[0]
+
+    fit.attrs.update({
+        "iterations": fit.step,
+        "stopped": stopped,
+        "elbo": float(fit.elbo_smooth[-1]) if fit.elbo_smooth else float("nan"),
+        "nonfinite_steps": fit.failures,
+        "flow_kind": fit.settings.kind,
+    })
+    return LatentFit(
+        method="flow",
+        sampler=sampler,
+        trace={"loss": np.asarray(fit.losses), "elbo_smooth": np.asarray(fit.elbo_smooth),
+               "lr": np.asarray(fit.lrs)},
+        attrs=fit.attrs,
+        state={k_: v.detach().cpu().clone() for k_, v in flow.state_dict().items()},
+        settings=asdict(fit.settings),
+        n_forward_evals=fit.n_forward_evals(),
+        wall_time_s=fit.wall_time_s(),
+        model=flow,
+    )
+
+
 def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generator: torch.Generator | None = None,
              *, checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
              monitor: Callable[[int, LatentFlow], None] | None = None, monitor_every: int = 25) -> LatentFit:
@@ -359,214 +653,12 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     evals0 = target.n_forward_evals
-    k = target.latent_dim
-    attrs: dict = {}
-    loc = scale_tril = None
-    ckpt = None
-    if resume:
-        if checkpoint_path is None:
-            raise GanflowError("resume needs a checkpoint path")
-        if not os.path.exists(checkpoint_path):
-            raise GanflowError(f"--resume: no flow checkpoint at {checkpoint_path}")
-        ckpt = load_flow_checkpoint(checkpoint_path)
-        try:
-            saved = dict(ckpt["settings"])
-            fingerprint = ckpt["target"]
-        except (KeyError, TypeError, ValueError):
-            raise GanflowError(f"flow checkpoint {checkpoint_path} lacks its settings or target") from None
-        bad = sorted(key for key in set(saved) | set(asdict(s))
-                     if key not in _RESUME_FREE and saved.get(key) != asdict(s).get(key))
-        if bad:
-            raise GanflowError(f"--resume: flow settings differ from the checkpoint's: {', '.join(bad)}")
-        if fingerprint != _target_fingerprint(target):
-            raise GanflowError(f"--resume: {checkpoint_path} was fitted to other data, noise or prior")
-        if ckpt.get("init_loc") is not None:
-            loc, scale_tril = ckpt["init_loc"], ckpt["init_scale_tril"]
-        attrs.update(ckpt.get("attrs", {}))
-    elif s.init == "laplace":
-        loc, scale_tril, lp_map = laplace_approximation(target, s, g)
-        attrs["laplace_log_joint_map"] = float(lp_map)
-        attrs["laplace_forward_evals"] = target.n_forward_evals - evals0
-    # Layer initialisation draws from torch's global RNG: seed it from `g` (and restore it) so the fit
-    # depends only on the generator passed in. (On resume the draw is repeated but overwritten below.)
-    init_seed = int(torch.randint(0, 2**62, (1,), generator=g)) if ckpt is None else 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        flow = LatentFlow(k, s, loc, scale_tril)
-    params = [p for p in flow.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=s.lr, foreach=True)
-    lr_scale = 1.0
-
-    def snapshot():
-        # Plain tensor clones (cheaper than deepcopy of the whole dicts).
-        model = {k: v.detach().clone() for k, v in flow.state_dict().items()}
-        opt_state = opt.state_dict()
-        opt_copy = {
-            "state": {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-                      for i, st in opt_state["state"].items()},
-            "param_groups": copy.deepcopy(opt_state["param_groups"]),
-        }
-        return model, opt_copy
-
-    good = snapshot()
-    losses, elbo_smooth_trace, lrs = [], [], []
-    smooth = None
-    best_smooth, best_step = -math.inf, 0
-    failures = 0
-    step = 0
-    evals_before = 0  # forward evaluations of the interrupted run(s)
-    wall_before = 0.0
+    ckpt = _load_resume_checkpoint(target, s, checkpoint_path) if resume else None
+    fit = _start_fit(target, s, g, ckpt, t0, evals0)
     if ckpt is not None:
-        try:
-            flow.load_state_dict(ckpt["flow"])
-            opt.load_state_dict(ckpt["opt"])
-            good = (ckpt["good_flow"], ckpt["good_opt"])
-            g.set_state(ckpt["rng"])
-            step, failures, lr_scale = int(ckpt["step"]), int(ckpt["failures"]), float(ckpt["lr_scale"])
-            smooth = None if ckpt["smooth"] is None else float(ckpt["smooth"])
-            best_smooth, best_step = float(ckpt["best_smooth"]), int(ckpt["best_step"])
-            losses = ckpt["losses"].tolist()
-            elbo_smooth_trace = ckpt["elbo_smooth"].tolist()
-            lrs = ckpt["lrs"].tolist()
-            evals_before, wall_before = int(ckpt["n_forward_evals"]), float(ckpt["wall_time_s"])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise GanflowError(f"flow checkpoint {checkpoint_path} does not fit this flow ({first[:160]})") from None
-
-    def save_fit_checkpoint() -> None:
-        from ..prior.checkpoint import save_checkpoint
-
-        cpu = lambda sd: copy.deepcopy({k_: v for k_, v in sd.items()})  # noqa: E731
-        save_checkpoint(checkpoint_path, {
-            "kind": FLOW_CHECKPOINT_KIND,
-            "format_version": FLOW_CHECKPOINT_VERSION,
-            "settings": asdict(s),
-            "target": _target_fingerprint(target),
-            "latent_dim": k,
-            "init_loc": None if loc is None else loc.detach().cpu().clone(),
-            "init_scale_tril": None if scale_tril is None else scale_tril.detach().cpu().clone(),
-            "attrs": {k_: v for k_, v in attrs.items() if isinstance(v, (int, float, str, bool))},
-            "flow": cpu(flow.state_dict()),
-            "opt": cpu(opt.state_dict()),
-            "good_flow": good[0],
-            "good_opt": good[1],
-            "rng": g.get_state(),
-            "step": step,
-            "failures": failures,
-            "lr_scale": lr_scale,
-            "smooth": smooth,
-            "best_smooth": best_smooth,
-            "best_step": best_step,
-            "losses": torch.tensor(losses, dtype=torch.float64),
-            "elbo_smooth": torch.tensor(elbo_smooth_trace, dtype=torch.float64),
-            "lrs": torch.tensor(lrs, dtype=torch.float64),
-            "n_forward_evals": evals_before + target.n_forward_evals - evals0,
-            "wall_time_s": wall_before + time.perf_counter() - t0,
-        })
-
-    # The stop-gradient twin of the STL estimator (its tensors are overwritten from `flow` before each use).
-    frozen = copy.deepcopy(flow).requires_grad_(False)
-    frozen_tensors = list(frozen.parameters()) + list(frozen.buffers())
-    live_tensors = list(flow.parameters()) + list(flow.buffers())
-
-    def observe() -> None:
-        if monitor is not None:
-            with torch.no_grad():
-                monitor(step, flow)
-
-    observe()
-    t_last_save = time.perf_counter()
-    bar = tqdm(total=s.max_iter, initial=step, desc="flow", disable=not s.progress, file=sys.stderr, leave=False)
-    stopped = "max_iter"
-    while step < s.max_iter:
-        lr = s.lr * _lr_factor(step, s) * lr_scale
-        for group in opt.param_groups:
-            group["lr"] = lr
-        eps = torch.randn(s.batch_size, k, generator=g)
-        z, log_q = flow.transform(eps)
-        if s.estimator == "stl":
-            # log q evaluated with stopped parameters: a frozen copy synced in place each step (a plain
-            # parameter copy; torch.func.functional_call's per-call re-parametrisation cost ~1/3 of a step).
-            with torch.no_grad():
-                for dst, src in zip(frozen_tensors, live_tensors, strict=True):
-                    dst.copy_(src)
-            log_q = frozen(z)
-        log_p = target.log_joint(z)
-        loss = (log_q - log_p).mean()
-        opt.zero_grad(set_to_none=True)
-        ok = bool(torch.isfinite(loss))
-        if ok:
-            loss.backward()
-            # One reduction instead of a check per tensor: the total norm is finite iff every gradient is.
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            ok = bool(torch.isfinite(grad_norm))
-        if ok:
-            opt.step()
-            ok = bool(torch.isfinite(torch.nn.utils.get_total_norm(params)))
-        if not ok:
-            failures += 1
-            flow.load_state_dict(good[0])
-            # A copy: the optimiser adopts the given tensors and updates them in place, which would corrupt the
-            # snapshot for a second rollback.
-            opt.load_state_dict(copy.deepcopy(good[1]))
-            lr_scale *= 0.5
-            if failures > s.max_failures:
-                bar.close()
-                raise GanflowError(
-                    f"flow fit: {failures} non-finite steps (loss or gradient); the target or operator "
-                    "returns NaN/Inf; check the operator with `ganflow check-operator`"
-                )
-            continue
-        elbo = -float(loss.detach())
-        if step % 50 == 0:
-            good = snapshot()
-        smooth = elbo if smooth is None else s.smoothing * smooth + (1 - s.smoothing) * elbo
-        losses.append(-elbo)
-        elbo_smooth_trace.append(smooth)
-        lrs.append(lr)
-        if smooth > best_smooth + s.tol:
-            best_smooth, best_step = smooth, step
-        step += 1
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(elbo=f"{smooth:.3f}")
-        if step % monitor_every == 0:
-            observe()
-        if step >= max(s.min_iter, s.warmup) and step - best_step > s.patience:
-            stopped = "converged"
-            break
-        if checkpoint_path is not None and time.perf_counter() - t_last_save >= s.checkpoint_every_s:
-            save_fit_checkpoint()
-            t_last_save = time.perf_counter()
-    bar.close()
-    if step % monitor_every != 0:
-        observe()
-    flow.eval()
-    for p in flow.parameters():
-        p.requires_grad_(False)
-
-    def sampler(n: int, gen: torch.Generator) -> Tensor:
-        with torch.no_grad():
-            return flow.sample(n, gen)[0]
-
-    attrs.update({
-        "iterations": step,
-        "stopped": stopped,
-        "elbo": float(elbo_smooth_trace[-1]) if elbo_smooth_trace else float("nan"),
-        "nonfinite_steps": failures,
-        "flow_kind": s.kind,
-    })
-    return LatentFit(
-        method="flow",
-        sampler=sampler,
-        trace={"loss": np.asarray(losses), "elbo_smooth": np.asarray(elbo_smooth_trace), "lr": np.asarray(lrs)},
-        attrs=attrs,
-        state={k_: v.detach().cpu().clone() for k_, v in flow.state_dict().items()},
-        settings=asdict(s),
-        n_forward_evals=evals_before + target.n_forward_evals - evals0,
-        wall_time_s=wall_before + time.perf_counter() - t0,
-        model=flow,
-    )
+        _restore_fit(fit, ckpt, checkpoint_path)
+    stopped = _optimise(fit, checkpoint_path, monitor, monitor_every)
+    return _fit_result(fit, stopped)
 
 
 def flow_from_state(latent_dim: int, settings: dict, state: dict[str, Tensor]) -> LatentFlow:
