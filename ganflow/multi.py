@@ -159,7 +159,7 @@ def solve_stack(
 
     Every rank calls this under torchrun; the returned `StackResult` describes this rank's share.
     """
-    from .solve import SolveSettings, solve  # solve sits beside this module; imported late like the CLI does
+    from .solve import SolveSettings  # solve sits beside this module; imported late like the CLI does
 
     t0 = time.perf_counter()
     cfg = config if isinstance(config, Config) else Config.from_file(config)
@@ -177,68 +177,97 @@ def solve_stack(
 
     with distributed.session(device) as ctx:
         result = StackResult(output=output, n_obs=n_obs, rank=ctx.rank, world_size=ctx.world_size)
-        # Checks run on every rank (they read the same files); only rank 0 changes anything, after a barrier.
-        if resume:
-            if os.path.exists(output) and not os.path.isdir(pdir):
-                _check_complete(output, n_obs)
-                result.skipped = list(range(n_obs))
-                result.summary = read_stack_summary(output)
-                result.wall_time_s = time.perf_counter() - t0
-                return result  # a finished run: nothing to do
-            if os.path.isdir(pdir):
-                _check_manifest(pdir, manifest)
-            else:
-                check_output_path(output, False, "posterior")  # nothing to resume: a fresh start
-        else:
-            check_output_path(output, force, "posterior")
-            if os.path.exists(pdir) and not force:
-                raise GanflowError(
-                    f"{pdir} holds observations of an earlier run: --resume continues it, --force starts over"
-                )
-        distributed.barrier()  # every rank has checked before rank 0 creates or clears anything
-        if ctx.is_main:
-            if os.path.exists(pdir) and not resume:
-                shutil.rmtree(pdir)
-            os.makedirs(pdir, exist_ok=True)
-            with atomic_path(os.path.join(pdir, "run.json")) as tmp:
-                with open(tmp, "w") as f:
-                    json.dump(manifest, f, indent=1)
-        distributed.barrier()
-
-        finished = _finished(pdir, n_obs)
-        result.skipped = finished
-        todo = [i for i in range(n_obs) if i not in set(finished)]
+        if _already_finished(output, pdir, n_obs, manifest, resume, force):
+            result.skipped = list(range(n_obs))
+            result.summary = read_stack_summary(output)
+            result.wall_time_s = time.perf_counter() - t0
+            return result  # a finished run: nothing to do
+        _open_parts(pdir, manifest, resume, ctx.is_main)
+        result.skipped = _finished(pdir, n_obs)
+        todo = [i for i in range(n_obs) if i not in set(result.skipped)]
         if max_obs is not None:
             todo = todo[:max_obs]
         for i in distributed.shard(todo, ctx.rank, ctx.world_size):
-            res = solve(
-                observations[i],
-                prior,
-                operator=operator,
-                problem=problem,
-                method=method,
-                config=cfg,
-                seed=seed + i,
-                progress=progress and ctx.is_main,
-            )
-            res.attrs["obs_index"] = int(i)
-            res.attrs["finished_unix"] = float(time.time())
-            res.save(_part_path(pdir, i, n_obs), force=True)  # atomic: a crash leaves no partial part
+            res = _solve_observation(i, observations[i], pdir, n_obs, prior=prior, operator=operator,
+                                     problem=problem, method=method, cfg=cfg, seed=seed,
+                                     progress=progress and ctx.is_main)
             result.solved.append(i)
             if on_done is not None:
                 on_done(i, res)
         distributed.barrier()  # every rank's parts are on disk
-
-        done = _finished(pdir, n_obs)
-        result.remaining = [i for i in range(n_obs) if i not in set(done)]
-        if not result.remaining:
-            if ctx.is_main:
-                result.summary = _merge(pdir, output, n_obs, obs_path, prior, method, seed, ctx.world_size)
-                shutil.rmtree(pdir)
-            result.merged = True
+        _merge_if_complete(result, pdir, obs_path, prior, method, seed, ctx)
         distributed.barrier()  # the merged file exists before any rank returns
     result.wall_time_s = time.perf_counter() - t0
     return result
+
+
+def _already_finished(output: str, pdir: str, n_obs: int, manifest: dict, resume: bool, force: bool) -> bool:
+    """Manifest and resume checks: True when a resume finds ``output`` already merged (nothing to do).
+
+    They run on every rank (they read the same files); only rank 0 changes anything, after a barrier.
+    """
+    if resume:
+        if os.path.exists(output) and not os.path.isdir(pdir):
+            _check_complete(output, n_obs)
+            return True
+        if os.path.isdir(pdir):
+            _check_manifest(pdir, manifest)
+        else:
+            check_output_path(output, False, "posterior")  # nothing to resume: a fresh start
+    else:
+        check_output_path(output, force, "posterior")
+        if os.path.exists(pdir) and not force:
+            raise GanflowError(
+                f"{pdir} holds observations of an earlier run: --resume continues it, --force starts over"
+            )
+    return False
+
+
+def _open_parts(pdir: str, manifest: dict, resume: bool, is_main: bool) -> None:
+    """Rank 0 creates the parts directory (cleared unless resuming) and records the run's inputs in run.json."""
+    distributed.barrier()  # every rank has checked before rank 0 creates or clears anything
+    if is_main:
+        if os.path.exists(pdir) and not resume:
+            shutil.rmtree(pdir)
+        os.makedirs(pdir, exist_ok=True)
+        with atomic_path(os.path.join(pdir, "run.json")) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(manifest, f, indent=1)
+    distributed.barrier()
+
+
+def _solve_observation(i: int, observation: Any, pdir: str, n_obs: int, *, prior: Any, operator: Any,
+                       problem: Any, method: str | None, cfg: Config, seed: int, progress: bool) -> Any:
+    """One observation: `ganflow.solve` with seed ``seed + i``, saved atomically as its part; the result."""
+    from .solve import solve
+
+    res = solve(
+        observation,
+        prior,
+        operator=operator,
+        problem=problem,
+        method=method,
+        config=cfg,
+        seed=seed + i,
+        progress=progress,
+    )
+    res.attrs["obs_index"] = int(i)
+    res.attrs["finished_unix"] = float(time.time())
+    res.save(_part_path(pdir, i, n_obs), force=True)  # atomic: a crash leaves no partial part
+    return res
+
+
+def _merge_if_complete(result: StackResult, pdir: str, obs_path: str, prior: Any, method: str | None, seed: int,
+                       ctx: distributed.DistContext) -> None:
+    """When every part exists, rank 0 merges them into ``result.output`` and removes the parts directory."""
+    n_obs = result.n_obs
+    done = _finished(pdir, n_obs)
+    result.remaining = [i for i in range(n_obs) if i not in set(done)]
+    if not result.remaining:
+        if ctx.is_main:
+            result.summary = _merge(pdir, result.output, n_obs, obs_path, prior, method, seed, ctx.world_size)
+            shutil.rmtree(pdir)
+        result.merged = True
 
 
 def _check_manifest(pdir: str, manifest: dict) -> None:
