@@ -39,6 +39,7 @@ from . import __version__
 from .config import Config, parse_settings
 from .errors import GanflowError
 from .io import atomic_path
+from .recalibration import central_interval, conformal_scale, interval_scores, scaled_coverage
 from .simulate import simulate
 from .solve import METHODS, SOLVE_TABLES, load_prior, solve
 
@@ -126,13 +127,40 @@ def rank_uniformity(ranks: np.ndarray, n_draws: int, n_bins: int) -> dict:
     }
 
 
-def _solve_config(cfg: Config) -> dict:
+def _solve_config(cfg: Config, recalibrate: bool = False) -> dict:
     data = copy.deepcopy(CHEAP_SOLVE_CONFIG)
     for name, table in cfg.data.items():
         if name == "calibrate":
             continue
         data.setdefault(name, {}).update(table)
+    if recalibrate:  # learn from the model's own intervals, not from a previous recalibration's
+        data.setdefault("solve", {})["recalibrate"] = "off"
     return data
+
+
+def _learn_recalibration(intervals: list, attrs: dict, s: CalibrateSettings, truths) -> dict:
+    """The conformal scale at 95 % learned on the even-numbered truths' field intervals, the odd ones'
+    coverage before and after it, and what it was learned for (the problem, operator settings, noise and
+    representation-error setting of the solves)."""
+    learn, check = intervals[0::2], intervals[1::2]
+    if not check:
+        raise GanflowError("--recalibrate needs at least 2 held-out truths (one half learns, the other checks)")
+    scale = conformal_scale(np.concatenate([interval_scores(iv[0.95], t) for iv, t in learn]), 0.95)
+
+    def coverage(c: float) -> dict:
+        return {str(int(lvl * 100)): float(np.mean([scaled_coverage(iv[lvl], t, c).mean() for iv, t in check]))
+                for lvl in LEVELS}
+
+    return {
+        "scale": float(scale), "level": 0.95, "method": "split-conformal scale about the posterior mean",
+        "problem": str(attrs.get("problem", attrs.get("operator", ""))),
+        "operator_kwargs": dict(attrs.get("operator_kwargs") or {}),
+        "representation_error": str(attrs.get("representation_error", "none")),
+        "noise_sigma": s.noise_sigma, "noise_relative": s.noise_relative,
+        "truths": os.path.basename(os.fspath(truths)), "n_learn": len(learn), "n_check": len(check),
+        "check_coverage_before": coverage(1.0), "check_coverage_after": coverage(scale),
+        "ganflow_version": __version__,
+    }
 
 
 def calibrate(
@@ -143,6 +171,7 @@ def calibrate(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     truths: str | os.PathLike | None = None,
+    recalibrate: bool = False,
 ) -> dict:
     """Run SBC and return the summary dict (written as ``calibration.json`` by `run_calibration_cli`).
 
@@ -151,13 +180,18 @@ def calibrate(
     held-out fields) the first ``n_truths`` of those fields: what users have, off the range of ``G``; then
     only the field coverage is defined (there is no true latent). Field draws include the representation
     error when the solve uses it.
+    With ``recalibrate`` (held-out ``truths`` only) the solves run without any stored recalibration, and a
+    conformal interval scale is learned on the even-numbered truths and checked on the odd ones
+    (`ganflow.recalibration`; key ``recalibration``, which `run_calibration_cli` stores in the prior).
     Returns keys ``coverage`` (``{"latent"|"field": {"50"|"90"|"95": fraction}}``), ``n_indicators``,
     ``rank_test`` (pooled), ``tracked`` (per-coordinate histograms), ``per_truth``, ``settings``, ``warning``.
     """
     s = settings or CalibrateSettings()
     s.validate()
     cfg = config if isinstance(config, Config) else Config(config or {}, known=CALIBRATE_TABLES)
-    solve_cfg = Config(_solve_config(cfg), known=SOLVE_TABLES)
+    solve_cfg = Config(_solve_config(cfg, recalibrate), known=SOLVE_TABLES)
+    if recalibrate and truths is None:
+        raise GanflowError("--recalibrate learns from held-out fields: give --truths FILE")
     G = load_prior(prior)
     held_out = _held_out_truths(truths, G, s.n_truths) if truths is not None else None
     if held_out is not None:
@@ -167,7 +201,7 @@ def calibrate(
     kinds = ("field",) if held_out is not None else ("latent", "field")
     cover = {kind: {lvl: [] for lvl in LEVELS} for kind in kinds}
     ranks = {kind: [] for kind in kinds}
-    per_truth = []
+    per_truth, intervals = [], []
     L = None
     t_start = time.perf_counter()
     for t in range(s.n_truths):
@@ -185,6 +219,9 @@ def calibrate(
             idx = np.linspace(0, x.shape[0] - 1, L).round().astype(int)  # evenly spaced: thins MCMC draws
             ranks[kind].append(sbc_ranks(x[idx], truth))
         per_truth.append(_truth_row(t, obs, result, t0))
+        if recalibrate:
+            intervals.append(({lvl: central_interval(draws["field"][0], lvl) for lvl in LEVELS}, draws["field"][1]))
+            rec_context = result.attrs
         if progress is not None:
             row = per_truth[-1]
             nan = float("nan")
@@ -193,6 +230,8 @@ def calibrate(
     out = _summary(problem, prior, truths, s, seed, solve_cfg, G, cover, ranks, L)
     out["per_truth"], out["wall_time_s"] = per_truth, time.perf_counter() - t_start
     out["warning"] = _verdict(out)
+    if recalibrate:
+        out["recalibration"] = _learn_recalibration(intervals, rec_context, s, truths)
     out["_ranks"] = {kind: np.stack(ranks[kind]) for kind in ranks}  # for the figure; not written to JSON
     return out
 
@@ -286,6 +325,25 @@ def _verdict(out: dict) -> str | None:
     return None
 
 
+def _check_recalibration_target(prior: str, truths) -> None:
+    """Before any solve: ``--recalibrate`` needs held-out truths and a writable checkpoint to store into."""
+    if truths is None:
+        raise GanflowError("--recalibrate learns from held-out fields: give --truths FILE")
+    if not (isinstance(prior, str) and os.path.isfile(prior)):
+        raise GanflowError(f"--recalibrate stores its scale in the prior checkpoint: {prior} is not a file")
+    if not os.access(prior, os.W_OK):
+        raise GanflowError(f"--recalibrate: cannot write the prior checkpoint {prior}")
+
+
+def _store_recalibration(prior: str, rec: dict) -> None:
+    """Add ``rec`` to the checkpoint ``prior`` (atomically; everything else unchanged)."""
+    from .prior.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(prior)
+    ckpt["recalibration"] = rec
+    save_checkpoint(prior, ckpt)
+
+
 def plot_calibration(out: dict, path: str) -> str:
     """The calibration figure: coverage vs nominal, pooled and per-coordinate rank histograms."""
     from .plots import plt, save_figure
@@ -363,10 +421,12 @@ def run_calibration_cli(
     seed: int,
     progress: Callable[[str], None] | None,
     truths: str | None = None,
+    recalibrate: bool = False,
 ) -> dict:
     """`calibrate` with settings from ``[calibrate]`` overridden by options; writes
     ``outdir/calibration.json``
-    and ``outdir/calibration.png``; returns the summary with their paths under ``json`` and ``figure``."""
+    and ``outdir/calibration.png``; returns the summary with their paths under ``json`` and ``figure``.
+    With ``recalibrate`` the learned scale is also stored in the prior checkpoint (key ``recalibration``)."""
     cfg = Config.from_file(config_path, known=CALIBRATE_TABLES)
     table = cfg.table("calibrate")
     for key, value in (("n_truths", n_truths), ("method", method), ("shrink", shrink)):
@@ -386,9 +446,13 @@ def run_calibration_cli(
         raise GanflowError(f"output directory's parent does not exist: {parent}")
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise GanflowError(f"output path is a file: {outdir}")
-    out = calibrate(problem, prior, settings, cfg, seed, progress, truths=truths)
+    if recalibrate:
+        _check_recalibration_target(prior, truths)
+    out = calibrate(problem, prior, settings, cfg, seed, progress, truths=truths, recalibrate=recalibrate)
     # created only after the inputs proved valid, so a bad call leaves nothing behind
     os.makedirs(outdir, exist_ok=True)
+    if recalibrate:
+        _store_recalibration(prior, out["recalibration"])
     ranks = out.pop("_ranks")
     json_path = os.path.join(outdir, "calibration.json")
     with atomic_path(json_path) as tmp:

@@ -3,7 +3,10 @@
 A QoI is a function ``f`` mapping a batch of fields ``[B, *field_shape]`` to values ``[B, *qoi_shape]`` (any
 shape): the problem's ``qois()`` by name, or a user spec ``path/file.py:attr`` / ``package.module:attr``
 (``NAME=SPEC`` renames it). For ``N`` posterior latent draws ``z_i`` -- fresh draws of the stored flow, or
-the stored draws of a sample-based method (Langevin, NUTS) -- the values ``f(G(z_i))`` are streamed:
+the stored draws of a sample-based method (Langevin, NUTS) -- the values ``f(x_i)`` are streamed, where
+``x_i = G(z_i)`` plus, when the solve used the representation error, a draw of ``r | z_i, y`` from the noise
+model stored in ``/representation/state``, scaled about the posterior mean by ``recalibration_scale`` when the
+solve applied one (the same field draws the solve summarised):
 
     mean, std      exact over all N draws (parallel Welford update, float64; weighted with --reweight)
     quantiles      2.5, 25, 50, 75, 97.5 % over the first ``n_quantile`` draws (all of them by default)
@@ -440,10 +443,10 @@ def predict(
     )
     # diagnostics first: --reweight needs the weights of every draw before any statistic is taken
     m = n_draws if reweight else min(n_draws, diag_draws)
-    diag = _diagnose(result, G, problem, operator, z[:m], None if log_q is None else log_q[:m], gen, batch_size,
-                     reweight, report)
+    op, noise = _operator_and_noise(result, problem, operator, reweight, report)
+    diag = _diagnose(result, G, op, noise, z[:m], None if log_q is None else log_q[:m], gen, batch_size, report)
     weights = np.exp(diag.psis.log_weights) if reweight else None
-    fields = _field_batches(G, z)
+    fields = _field_batches(G, z, _field_transform(result, op, noise, gen))
     report.qois = qoi_statistics(
         fields, n_draws, qoi_fns, weights, batch_size, n_quantile, n_keep, result.x_true
     )
@@ -479,20 +482,35 @@ def _check_arguments(result: PosteriorResult, n: int | None, batch_size: int, di
         )
 
 
-def _diagnose(result: PosteriorResult, G: nn.Module, problem: str | None, operator: str | None, z: Tensor,
-              log_q: Tensor | None, gen: torch.Generator, batch_size: int, reweight: bool,
-              report: PredictReport) -> DiagnosticsResult | None:
-    """Diagnostics (PSIS k-hat, ESS/N, predictive check) of the draws ``z`` ``[m, k]`` (``log_q`` ``[m]`` for a
-    flow), recorded in ``report``. Without the forward operator they are skipped with a warning, unless
-    ``reweight`` needs their weights."""
+def _operator_and_noise(result: PosteriorResult, problem: str | None, operator: str | None, reweight: bool,
+                        report: PredictReport) -> tuple[nn.Module | None, nn.Module | None]:
+    """The forward operator (None, with a warning, when it cannot be rebuilt and nothing needs it) and the
+    solve's representation-error noise model (None when it was off)."""
+    noise = None
+    if result.representation_state:
+        from .posterior.representation import RepresentationNoise
+
+        noise = RepresentationNoise.from_state(result.representation_state, np.shape(result.y), result.field_shape)
     try:
-        op = _operator_for(result, problem, operator)
+        return _operator_for(result, problem, operator), noise
     except GanflowError as e:
         if reweight:
             raise GanflowError(f"--reweight needs the forward operator: {e}") from None
+        if noise is not None:
+            raise GanflowError(f"the posterior carries the representation error, whose r | z, y needs the forward "
+                               f"operator: {e}") from None
         report.warnings.append(f"diagnostics skipped: cannot rebuild the operator ({e})")
+        return None, None
+
+
+def _diagnose(result: PosteriorResult, G: nn.Module, op: nn.Module | None, noise: nn.Module | None, z: Tensor,
+              log_q: Tensor | None, gen: torch.Generator, batch_size: int,
+              report: PredictReport) -> DiagnosticsResult | None:
+    """Diagnostics (PSIS k-hat, ESS/N, predictive check) of the draws ``z`` ``[m, k]`` (``log_q`` ``[m]`` for a
+    flow) under the solve's own likelihood, recorded in ``report``; None without the operator."""
+    if op is None:
         return None
-    target = LatentTarget(G, op, torch.as_tensor(result.y, dtype=torch.float32), result.noise_sigma)
+    target = LatentTarget(G, op, torch.as_tensor(result.y, dtype=torch.float32), result.noise_sigma, noise=noise)
     diag = diagnose_draws(target, z, log_q, gen, batch_size)
     report.diagnostics = dict(diag.attrs)
     warn = khat_warning(diag.attrs.get("psis_khat"))
@@ -501,12 +519,36 @@ def _diagnose(result: PosteriorResult, G: nn.Module, problem: str | None, operat
     return diag
 
 
-def _field_batches(G: nn.Module, z: Tensor) -> Callable[[int, int], Tensor]:
-    """``(start, stop) -> G(z[start:stop])`` ``[stop - start, *field_shape]``; a non-finite field is an error."""
+def _field_transform(result: PosteriorResult, op: nn.Module | None, noise: nn.Module | None,
+                     gen: torch.Generator) -> Callable[[Tensor], Tensor] | None:
+    """What the solve did to ``G(z)``: add a draw of ``r | z, y`` (representation error), then scale about the
+    mean (``recalibration_scale``); None when neither."""
+    scale = result.attrs.get("recalibration_scale")
+    if noise is None and scale is None:
+        return None
+    y = torch.as_tensor(result.y, dtype=torch.float32)
+    mean = torch.as_tensor(result.mean, dtype=torch.float32)
+
+    def transform(x: Tensor) -> Tensor:
+        if noise is not None:
+            x = x + noise.residual_draws(op(x), y, gen).to(x.dtype)
+        if scale is not None:
+            x = mean + float(scale) * (x - mean)
+        return x
+
+    return transform
+
+
+def _field_batches(G: nn.Module, z: Tensor, transform: Callable[[Tensor], Tensor] | None = None
+                   ) -> Callable[[int, int], Tensor]:
+    """``(start, stop) -> G(z[start:stop])`` ``[stop - start, *field_shape]`` (then ``transform``); a non-finite
+    field is an error."""
 
     def fields(start: int, stop: int) -> Tensor:
         with torch.no_grad():
             x = G(z[start:stop])
+            if transform is not None:
+                x = transform(x)
         if not torch.isfinite(x).all():
             raise GanflowError("the generator produced non-finite fields for some posterior draws")
         return x

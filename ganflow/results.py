@@ -10,6 +10,9 @@ Schema (docs/files.md; extended, never changed):
     /truth/x, /truth/z              when known
     /trace/loss (+ method-specific traces)
     /flow/state/<param>             the fitted flow's weights (flow only), to draw new samples later
+    /representation/state/<name>    the solve's representation-error noise model (`RepresentationNoise`:
+                                    sigma, obs_shift, obs_basis, field_mean, field_basis) when it was on;
+                                    ``ganflow predict`` adds ``r | z, y`` to its field draws from it
     /qoi/<name>/mean, std, q025, q25, q50, q75, q975   [*qoi_shape]   (``ganflow predict``; `QoIStats`)
     /qoi/<name>/samples             [S, *qoi_shape]   a few draws of the QoI
     /qoi/<name>/truth, error, inside_95   [*qoi_shape] when the truth is known (error = mean - truth)
@@ -22,7 +25,9 @@ Schema (docs/files.md; extended, never changed):
            (JSON), n_samples, n_quantile; with a known truth rel_l2_error, coverage_95, chi2_per_dof;
            method-specific scalars (e.g. step_size, rhat_max, ess_min, elbo); diagnostics psis_khat,
            is_ess_ratio, is_ess_ratio_raw, is_n_draws, ppc_p_value, ppc_chi2_per_dof, ppc_chi2_rep_per_dof,
-           ppc_n_draws (see `ganflow.diagnostics`).
+           ppc_n_draws (see `ganflow.diagnostics`); representation_error ("on" | "off" | "none"),
+           recalibration ("on" | "off" | "none" | "not applied: why") and recalibration_scale
+           (`ganflow.recalibration`: every field draw was scaled about the mean by it).
 """
 
 from __future__ import annotations
@@ -163,6 +168,15 @@ def read_qoi(grp: h5py.Group, name: str) -> QoIStats:
                     truth=grp["truth"][()] if "truth" in grp else None)
 
 
+def _read_state(f: h5py.File, group: str) -> dict[str, Tensor]:
+    """The datasets under ``group`` (nested names joined by '/') as tensors; empty when it is absent."""
+    state: dict[str, Tensor] = {}
+    if group in f:
+        f[group].visititems(lambda name, obj: state.__setitem__(name, torch.from_numpy(np.asarray(obj[()])))
+                            if isinstance(obj, h5py.Dataset) else None)
+    return state
+
+
 @dataclass
 class PosteriorResult:
     """A posterior over fields, with its statistics; returned by `ganflow.solve` and read from posterior.h5.
@@ -189,6 +203,8 @@ class PosteriorResult:
     qois: dict[str, QoIStats] = field(default_factory=dict)  # /qoi (ganflow predict)
     diagnostic_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # /diagnostics
     field_fn: Any = None  # z [B, k] -> field draws [B, *field_shape] (with r | z, y); in the solving process
+    # the representation-error noise model of the solve (RepresentationNoise.state(); /representation/state)
+    representation_state: dict[str, Tensor] = field(default_factory=dict)
 
     # statistics -----------------------------------------------------------------------------------
     @property
@@ -291,6 +307,8 @@ class PosteriorResult:
                 f.create_dataset("trace/loss", data=np.zeros(0))
             for name, t in self.flow_state.items():
                 f.create_dataset(f"flow/state/{name}", data=t.detach().cpu().numpy())
+            for name, t in self.representation_state.items():
+                f.create_dataset(f"representation/state/{name}", data=t.detach().cpu().numpy())
             for stats in self.qois.values():
                 write_qoi(f, stats)
             for name, arr in self.diagnostic_arrays.items():
@@ -350,12 +368,8 @@ class PosteriorResult:
                 config = read_json_attr(f, "config", {}, path)
                 field_shape = tuple(read_json_attr(f, "field_shape", list(summary.mean.shape), path))
                 trace = {k: f["trace"][k][()] for k in f["trace"]}
-                flow_state = {}
-                if "flow/state" in f:
-                    f["flow/state"].visititems(
-                        lambda name, obj: flow_state.__setitem__(name, torch.from_numpy(np.asarray(obj[()])))
-                        if isinstance(obj, h5py.Dataset) else None
-                    )
+                flow_state = _read_state(f, "flow/state")
+                representation_state = _read_state(f, "representation/state")
                 qois = {name: read_qoi(f["qoi"][name], name) for name in f["qoi"]} if "qoi" in f else {}
                 diagnostic_arrays = ({k: f["diagnostics"][k][()] for k in f["diagnostics"]}
                                      if "diagnostics" in f else {})
@@ -372,6 +386,7 @@ class PosteriorResult:
                     x_true=f["truth/x"][()] if "truth/x" in f else None,
                     z_true=f["truth/z"][()] if "truth/z" in f else None,
                     flow_state=flow_state,
+                    representation_state=representation_state,
                     path=path,
                     qois=qois,
                     diagnostic_arrays=diagnostic_arrays,

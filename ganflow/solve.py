@@ -29,6 +29,7 @@ from .plugins import check_spec_from_file, load_generator_spec, load_operator, n
 from .posterior.base import LatentFit
 from .posterior.flow import FlowSettings, fit_flow
 from .posterior.target import LatentTarget
+from .recalibration import recalibrate_summary, recalibration_applies, scaled_field_fn
 from .results import PosteriorResult, truth_metrics
 
 __all__ = ["SolveSettings", "solve", "load_prior", "load_recorded_prior", "resolve_operator", "SOLVE_TABLES",
@@ -53,6 +54,9 @@ class SolveSettings:
     # checkpoint's residual statistics when it has them (a generator spec has none: nothing changes).
     representation_error: Literal["on", "off"] = "on"
     representation_n_diag: int = 64  # random columns that carry the per-pixel remainder of the residuals
+    # The prior's conformal interval scale (ganflow.recalibration, `ganflow calibrate --recalibrate`): "auto"
+    # applies it when it was learned for this problem, operator settings and representation-error setting.
+    recalibrate: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
         if self.n_samples < 1 or self.n_quantile < 1 or self.n_field_samples < 0 or self.batch_size < 1:
@@ -61,6 +65,8 @@ class SolveSettings:
             raise GanflowError(f"solve.representation_error must be 'on' or 'off', got {self.representation_error!r}")
         if self.representation_n_diag < 0:
             raise GanflowError("solve.representation_n_diag must be >= 0")
+        if self.recalibrate not in ("auto", "on", "off"):
+            raise GanflowError(f"solve.recalibrate must be 'auto', 'on' or 'off', got {self.recalibrate!r}")
 
 
 def _is_checkpoint_path(prior: str) -> bool:
@@ -215,9 +221,13 @@ def solve(
     target, re_attrs = with_representation_error(target, cfg, ss, seed) if ss.device == "cpu" else (target, {})
     fit = _run_method(method, target, cfg, gen, progress, ckpt)
     summary = _summarise(fit, target, op, ss, gen)
+    field_fn = field_sampler(target, torch.Generator().manual_seed(seed + 1))
+    scale, rec_attrs = _recalibration_scale(generator_module, op_info, ss, re_attrs)
+    if scale is not None:
+        summary, field_fn = recalibrate_summary(summary, scale), scaled_field_fn(field_fn, summary.mean, scale)
     y = obs.y.cpu().numpy()
     x_true = _truth_field(obs, generator_module)
-    attrs = _result_attrs(fit, re_attrs, op_info, prior, obs, seed)
+    attrs = _result_attrs(fit, {**re_attrs, **rec_attrs}, op_info, prior, obs, seed)
     if x_true is not None:
         attrs.update(truth_metrics(summary.mean, summary.quantiles[0.025], summary.quantiles[0.975], x_true,
                                    y, summary.obs_pred_mean, obs.noise_sigma))
@@ -247,8 +257,23 @@ def solve(
         flow_state=fit.state if method == "flow" else {},
         fit=fit,
         generator=generator_module,
-        field_fn=field_sampler(target, torch.Generator().manual_seed(seed + 1)),
+        field_fn=field_fn,
+        representation_state=target.noise.state() if hasattr(target.noise, "residual_draws") else {},
     )
+
+
+def _recalibration_scale(generator_module: nn.Module, op_info: dict, ss: SolveSettings,
+                         re_attrs: dict) -> tuple[float | None, dict]:
+    """The prior's conformal interval scale when ``[solve] recalibrate`` asks for it and it applies, with the
+    attributes that say what was done (``recalibration_scale``, or ``recalibration`` = why not)."""
+    rec = getattr(generator_module, "recalibration", None)
+    if rec is None or ss.recalibrate == "off":
+        return None, {"recalibration": "off" if rec is not None else "none"}
+    why_not = recalibration_applies(rec, op_info, str(re_attrs.get("representation_error", "none")))
+    if why_not is not None and ss.recalibrate == "auto":
+        return None, {"recalibration": f"not applied: {why_not}"}
+    return float(rec["scale"]), {"recalibration": "on", "recalibration_scale": float(rec["scale"]),
+                                 "recalibration_level": float(rec["level"])}
 
 
 def _summarise(fit: LatentFit, target: LatentTarget, op: nn.Module, ss: SolveSettings, gen: torch.Generator):

@@ -138,11 +138,18 @@ def predict(posterior, qois, n, reweight, prior, problem, operator, batch_size, 
     type=click.Path(file_okay=False),
     help="Directory for calibration.json and calibration.png.",
 )
+@click.option(
+    "--recalibrate",
+    is_flag=True,
+    help="With --truths: learn a split-conformal scale of the field intervals on half the truths, check it on "
+    "the other half, and store it in the prior checkpoint (docs/posteriors.md#recalibration).",
+)
 @config_option()
 @seed_option()
 @click.option("--quiet", is_flag=True, help="No per-truth progress lines.")
 def calibrate(
-    problem, prior, n_truths, truths, method, noise_sigma, noise_relative, shrink, outdir, config_path, seed, quiet
+    problem, prior, n_truths, truths, method, noise_sigma, noise_relative, shrink, outdir, recalibrate, config_path,
+    seed, quiet
 ):
     """Simulation-based calibration: coverage of 50/90/95 % intervals and rank histograms over T truths.
 
@@ -166,6 +173,7 @@ def calibrate(
         config_path=config_path,
         seed=seed,
         progress=(lambda msg: click.echo(msg, err=True)) if not quiet else None,
+        recalibrate=recalibrate,
     )
     for kind in report["coverage"]:
         cov = report["coverage"][kind]
@@ -176,4 +184,10 @@ def calibrate(
         )
     if report.get("warning"):
         click.echo(f"warning: {report['warning']}", err=True)
+    rec = report.get("recalibration")
+    if rec is not None:
+        before, after = rec["check_coverage_before"], rec["check_coverage_after"]
+        click.echo(f"recalibration: interval scale {rec['scale']:.3f} learned on {rec['n_learn']} truths; on the "
+                   f"other {rec['n_check']}: 95% coverage {before['95']:.3f} -> {after['95']:.3f}, "
+                   f"90% {before['90']:.3f} -> {after['90']:.3f}; stored in {prior}")
     click.echo(f"wrote {report['json']} and {report['figure']}")

@@ -39,8 +39,12 @@ from .common import config_option, force_option, kw_option, parse_kv, seed_optio
 @click.option("--representation-error", "repr_error", type=click.Choice(["on", "off"]), default=None,
               help="Carry the prior's representation error (x = G(z) + r) into the likelihood and the field draws "
                    "when its checkpoint has the statistics [default: [solve] representation_error, on].")
+@click.option("--recalibrate", "recalibrate", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="Scale the field intervals by the prior's conformal recalibration (ganflow calibrate "
+                   "--recalibrate); auto: when it was learned for this problem and operator [default: [solve] "
+                   "recalibrate, auto].")
 def solve(obs_path, prior, problem, operator, method, output, kw, config_path, seed, force, quiet, resume, max_obs,
-          device, repr_error):
+          device, repr_error, recalibrate):
     """Fit the latent posterior and write posterior statistics to posterior.h5.
 
     A stacked obs.h5 (ganflow simulate --n-obs M) is solved observation by observation into one file with a
@@ -54,6 +58,8 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
         cfg.data["solve"] = {**cfg.data.get("solve", {}), "device": device}
     if repr_error is not None:
         cfg.data["solve"] = {**cfg.data.get("solve", {}), "representation_error": repr_error}
+    if recalibrate is not None:
+        cfg.data["solve"] = {**cfg.data.get("solve", {}), "recalibrate": recalibrate}
     if is_obs_stack(obs_path):
         return _solve_stack(obs_path, prior, problem, operator, method, output, cfg, seed, force, quiet, resume,
                             max_obs)

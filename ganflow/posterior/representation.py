@@ -58,6 +58,23 @@ class RepresentationNoise(GaussianNoise):
     def rank(self) -> int:
         return int(self.obs_basis.shape[0])
 
+    def state(self) -> dict[str, Tensor]:
+        """The tensors that rebuild this noise model (`from_state`; posterior.h5 ``/representation``)."""
+        return {"sigma": torch.tensor(float(self.sigma), dtype=torch.float64), "obs_shift": self.obs_shift,
+                "obs_basis": self.obs_basis, "field_mean": self.field_mean, "field_basis": self.field_basis}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], obs_shape, field_shape) -> "RepresentationNoise":
+        """Rebuild from `state` (shapes checked: a one-line error when they do not fit)."""
+        try:
+            q = state["obs_basis"].shape[0]
+            noise = cls(float(state["sigma"]), state["obs_shift"].reshape(obs_shape),
+                        state["obs_basis"].reshape(q, *obs_shape), state["field_mean"].reshape(field_shape),
+                        state["field_basis"].reshape(q, *field_shape))
+        except (KeyError, RuntimeError, ValueError, AttributeError) as e:
+            raise GanflowError(f"the stored representation error does not fit the posterior ({e})") from None
+        return noise
+
     def _rho(self, pred: Tensor, y: Tensor) -> Tensor:
         return (y.reshape(1, -1) - pred.reshape(pred.shape[0], -1) - self.obs_shift).double()
 

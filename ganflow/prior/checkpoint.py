@@ -22,6 +22,9 @@ Keys (``FORMAT_VERSION`` 1):
 ``wall_time_s``    float: training time so far
 ``representation_error``  optional dict (`ganflow.prior.residuals`): ``mean``, ``basis``, ``diag`` tensors
                    and plain numbers; written at the end of training or by ``ganflow prior-report``
+``recalibration``  optional dict (`ganflow.recalibration`): the conformal interval scale learned on held-out
+                   truths, with the problem and operator settings it holds for; written by
+                   ``ganflow calibrate --recalibrate``
 =================  ==========================================================================================
 """
 
@@ -169,7 +172,18 @@ def generator_from_checkpoint(ckpt: dict, which: str = "G_ema") -> PriorGenerato
     for p in gen.parameters():
         p.requires_grad_(False)
     gen.representation_error = _representation_error(ckpt)
+    gen.recalibration = _recalibration(ckpt)
     return gen
+
+
+def _recalibration(ckpt: dict) -> dict | None:
+    """The checkpoint's conformal recalibration (`ganflow.recalibration`), checked; None when it has none."""
+    rec = ckpt.get("recalibration")
+    if rec is None:
+        return None
+    from ..recalibration import check_recalibration
+
+    return check_recalibration(rec)
 
 
 def _representation_error(ckpt: dict) -> dict | None:
