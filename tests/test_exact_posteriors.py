@@ -178,6 +178,21 @@ def test_flow_finds_both_twin_modes():
     assert fit.attrs["n_modes"] == 2 and np.all(np.abs(w - 0.5) < 4 * se), (w, se)
 
 
+def test_nuts_reports_chains_stuck_in_separate_twin_modes():
+    """The twin problem with sigma = 0.1: a ~100-nat valley between the modes at z_1 ~ +-1.2 that no chain
+    crosses. init = "laplace" starts the chains alternately in the two modes the MAP search finds, so split
+    R-hat of z_1 (chain means +-1.2 apart, within-chain sd ~0.05: R-hat ~ 20) and the warning say that they did
+    not mix. With every chain in the best mode (the old start) R-hat was ~1 and the other mode was missing."""
+    p = twin_problem(noise_sigma=0.1)
+    s = NutsSettings(num_chains=4, warmup_steps=100, num_samples=100, max_tree_depth=5, init="laplace",
+                     init_map_starts=16)
+    with pytest.warns(RuntimeWarning, match="2 distinct modes"):
+        fit = run_nuts(_target(p), s, torch.Generator().manual_seed(0))
+    side = torch.sign(fit.samples[:, 0].reshape(4, 100))
+    assert bool((side == side[:, :1]).all()) and set(side[:, 0].tolist()) == {-1.0, 1.0}  # stuck, both modes
+    assert fit.attrs["n_start_modes"] == 2 and fit.attrs["rhat_max"] > 1.5, fit.attrs
+
+
 def test_mixture_weights_match_asymmetric_twin_masses():
     """Two modes holding 0.711 and 0.289 of the mass (split at the valley of the z_1 marginal): the default
     flow's weight of the upper mode within 4 se of the quadrature mass, se the weights' importance-sampling
