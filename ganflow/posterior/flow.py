@@ -810,9 +810,9 @@ def _fit_components(target: LatentTarget, s: FlowSettings, g: torch.Generator, m
         flow = _laplace_flow(target.latent_dim, s, m)
         flow.load_state_dict(rec["state"])
         flows.append(_freeze(flow))
-    fit = None
-    for j in range(len(done), len(modes)):
-        resume_here = ckpt if j == len(done) else None
+    fit, first = None, len(done)
+    for j in range(first, len(modes)):
+        resume_here = ckpt if j == first else None  # only the component the checkpoint was taken in
         fit = _start_fit(target, s, g, resume_here, *clock, mode=modes[j], attrs=attrs)
         fit.evals_before = int(ckpt["n_forward_evals"]) if ckpt is not None else 0
         fit.wall_before = float(ckpt["wall_time_s"]) if ckpt is not None else 0.0
@@ -902,7 +902,8 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
     ckpt = _load_resume_checkpoint(target, s, checkpoint_path) if resume else None
     if ckpt is not None and "mixture" in ckpt:
         modes = _modes_from_checkpoint(ckpt["mixture"])
-        return _fit_mixture(target, s, g, modes, {}, ckpt, clock, checkpoint_path, monitor, monitor_every)
+        return _fit_mixture(target, s, g, modes, dict(ckpt.get("attrs", {})), ckpt, clock, checkpoint_path, monitor,
+                            monitor_every)
     modes, attrs = _find_modes(target, s, g, clock[1]) if ckpt is None else ([None], {})
     if len(modes) > 1:
         return _fit_mixture(target, s, g, modes, attrs, None, clock, checkpoint_path, monitor, monitor_every)
