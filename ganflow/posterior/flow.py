@@ -24,6 +24,10 @@ Coupling layers:
 
 Both are as fast in the sampling direction as in the density direction.
 
+Multimodal posteriors: `laplace_modes` finds the distinct modes of the MAP search (hill-valley test, Laplace
+masses); with more than one, `fit_flow` fits one flow per mode and returns their `MixtureFlow`, weighted by
+importance sampling (`ganflow.posterior.mixture`). With one mode it is the single flow, draw for draw.
+
 Example:
     >>> import torch
     >>> flow = LatentFlow(4, FlowSettings(n_layers=2, hidden=8))
