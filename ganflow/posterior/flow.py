@@ -295,7 +295,7 @@ def _map_stage(target: LatentTarget, z: Tensor, it: int, stage_end: int, s: Flow
             bad = ~torch.isfinite(lp)
             with torch.no_grad():  # restart diverged starts
                 z[bad] = (torch.randn(int(bad.sum()), k, generator=generator) if generator is not None
-                          else torch.zeros(int(bad.sum()), k))
+                          else torch.zeros(int(bad.sum()), k, dtype=z.dtype, device=z.device))
             continue
         (-lp.sum()).backward()
         opt.step()
@@ -363,7 +363,7 @@ def _valleys(target: LatentTarget, z: Tensor, lp: float, anchors: Tensor, lp_anc
              n_points: int = 5) -> Tensor:
     """``[m]``: whether the segment from ``z`` to each anchor dips more than ``barrier`` nats below its lower end
     (the hill-valley test, Ursem 1999): the two lie on different hills of ``log p(y, z)``."""
-    t = torch.linspace(0, 1, n_points + 2)[1:-1]
+    t = torch.linspace(0, 1, n_points + 2, dtype=z.dtype, device=z.device)[1:-1]
     pts = z + t[None, :, None] * (anchors[:, None, :] - z)
     with torch.no_grad():
         lp_path = torch.nan_to_num(target.log_joint(pts.reshape(-1, z.shape[0])), nan=-math.inf)
