@@ -12,7 +12,8 @@ returns
 - ``curved`` (one mode): ``y = (w c_1, c_2)``: ``c_2`` is measured well and ``c_1`` weakly, so the posterior
   is a banana bent along the parabola ``z_2 = y_2 - b z_1^2``;
 - ``twin`` (two symmetric modes): ``y = (c_1^2, c_2)``, even in ``z_1``: the sign of the ``phi_1`` component is
-  lost, as phase retrieval loses the twin image, and the posterior has mirror modes at ``+-z_1``.
+  lost, as phase retrieval loses the twin image, and the posterior has mirror modes at ``+-z_1``;
+- ``asymmetric twin``: ``y = (c_1^2 + a c_1, c_2)``, two modes of unequal mass (0.71 and 0.29 for a = 0.7).
 
 Both are observed with Gaussian noise ``sigma``; ``y`` is ``A(G(z_true))`` plus a fixed seeded noise draw. The
 posterior density ``p(z | y) ~ exp(-||y - A(G(z))||^2 / (2 sigma^2) - |z|^2 / 2)`` is evaluated on a fine grid
@@ -62,17 +63,17 @@ class CurvedGenerator(nn.Module):
 
 class CoefficientOperator(nn.Module):
     """The two mode coefficients ``c_i = mean_j x_j phi_i(t_j)``, returned as ``(w c_1, c_2)`` (linear) or
-    ``(c_1^2, c_2)`` (``twin``: even in ``c_1``): ``[B, 16] -> [B, 2]``."""
+    ``(c_1^2 + shift c_1, c_2)`` (``twin``: even in ``c_1`` when ``shift = 0``): ``[B, 16] -> [B, 2]``."""
 
-    def __init__(self, weight: float = 1.0, twin: bool = False):
+    def __init__(self, weight: float = 1.0, twin: bool = False, shift: float = 0.0):
         super().__init__()
         self.register_buffer("modes", _modes().float())
-        self.weight, self.twin = float(weight), bool(twin)
+        self.weight, self.twin, self.shift = float(weight), bool(twin), float(shift)
         self.field_shape, self.obs_shape = (N_PIX,), (2,)
 
     def forward(self, x: Tensor) -> Tensor:
         c = x @ self.modes.to(x.dtype).T / N_PIX
-        first = c[:, :1] ** 2 if self.twin else self.weight * c[:, :1]
+        first = c[:, :1] ** 2 + self.shift * c[:, :1] if self.twin else self.weight * c[:, :1]
         return torch.cat([first, c[:, 1:]], 1)
 
 
@@ -102,10 +103,18 @@ def curved_problem() -> ExactProblem:
     return _observe("curved", CurvedGenerator(1.0), CoefficientOperator(weight=0.5), (0.8, -0.5), 0.3, seed=1)
 
 
-def twin_problem() -> ExactProblem:
+def twin_problem(noise_sigma: float = 0.5) -> ExactProblem:
     """Two mirror modes at z_1 ~ +-1.2 with equal mass (b = 0.5, sigma = 0.5): the posterior mean of z_1 is 0
-    and its sd 1.19, while within a mode z_1 has sd ~0.25."""
-    return _observe("twin", CurvedGenerator(0.5), CoefficientOperator(twin=True), (1.2, 0.3), 0.5, seed=2)
+    and its sd 1.19, while within a mode z_1 has sd ~0.25. The valley between them is ~2.5 nats deep; with
+    ``noise_sigma = 0.1`` it is ~100 nats, which no sampler's chain crosses."""
+    return _observe("twin", CurvedGenerator(0.5), CoefficientOperator(twin=True), (1.2, 0.3), noise_sigma, seed=2)
+
+
+def asymmetric_twin_problem() -> ExactProblem:
+    """The twin problem with ``y_1 = c_1^2 + 0.7 c_1``: modes at z_1 ~ 0.9 and -1.6 holding 0.711 and 0.289 of
+    the mass (split at the valley of the z_1 marginal, z_1 = -0.37)."""
+    return _observe("asymmetric_twin", CurvedGenerator(0.5), CoefficientOperator(twin=True, shift=0.7), (0.8, 0.3),
+                    0.5, seed=2)
 
 
 def log_posterior_grid(problem: ExactProblem, half_width: float = 6.0, n: int = 1201):
@@ -125,7 +134,8 @@ def quadrature_moments(problem: ExactProblem) -> dict:
     standardised moments), ``m4`` ``[2]`` (fourth central moments) and the mass with ``z_1 > 0`` (half the
     ``z_1 = 0`` column's), by summing
     the normalised density over the grid; ``edge_mass`` (the mass on the grid's border rows) checks that the
-    grid holds the posterior."""
+    grid holds the posterior. ``mode_split`` is the lowest point of the ``z_1`` marginal on ``(-1, 1)`` (the
+    valley between two modes) and ``mass_above_split`` the mass with ``z_1`` above it."""
     z1, z2, logp = log_posterior_grid(problem)
     w = np.exp(logp - logp.max())
     w /= w.sum()
@@ -136,5 +146,8 @@ def quadrature_moments(problem: ExactProblem) -> dict:
     skew = np.array([(w * d1**3).sum() / sd[0] ** 3, (w * d2**3).sum() / sd[1] ** 3])
     m4 = np.array([(w * d1**4).sum(), (w * d2**4).sum()])
     edge = w[0].sum() + w[-1].sum() + w[:, 0].sum() + w[:, -1].sum()
+    axis, marginal = z1[:, 0], w.sum(1)
+    split = float(axis[np.argmin(np.where(np.abs(axis) < 1, marginal, np.inf))])
     return {"mean": mean, "cov": cov, "sd": sd, "corr": float(cov[0, 1] / (sd[0] * sd[1])), "skew": skew,
-            "m4": m4, "mass_z1_positive": float(w[z1 > 0].sum() + 0.5 * w[z1 == 0].sum()), "edge_mass": float(edge)}
+            "m4": m4, "mass_z1_positive": float(w[z1 > 0].sum() + 0.5 * w[z1 == 0].sum()), "edge_mass": float(edge),
+            "mode_split": split, "mass_above_split": float(w[z1 > split].sum())}

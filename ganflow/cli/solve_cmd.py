@@ -82,6 +82,8 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
     if m:
         line += ", " + ", ".join(f"{k} {v:.4g}" for k, v in m.items())
     click.echo(line)
+    if int(a.get("n_modes", 1)) > 1:  # issue 21: a mixture of flows, one per posterior mode
+        click.echo(f"{a['n_modes']} posterior modes, weights " + ", ".join(f"{w:.3f}" for w in a["mode_weights"]))
     click.echo(f"wrote {output}")
 
 

@@ -24,6 +24,10 @@ Coupling layers:
 
 Both are as fast in the sampling direction as in the density direction.
 
+Multimodal posteriors: `laplace_modes` finds the distinct modes of the MAP search (hill-valley test, Laplace
+masses); with more than one, `fit_flow` fits one flow per mode and returns their `MixtureFlow`, weighted by
+importance sampling (`ganflow.posterior.mixture`). With one mode it is the single flow, draw for draw.
+
 Example:
     >>> import torch
     >>> flow = LatentFlow(4, FlowSettings(n_layers=2, hidden=8))
@@ -54,10 +58,11 @@ from tqdm.auto import tqdm
 
 from ..errors import GanflowError
 from .base import LatentFit
+from .mixture import MixtureFlow, fit_mixture_weights
 from .target import LatentTarget
 
-__all__ = ["FlowSettings", "LatentFlow", "fit_flow", "laplace_approximation", "flow_from_state",
-           "load_flow_checkpoint"]
+__all__ = ["FlowSettings", "LatentFlow", "LaplaceMode", "fit_flow", "laplace_approximation", "laplace_modes",
+           "flow_from_state", "load_flow_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,15 @@ class FlowSettings:
     # map_iter. Multimodal posteriors (phase retrieval: 64) need many.
     map_starts: int = 8
     map_iter: int = 300
+    # Multimodal posteriors (init="laplace"): the distinct modes of the MAP search (a valley deeper than
+    # mode_barrier nats on the segment between two optima; starts the screen dropped are checked too) each get a
+    # flow, at most max_modes of them (the most massive by Laplace mass), and modes with less than
+    # mode_min_mass of the total Laplace mass are dropped. One mode left: the single flow, exactly as before.
+    # The mixture weights come from weight_draws importance draws of each component (see posterior/mixture.py).
+    max_modes: int = 4
+    mode_min_mass: float = 1e-3
+    mode_barrier: float = 1.0
+    weight_draws: int = 1024
     batch_size: int = 64  # draws per step
     max_iter: int = 2000
     min_iter: int = 100
@@ -112,6 +126,10 @@ class FlowSettings:
             (self.max_failures >= 0, "flow.max_failures must be >= 0"),
             (self.checkpoint_every_s >= 0, "flow.checkpoint_every_s must be >= 0"),
             (self.map_starts >= 1 and self.map_iter >= 1, "flow.map_starts and flow.map_iter must be >= 1"),
+            (self.max_modes >= 1, "flow.max_modes must be >= 1"),
+            (0 <= self.mode_min_mass < 1, "flow.mode_min_mass must be in [0, 1)"),
+            (self.mode_barrier > 0, "flow.mode_barrier must be > 0"),
+            (self.weight_draws >= 10, "flow.weight_draws must be >= 10"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -255,6 +273,61 @@ def most_massive_mode(target: LatentTarget, z: Tensor, fd_step: float = 1e-2, ch
     return chosen
 
 
+def _map_lr(it: int, s: FlowSettings) -> float:
+    """The MAP search's cosine learning-rate schedule, 0.05 down to 1e-3 over ``map_iter``."""
+    return 1e-3 + 0.5 * (0.05 - 1e-3) * (1 + math.cos(math.pi * it / s.map_iter))
+
+
+def _map_stage(target: LatentTarget, z: Tensor, it: int, stage_end: int, s: FlowSettings,
+               generator: torch.Generator | None) -> Tensor:
+    """Adam uphill on ``log p(y, z)`` from iteration ``it`` to ``stage_end``; a start that diverges restarts from
+    a prior draw of ``generator`` (or, without one, from the prior mean: the extra starts draw nothing)."""
+    k = z.shape[1]
+    z = z.detach().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=_map_lr(it, s))
+    while it < stage_end:
+        for group in opt.param_groups:
+            group["lr"] = _map_lr(it, s)
+        opt.zero_grad()
+        lp = target.log_joint(z)
+        it += 1
+        if not torch.isfinite(lp).all():
+            bad = ~torch.isfinite(lp)
+            with torch.no_grad():  # restart diverged starts
+                z[bad] = (torch.randn(int(bad.sum()), k, generator=generator) if generator is not None
+                          else torch.zeros(int(bad.sum()), k, dtype=z.dtype, device=z.device))
+            continue
+        (-lp.sum()).backward()
+        opt.step()
+    return z.detach()
+
+
+def _map_search(target: LatentTarget, s: FlowSettings, generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
+    """The screened multi-start MAP search: ``(survivors [m, k] after map_iter, the starts the screen dropped
+    [n, k] as they were at the screen, the screen's iteration)``."""
+    z = torch.randn(s.map_starts, target.latent_dim, generator=generator)
+    # Screening: every start runs the first third of the iterations, then only the best quarter goes on. On a
+    # multimodal posterior (phase retrieval) many starts find the good basin far more often than few, and
+    # the screen makes 4x the starts cost about 2x the evaluations.
+    screen = s.map_starts >= 8 and s.map_iter >= 3
+    if not screen:
+        return _map_stage(target, z, 0, s.map_iter, s, generator), z[:0], s.map_iter
+    it_screen = s.map_iter // 3
+    z = _map_stage(target, z, 0, it_screen, s, generator)
+    with torch.no_grad():
+        lp = torch.nan_to_num(target.log_joint(z), nan=-math.inf)
+    order = torch.argsort(lp, descending=True)
+    keep = max(1, s.map_starts // 4)
+    survivors = _map_stage(target, z[order[:keep]], it_screen, s.map_iter, s, generator)
+    return survivors, z[order[keep:]], it_screen
+
+
+def _scale_tril(evals: Tensor, evecs: Tensor) -> Tensor:
+    """``L`` with ``L L^T = V diag(1 / evals) V^T``, the Laplace covariance."""
+    cov = (evecs * (1.0 / evals)) @ evecs.T
+    return torch.linalg.cholesky(0.5 * (cov + cov.T)).float()
+
+
 def laplace_approximation(target: LatentTarget, settings: FlowSettings, generator: torch.Generator,
                           fd_step: float = 1e-2) -> tuple[Tensor, Tensor, Tensor]:
     """MAP of ``log p(z|y)`` from several prior starts, and ``L`` with ``L L^T = (-Hessian)^-1`` at the MAP.
@@ -264,39 +337,90 @@ def laplace_approximation(target: LatentTarget, settings: FlowSettings, generato
     eigenvalues are floored at 1 (the prior's precision, which a Gauss-Newton Hessian never falls below).
     Returns ``(map [k], scale_tril [k, k], log_joint_at_map)``.
     """
-    k = target.latent_dim
-    z = torch.randn(settings.map_starts, k, generator=generator)
-    # Screening: every start runs the first third of the iterations, then only the best quarter goes on. On a
-    # multimodal posterior (phase retrieval) many starts find the good basin far more often than few, and
-    # the screen makes 4x the starts cost about 2x the evaluations.
-    screen = settings.map_starts >= 8 and settings.map_iter >= 3
-    stages = (settings.map_iter // 3, settings.map_iter) if screen else (settings.map_iter,)
-    lr = lambda it: 1e-3 + 0.5 * (0.05 - 1e-3) * (1 + math.cos(math.pi * it / settings.map_iter))  # noqa: E731
-    it = 0
-    for stage_end in stages:
-        z = z.detach().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=lr(it))
-        while it < stage_end:
-            for group in opt.param_groups:
-                group["lr"] = lr(it)
-            opt.zero_grad()
-            lp = target.log_joint(z)
-            it += 1
-            if not torch.isfinite(lp).all():
-                bad = ~torch.isfinite(lp)
-                with torch.no_grad():  # restart diverged starts from the prior
-                    z[bad] = torch.randn(int(bad.sum()), k, generator=generator)
-                continue
-            (-lp.sum()).backward()
-            opt.step()
-        if stage_end < settings.map_iter:  # the screen: the best quarter goes on
+    survivors, _, _ = _map_search(target, settings, generator)
+    z_map, evals, evecs, lp_map = most_massive_mode(target, survivors, fd_step, max(settings.batch_size, 32))
+    return z_map, _scale_tril(evals, evecs), lp_map
+
+
+@dataclass(frozen=True)
+class LaplaceMode:
+    """A local mode of ``p(z|y)``: the MAP ``loc`` ``[k]``, ``scale_tril`` ``[k, k]`` (``L L^T`` the Laplace
+    covariance), ``log_joint`` ``log p(y, z*)`` and ``log_mass`` ``log p(y, z*) + 1/2 log det Sigma`` (the Laplace
+    evidence, up to the constant ``k/2 log 2 pi`` common to all modes)."""
+
+    loc: Tensor
+    scale_tril: Tensor
+    log_joint: float
+    log_mass: float
+
+
+def _mode(z: Tensor, evals: Tensor, evecs: Tensor, lp) -> LaplaceMode:
+    return LaplaceMode(z.detach().clone(), _scale_tril(evals, evecs), float(lp),
+                       float(lp) - 0.5 * float(torch.log(evals).sum()))
+
+
+def _valleys(target: LatentTarget, z: Tensor, lp: float, anchors: Tensor, lp_anchors: Tensor, barrier: float,
+             n_points: int = 5) -> Tensor:
+    """``[m]``: whether the segment from ``z`` to each anchor dips more than ``barrier`` nats below its lower end
+    (the hill-valley test, Ursem 1999): the two lie on different hills of ``log p(y, z)``."""
+    t = torch.linspace(0, 1, n_points + 2, dtype=z.dtype, device=z.device)[1:-1]
+    pts = z + t[None, :, None] * (anchors[:, None, :] - z)
+    with torch.no_grad():
+        lp_path = torch.nan_to_num(target.log_joint(pts.reshape(-1, z.shape[0])), nan=-math.inf)
+    return lp_path.reshape(anchors.shape[0], n_points).amin(1) < torch.clamp(lp_anchors, max=lp) - barrier
+
+
+def _distinct(target: LatentTarget, z: Tensor, s: FlowSettings, max_new: int,
+              anchors: Tensor | None = None) -> Tensor:
+    """The points of ``z`` ``[n, k]`` (best ``log p`` first) on hills that no anchor and no better point holds:
+    at most ``max_new`` of them."""
+    with torch.no_grad():
+        lp = torch.nan_to_num(target.log_joint(z), nan=-math.inf)
+        lp_anchors = None if anchors is None else target.log_joint(anchors)
+    kept: list[int] = []
+    for i in torch.argsort(lp, descending=True).tolist():
+        if len(kept) >= max_new or not math.isfinite(float(lp[i])):
+            break
+        pool = [anchors] if anchors is not None else []
+        pool_lp = [lp_anchors] if anchors is not None else []
+        pool, pool_lp = torch.cat(pool + [z[kept]]), torch.cat(pool_lp + [lp[kept]])
+        if pool.shape[0] == 0 or bool(_valleys(target, z[i], float(lp[i]), pool, pool_lp, s.mode_barrier).all()):
+            kept.append(i)
+    return z[kept]
+
+
+def laplace_modes(target: LatentTarget, settings: FlowSettings, generator: torch.Generator,
+                  fd_step: float = 1e-2) -> list[LaplaceMode]:
+    """The distinct modes of ``p(z|y)`` with their Laplace approximations, most massive first.
+
+    The first is `laplace_approximation`'s (same draws from ``generator``, same numbers). Then every other
+    optimum of the search, and every start the screen dropped, that lies on a hill of its own (a valley deeper
+    than ``mode_barrier`` on the segment to each mode found) is a candidate: dropped starts are first polished
+    to ``map_iter`` like the survivors (drawing nothing from ``generator``). The costs are capped for the many
+    minor hills of a rugged posterior (phase retrieval: 8 of 16 survivors, all with < 1e-3 of the mass): at most
+    ``max_modes`` dropped starts are polished and ``max_modes`` Hessians taken, the highest first. The
+    ``max_modes`` most massive modes are kept, less any with under ``mode_min_mass`` of their total Laplace mass.
+    """
+    s = settings
+    survivors, dropped, it_screen = _map_search(target, s, generator)
+    chunk = max(s.batch_size, 32)
+    modes = [_mode(*most_massive_mode(target, survivors, fd_step, chunk))]
+    if s.max_modes == 1:
+        return modes
+    reps = _distinct(target, survivors, s, 2 * s.max_modes)
+    new = _distinct(target, dropped, s, s.max_modes, reps) if dropped.shape[0] else dropped
+    if new.shape[0]:
+        new = _map_stage(target, new, it_screen, s.map_iter, s, None)
+    for z in _distinct(target, torch.cat([reps, new]), s, s.max_modes, modes[0].loc[None]):
+        try:
             with torch.no_grad():
-                lp = torch.nan_to_num(target.log_joint(z), nan=-math.inf)
-            z = z.detach()[torch.argsort(lp, descending=True)[: max(1, settings.map_starts // 4)]]
-    z_map, evals, evecs, lp_map = most_massive_mode(target, z.detach(), fd_step, max(settings.batch_size, 32))
-    cov = (evecs * (1.0 / evals)) @ evecs.T
-    L = torch.linalg.cholesky(0.5 * (cov + cov.T))
-    return z_map, L.float(), lp_map
+                lp = target.log_joint(z[None])[0]
+            modes.append(_mode(z, *_latent_hessian_eig(target, z, fd_step, chunk), lp))
+        except GanflowError:
+            continue  # a non-finite Hessian: not a mode to fit
+    modes = sorted(modes, key=lambda m: -m.log_mass)[: s.max_modes]
+    total = torch.logsumexp(torch.tensor([m.log_mass for m in modes]), 0)
+    return [m for m in modes if m.log_mass - float(total) >= math.log(max(s.mode_min_mass, 1e-300))]
 
 
 def _lr_factor(step: int, s: FlowSettings) -> float:
@@ -403,18 +527,17 @@ def _load_resume_checkpoint(target: LatentTarget, s: FlowSettings, checkpoint_pa
 
 
 def _start_fit(target: LatentTarget, s: FlowSettings, g: torch.Generator, ckpt: dict | None,
-               t0: float, evals0: int) -> _FlowFit:
-    """Set-up: the affine start (Laplace, or the checkpoint's), the flow, its optimiser and the first snapshot."""
-    attrs: dict = {}
+               t0: float, evals0: int, mode: LaplaceMode | None = None, attrs: dict | None = None) -> _FlowFit:
+    """Set-up: the affine start (the Laplace ``mode``, or the checkpoint's), the flow, its optimiser and the
+    first snapshot."""
+    attrs = dict(attrs or {})
     loc = scale_tril = None
     if ckpt is not None:
         if ckpt.get("init_loc") is not None:
             loc, scale_tril = ckpt["init_loc"], ckpt["init_scale_tril"]
         attrs.update(ckpt.get("attrs", {}))
-    elif s.init == "laplace":
-        loc, scale_tril, lp_map = laplace_approximation(target, s, g)
-        attrs["laplace_log_joint_map"] = float(lp_map)
-        attrs["laplace_forward_evals"] = target.n_forward_evals - evals0
+    elif mode is not None:
+        loc, scale_tril = mode.loc, mode.scale_tril
     # Layer initialisation draws from torch's global RNG: seed it from `g` (and restore it) so the fit
     # depends only on the generator passed in. (On resume the draw is repeated but overwritten below.)
     init_seed = int(torch.randint(0, 2**62, (1,), generator=g)) if ckpt is None else 0
@@ -446,8 +569,9 @@ def _restore_fit(fit: _FlowFit, ckpt: dict, checkpoint_path) -> None:
         raise GanflowError(f"flow checkpoint {checkpoint_path} does not fit this flow ({first[:160]})") from None
 
 
-def _save_fit_checkpoint(fit: _FlowFit, checkpoint_path) -> None:
-    """Write the whole fit state atomically (tensors and plain types: ``weights_only``-loadable)."""
+def _save_fit_checkpoint(fit: _FlowFit, checkpoint_path, mixture: dict | None = None) -> None:
+    """Write the whole fit state atomically (tensors and plain types: ``weights_only``-loadable); for a
+    mixture, ``mixture`` holds its modes and finished components and ``fit`` is the component in progress."""
     from ..prior.checkpoint import save_checkpoint
 
     cpu = lambda sd: copy.deepcopy({k_: v for k_, v in sd.items()})  # noqa: E731
@@ -476,6 +600,7 @@ def _save_fit_checkpoint(fit: _FlowFit, checkpoint_path) -> None:
         "lrs": torch.tensor(fit.lrs, dtype=torch.float64),
         "n_forward_evals": fit.n_forward_evals(),
         "wall_time_s": fit.wall_time_s(),
+        **({"mixture": mixture} if mixture is not None else {}),
     })
 
 
@@ -550,8 +675,10 @@ def _converged(fit: _FlowFit) -> bool:
     return fit.step >= max(s.min_iter, s.warmup) and fit.step - fit.best_step > s.patience
 
 
-def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int) -> str:
-    """The loop: step until ``max_iter`` or the stopping rule, checkpointing on the clock; why it stopped."""
+def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int, mixture: dict | None = None,
+              desc: str = "flow") -> str:
+    """The loop: step until ``max_iter`` or the stopping rule, checkpointing on the clock (with ``mixture``, the
+    mixture fit's own state); why it stopped."""
     s = fit.settings
     twin = _StopGradientTwin(fit.flow)
 
@@ -562,7 +689,7 @@ def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int) -> st
 
     observe()
     t_last_save = time.perf_counter()
-    bar = tqdm(total=s.max_iter, initial=fit.step, desc="flow", disable=not s.progress, file=sys.stderr,
+    bar = tqdm(total=s.max_iter, initial=fit.step, desc=desc, disable=not s.progress, file=sys.stderr,
                leave=False)
     stopped = "max_iter"
     while fit.step < s.max_iter:
@@ -587,7 +714,7 @@ def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int) -> st
             stopped = "converged"
             break
         if checkpoint_path is not None and time.perf_counter() - t_last_save >= s.checkpoint_every_s:
-            _save_fit_checkpoint(fit, checkpoint_path)
+            _save_fit_checkpoint(fit, checkpoint_path, mixture)
             t_last_save = time.perf_counter()
     bar.close()
     if fit.step % monitor_every != 0:
@@ -595,12 +722,16 @@ def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int) -> st
     return stopped
 
 
-def _fit_result(fit: _FlowFit, stopped: str) -> LatentFit:
-    """Write-out: freeze the flow and hand back its sampler, traces, attributes and state."""
-    flow = fit.flow
+def _freeze(flow: nn.Module) -> nn.Module:
     flow.eval()
     for p in flow.parameters():
         p.requires_grad_(False)
+    return flow
+
+
+def _fit_result(fit: _FlowFit, stopped: str) -> LatentFit:
+    """Write-out: freeze the flow and hand back its sampler, traces, attributes and state."""
+    flow = _freeze(fit.flow)
 
     def sampler(n: int, gen: torch.Generator) -> Tensor:
         with torch.no_grad():
@@ -612,6 +743,7 @@ def _fit_result(fit: _FlowFit, stopped: str) -> LatentFit:
         "elbo": float(fit.elbo_smooth[-1]) if fit.elbo_smooth else float("nan"),
         "nonfinite_steps": fit.failures,
         "flow_kind": fit.settings.kind,
+        "n_modes": 1,
     })
     return LatentFit(
         method="flow",
@@ -627,6 +759,118 @@ def _fit_result(fit: _FlowFit, stopped: str) -> LatentFit:
     )
 
 
+def _find_modes(target: LatentTarget, s: FlowSettings, g: torch.Generator, evals0: int) -> tuple[list, dict]:
+    """The Laplace modes to start from (``[None]`` for ``init="identity"``) and their attributes."""
+    if s.init != "laplace":
+        return [None], {}
+    modes = laplace_modes(target, s, g)
+    attrs = {"laplace_log_joint_map": modes[0].log_joint,
+             "laplace_forward_evals": target.n_forward_evals - evals0}
+    return modes, attrs
+
+
+def _mixture_payload(modes: list[LaplaceMode], done: list[dict]) -> dict:
+    """What a mixture fit's checkpoint adds: the modes and the finished components."""
+    return {"locs": torch.stack([m.loc for m in modes]), "scale_trils": torch.stack([m.scale_tril for m in modes]),
+            "log_joints": [m.log_joint for m in modes], "log_masses": [m.log_mass for m in modes], "done": done}
+
+
+def _modes_from_checkpoint(mixture: dict) -> list[LaplaceMode]:
+    return [LaplaceMode(loc, tril, float(lj), float(lm)) for loc, tril, lj, lm in
+            zip(mixture["locs"], mixture["scale_trils"], mixture["log_joints"], mixture["log_masses"], strict=True)]
+
+
+def _component_record(fit: _FlowFit, stopped: str) -> dict:
+    """A finished component: its weights, traces and how it stopped (plain types, for the checkpoint)."""
+    return {"state": {k_: v.detach().cpu().clone() for k_, v in fit.flow.state_dict().items()},
+            "losses": torch.tensor(fit.losses, dtype=torch.float64),
+            "elbo_smooth": torch.tensor(fit.elbo_smooth, dtype=torch.float64),
+            "lrs": torch.tensor(fit.lrs, dtype=torch.float64), "stopped": stopped, "failures": fit.failures}
+
+
+def _laplace_flow(latent_dim: int, s: FlowSettings, mode: LaplaceMode) -> LatentFlow:
+    """A flow at its Laplace start, built without touching the caller's global RNG (its state is loaded or it
+    stays the identity on top of the Laplace map)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LatentFlow(latent_dim, s, mode.loc, mode.scale_tril)
+
+
+def _mixture_view(target: LatentTarget, s: FlowSettings, modes: list[LaplaceMode], flows: list) -> MixtureFlow:
+    """For the monitor: the fitted components so far, the one in training, and the rest at their Laplace start,
+    weighted by Laplace mass (the fitted weights come at the end)."""
+    pending = [_laplace_flow(target.latent_dim, s, m) for m in modes[len(flows):]]
+    return MixtureFlow(flows + pending, torch.tensor([m.log_mass for m in modes]))
+
+
+def _fit_components(target: LatentTarget, s: FlowSettings, g: torch.Generator, modes: list[LaplaceMode],
+                    attrs: dict, ckpt: dict | None, clock: tuple[float, int], checkpoint_path, monitor,
+                    monitor_every: int) -> tuple[list, list[dict], _FlowFit]:
+    """One flow per mode, one after the other from the same generator (a checkpoint resumes the one it was
+    taken in). Returns the flows, their records and the last component's fit (for the totals)."""
+    done = list(ckpt["mixture"]["done"]) if ckpt is not None else []
+    flows = []
+    for m, rec in zip(modes, done, strict=False):
+        flow = _laplace_flow(target.latent_dim, s, m)
+        flow.load_state_dict(rec["state"])
+        flows.append(_freeze(flow))
+    fit, first = None, len(done)
+    for j in range(first, len(modes)):
+        resume_here = ckpt if j == first else None  # only the component the checkpoint was taken in
+        fit = _start_fit(target, s, g, resume_here, *clock, mode=modes[j], attrs=attrs)
+        fit.evals_before = int(ckpt["n_forward_evals"]) if ckpt is not None else 0
+        fit.wall_before = float(ckpt["wall_time_s"]) if ckpt is not None else 0.0
+        if resume_here is not None:
+            _restore_fit(fit, ckpt, checkpoint_path)
+        view = None if monitor is None else _mixture_view(target, s, modes, flows + [fit.flow])
+        offset = sum(len(r["losses"]) for r in done)
+        watch = None if monitor is None else (lambda step, _flow, o=offset, v=view: monitor(o + step, v))
+        stopped = _optimise(fit, checkpoint_path, watch, monitor_every, _mixture_payload(modes, done),
+                            desc=f"flow {j + 1}/{len(modes)}")
+        done.append(_component_record(fit, stopped))
+        flows.append(_freeze(fit.flow))
+    return flows, done, fit
+
+
+def _fit_mixture(target: LatentTarget, s: FlowSettings, g: torch.Generator, modes: list[LaplaceMode], attrs: dict,
+                 ckpt: dict | None, clock: tuple[float, int], checkpoint_path, monitor,
+                 monitor_every: int) -> LatentFit:
+    """Several modes: a flow per mode (`_fit_components`), then the mixture weights by importance sampling
+    (`fit_mixture_weights`); a `LatentFit` of the mixture, whose ``log_prob`` is exact."""
+    flows, done, fit = _fit_components(target, s, g, modes, attrs, ckpt, clock, checkpoint_path, monitor,
+                                       monitor_every)
+    log_w, w_attrs = fit_mixture_weights(target, flows, g, s.weight_draws, batch=max(s.batch_size, 32))
+    mixture = _freeze(MixtureFlow(flows, log_w))
+    laplace_w = torch.softmax(torch.tensor([m.log_mass for m in modes], dtype=torch.float64), 0)
+    cat = lambda key: np.concatenate([np.asarray(r[key]) for r in done])  # noqa: E731
+    stops = [r["stopped"] for r in done]
+    fit.attrs.update({
+        "iterations": int(sum(len(r["losses"]) for r in done)),
+        "stopped": "converged" if all(x == "converged" for x in stops) else "max_iter",
+        "nonfinite_steps": int(sum(int(r["failures"]) for r in done)),
+        "flow_kind": s.kind,
+        "n_modes": len(modes),
+        "mode_weights": [float(v) for v in mixture.weights],
+        "mode_laplace_weights": [float(v) for v in laplace_w],
+        "mode_locs": [[round(float(v), 4) for v in m.loc] for m in modes],
+        **w_attrs,
+    })
+    if monitor is not None:
+        monitor(int(fit.attrs["iterations"]), mixture)
+
+    def sampler(n: int, gen: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            return mixture.sample(n, gen)[0]
+
+    return LatentFit(
+        method="flow", sampler=sampler,
+        trace={"loss": cat("losses"), "elbo_smooth": cat("elbo_smooth"), "lr": cat("lrs"),
+               "component": np.concatenate([np.full(len(r["losses"]), j) for j, r in enumerate(done)])},
+        attrs=fit.attrs, state={k_: v.detach().cpu().clone() for k_, v in mixture.state_dict().items()},
+        settings=asdict(s), n_forward_evals=fit.n_forward_evals(), wall_time_s=fit.wall_time_s(), model=mixture,
+    )
+
+
 def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generator: torch.Generator | None = None,
              *, checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
              monitor: Callable[[int, LatentFlow], None] | None = None, monitor_every: int = 25) -> LatentFit:
@@ -636,36 +880,54 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
     A step whose loss or gradient is not finite is undone (model and optimiser go back to the last good
     snapshot) and the learning rate is halved; after ``max_failures`` such steps the fit stops with an error.
 
-    With ``checkpoint_path`` the whole fit state (flow, optimiser, rollback snapshot, the generator's RNG state,
-    step, traces, the Laplace start) is written there atomically every ``settings.checkpoint_every_s`` seconds
-    (tensors and plain types: ``weights_only``-loadable). ``resume=True`` continues from that file instead of
-    starting over; on CPU the result is bit-identical to an uninterrupted fit with the same generator seed,
-    and ``generator`` is left in the same state. The caller deletes the file once the result is saved.
+    Multimodal posteriors: when the MAP search finds several distinct modes (`laplace_modes`), one flow is
+    fitted per mode and the result is their `MixtureFlow` (``model``; ``attrs``: ``n_modes``, ``mode_weights``,
+    ``mode_weights_se``, ``mode_laplace_weights``, ``mode_locs``, ``log_evidence``; ``trace["component"]``). With
+    one mode the fit is the single flow, draw for draw as before mode finding existed.
 
-    ``monitor(step, flow)``, when given, is called with the current flow before the first step (the Laplace
-    start), every ``monitor_every`` steps and after the last; it must not train the flow or draw from
-    ``generator`` (``ganflow bench`` uses it to time the fit to a given accuracy).
+    With ``checkpoint_path`` the whole fit state (flow, optimiser, rollback snapshot, the generator's RNG state,
+    step, traces, the Laplace start, a mixture's modes and finished components) is written there atomically
+    every ``settings.checkpoint_every_s`` seconds (tensors and plain types: ``weights_only``-loadable).
+    ``resume=True`` continues from that file instead of starting over; on CPU the result is bit-identical to an
+    uninterrupted fit with the same generator seed, and ``generator`` is left in the same state. The caller
+    deletes the file once the result is saved.
+
+    ``monitor(step, flow)``, when given, is called with the current flow (for a mixture: all components, the
+    unfitted ones at their Laplace start) before the first step (the Laplace start), every ``monitor_every``
+    steps and after the last; it must not train the flow or draw from ``generator`` (``ganflow bench`` uses it
+    to time the fit to a given accuracy).
     """
     s = settings or FlowSettings()
     s.validate()
     if monitor_every < 1:
         raise GanflowError(f"monitor_every must be >= 1, got {monitor_every}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    evals0 = target.n_forward_evals
+    clock = (time.perf_counter(), target.n_forward_evals)
     ckpt = _load_resume_checkpoint(target, s, checkpoint_path) if resume else None
-    fit = _start_fit(target, s, g, ckpt, t0, evals0)
+    if ckpt is not None and "mixture" in ckpt:
+        modes = _modes_from_checkpoint(ckpt["mixture"])
+        return _fit_mixture(target, s, g, modes, dict(ckpt.get("attrs", {})), ckpt, clock, checkpoint_path, monitor,
+                            monitor_every)
+    modes, attrs = _find_modes(target, s, g, clock[1]) if ckpt is None else ([None], {})
+    if len(modes) > 1:
+        return _fit_mixture(target, s, g, modes, attrs, None, clock, checkpoint_path, monitor, monitor_every)
+    fit = _start_fit(target, s, g, ckpt, *clock, mode=modes[0], attrs=attrs)
     if ckpt is not None:
         _restore_fit(fit, ckpt, checkpoint_path)
     stopped = _optimise(fit, checkpoint_path, monitor, monitor_every)
     return _fit_result(fit, stopped)
 
 
-def flow_from_state(latent_dim: int, settings: dict, state: dict[str, Tensor]) -> LatentFlow:
-    """Rebuild a fitted `LatentFlow` from what ``posterior.h5`` stores (settings JSON and the state dict)."""
+def flow_from_state(latent_dim: int, settings: dict, state: dict[str, Tensor]) -> nn.Module:
+    """Rebuild a fitted `LatentFlow`, or `MixtureFlow` (its state holds ``log_weights``), from what
+    ``posterior.h5`` stores (settings JSON and the state dict)."""
     known = {f for f in FlowSettings.__dataclass_fields__}
     s = FlowSettings(**{k: v for k, v in settings.items() if k in known})
-    flow = LatentFlow(latent_dim, s)
+    if "log_weights" in state:
+        K = int(state["log_weights"].shape[0])
+        flow = MixtureFlow([LatentFlow(latent_dim, s) for _ in range(K)], torch.zeros(K))
+    else:
+        flow = LatentFlow(latent_dim, s)
     flow.load_state_dict(state)
     flow.eval()
     return flow

@@ -67,10 +67,9 @@ class NutsSettings:
         dense_max_dim: the ``"auto"`` switch.
         init: ``"prior"`` (over-dispersed prior draws), ``"optimize"`` (prior draws moved ``init_opt_steps``
             Adam steps uphill on ``log p(y, z)``; faster warm-up on stiff posteriors, less over-dispersed), or
-            ``"laplace"`` (draws from the Laplace approximation at the MAP of the flow's screened multi-start
-            search, ``init_map_starts`` starts: every chain starts in the best basin found, so on a
-            multimodal posterior R-hat measures mixing within that mode, not which local modes the chains
-            happened to fall into; the other modes' mass is then not represented, as for the flow).
+            ``"laplace"`` (draws from the Laplace approximations at the distinct modes of the flow's screened
+            multi-start search, ``init_map_starts`` starts; chain ``c`` starts in mode ``c mod K``, so when the
+            chains cannot cross between the modes R-hat says so, and the warning names the modes).
         init_opt_steps: Adam steps for ``init = "optimize"``.
         init_map_starts: MAP starts for ``init = "laplace"``.
         rhat_threshold: warn when the largest split R-hat exceeds it.
@@ -130,24 +129,26 @@ def _seeded_global_rng(seed: int):
 
 
 def _laplace_frame(target: LatentTarget, settings: NutsSettings, generator: torch.Generator,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(z_map, L)`` of the Laplace approximation for ``init = "laplace"`` (else None)."""
+                   dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """``[(z_map, L), ...]``: the Laplace approximations of the distinct modes of the flow's mode search, most
+    massive first, for ``init = "laplace"`` (else None)."""
     if settings.init != "laplace":
         return None
-    from .flow import FlowSettings, laplace_approximation
+    from .flow import FlowSettings, laplace_modes
 
-    z_map, scale_tril, _ = laplace_approximation(target, FlowSettings(map_starts=settings.init_map_starts),
-                                                 generator)
-    return z_map.to(dtype), scale_tril.to(dtype)
+    modes = laplace_modes(target, FlowSettings(map_starts=settings.init_map_starts), generator)
+    return [(m.loc.to(dtype), m.scale_tril.to(dtype)) for m in modes]
 
 
 def _initial_points(target: LatentTarget, settings: NutsSettings, generator: torch.Generator,
-                    dtype: torch.dtype, frame: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    dtype: torch.dtype, frame: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """``[num_chains, k]`` start points: prior draws, optionally moved uphill by Adam; with a Laplace
     ``frame`` ``(z_map, L)``, draws ``z_map + L eps`` of the Laplace approximation."""
     z = torch.randn(settings.num_chains, target.latent_dim, generator=generator, dtype=dtype)
-    if frame is not None:
-        z = frame[0] + z @ frame[1].T
+    if frame is not None:  # chain c starts in mode c mod K: chains that cannot cross between modes show in R-hat
+        which = torch.arange(settings.num_chains) % len(frame)
+        for j, (loc, L) in enumerate(frame):
+            z[which == j] = loc + z[which == j] @ L.T
     elif settings.init == "optimize" and settings.init_opt_steps > 0:
         z = z.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=0.05)
@@ -177,6 +178,7 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
         A `LatentFit` with ``samples`` ``[num_chains * num_samples, k]`` (chain after chain); ``trace``:
         ``potential_energy`` (= ``loss``) ``-log p(y, z)`` of every draw and ``chain`` (its chain index);
         ``attrs``: ``rhat_max``, ``ess_min``, ``rhat_potential``, ``num_chains``, ``num_samples``,
+        ``n_start_modes`` (modes the chains start in; 0 unless init = "laplace"),
         ``warmup_steps``, ``step_size`` (mean adapted step size), ``mass_matrix``, ``divergences``,
         ``accept_rate``. ``n_forward_evals`` counts the evaluations made by this call (one per potential
         gradient, plus the final batched potential-energy pass).
@@ -190,7 +192,7 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
     evals0 = target.n_forward_evals
     t0 = time.perf_counter()
 
-    to_z, u_init = _chain_coordinates(target, settings, generator, dtype)
+    to_z, u_init, n_modes = _chain_coordinates(target, settings, generator, dtype)
 
     def potential_fn(params: dict) -> torch.Tensor:
         return -target.log_joint(to_z(params["z"].unsqueeze(0)))[0]
@@ -214,7 +216,7 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
     samples = grouped.reshape(-1, k)
     with torch.no_grad():
         potential = -target.log_joint(samples).double()
-    convergence = _convergence(grouped, potential, settings, divergences)
+    convergence = _convergence(grouped, potential, settings, divergences, n_modes)
     return LatentFit(
         method="nuts",
         samples=samples,
@@ -227,6 +229,7 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
             **convergence,
             "num_chains": settings.num_chains,
             "num_samples": settings.num_samples,
+            "n_start_modes": n_modes,
             "warmup_steps": settings.warmup_steps,
             "step_size": float(np.mean(step_sizes)),
             "mass_matrix": "dense" if dense else "diag",
@@ -241,24 +244,25 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
 
 def _chain_coordinates(target: LatentTarget, settings: NutsSettings, generator: torch.Generator,
                        dtype: torch.dtype) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    """The map ``u -> z`` from the coordinates the chains run in, and the chains' start points ``[C, k]`` in u.
+    """The map ``u -> z`` from the coordinates the chains run in, the chains' start points ``[C, k]`` in u, and
+    the number of modes they start in (0 without init = "laplace").
 
     With init = "laplace" the chains run in the whitened coordinates u of the Laplace approximation,
     z = z_map + L u (a linear map: the posterior is only translated and rescaled, its draws are mapped back).
     There the posterior is close to isotropic, so the short warm-up's step size and mass matrix suit it; in
     z the GAN posteriors are so anisotropic that 150 warm-up steps left chains with ESS 2-16 of 600 draws.
-    Otherwise u = z.
+    The frame is the most massive mode's; chains of other modes start at their own. Otherwise u = z.
     """
     frame = _laplace_frame(target, settings, generator, dtype)
     z_init = _initial_points(target, settings, generator, dtype, frame)
     if frame is None:
-        return (lambda u: u), z_init
-    loc, L = frame
+        return (lambda u: u), z_init, 0
+    loc, L = frame[0]
 
     def to_z(u: torch.Tensor) -> torch.Tensor:
         return loc + u @ L.T
 
-    return to_z, torch.linalg.solve_triangular(L, (z_init - loc).T, upper=False).T
+    return to_z, torch.linalg.solve_triangular(L, (z_init - loc).T, upper=False).T, len(frame)
 
 
 def _run_chain(potential_fn: Callable[[dict], torch.Tensor], u_init: torch.Tensor, seed: int,
@@ -291,7 +295,7 @@ def _run_chain(potential_fn: Callable[[dict], torch.Tensor], u_init: torch.Tenso
 
 
 def _convergence(grouped: torch.Tensor, potential: torch.Tensor, settings: NutsSettings,
-                 divergences: int) -> dict:
+                 divergences: int, n_modes: int = 0) -> dict:
     """``rhat_max``, ``ess_min`` over the latent coordinates of the draws ``grouped`` ``[C, S, k]`` and
     ``rhat_potential`` of their potential energies ``[C * S]``; warns on R-hat above the threshold and on
     divergent transitions."""
@@ -303,6 +307,8 @@ def _convergence(grouped: torch.Tensor, potential: torch.Tensor, settings: NutsS
     if not rhat_max <= settings.rhat_threshold:
         msg = (f"nuts: max split R-hat {rhat_max:.4f} > {settings.rhat_threshold} over {settings.num_chains} "
                f"chains; the draws may not represent the posterior (more warmup_steps / num_samples)")
+        if n_modes > 1:
+            msg += f"; the chains started in {n_modes} distinct modes and may not cross between them"
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         print(msg, file=sys.stderr)
     if divergences:
