@@ -1,4 +1,5 @@
-"""Exact non-Gaussian test problems (tests and ``ganflow bench``'s ``curved`` case): a 2-D latent, a nonlinear generator, posterior moments by quadrature.
+"""Exact non-Gaussian test problems (the tests, and ``ganflow bench``'s ``curved`` case): a 2-D latent, a
+nonlinear generator, posterior moments by quadrature.
 
 The field is 16 pixels on a circle, ``t_j = j / 16``, built from two orthonormal modes (mean-square 1, mutually
 orthogonal over the pixels)

@@ -135,13 +135,17 @@ def _run_langevin(case: _Case, method: str, ls, init_fit, flow_cpu: float, ref: 
     """Short-run Langevin: ``method`` ``"langevin"`` (the settings' init, by default the Laplace frame),
     ``"langevin-prior"`` (the seed's method: identity frame, prior start) or ``"flow+langevin"`` (from the flow
     fit ``init_fit``, in its affine frame; the refinement's cost then includes the flow's, ``flow_cpu`` CPU s)."""
-    from ..posterior.langevin import run_langevin
+    from ..posterior.langevin import LangevinSettings, run_langevin
 
     name = case.name
     echo(f"[{name}] {method}")
     target = _new_target(case)
     init = frame = None
-    lset = dataclasses.replace(ls, init="prior") if method == "langevin-prior" else ls
+    lset = ls
+    if method == "langevin-prior":  # the seed's method: unadjusted, identity frame, default search range
+        default = LangevinSettings()
+        lset = dataclasses.replace(ls, init="prior", mala=False, search_min=default.search_min,
+                                   search_max=default.search_max)
     if init_fit is not None:
         lset = dataclasses.replace(ls, init="flow")
         init, frame = init_fit.sampler, (init_fit.model.loc, init_fit.model.scale_tril)

@@ -114,7 +114,7 @@ class LangevinSettings:
     step_size: float | None = None
     step_decay: float = 1.0
     search_min: float = 1e-3
-    search_max: float = 1.0
+    search_max: float = 2.0  # the Laplace frame has unit scale; its KL-optimal steps reach ~1
     search_grid: int = 13
     search_refine: int = 10
     search_chains: int = 256
