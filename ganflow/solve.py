@@ -27,7 +27,7 @@ from .io import Observation, read_obs
 from .operators import check_compatible, check_observation
 from .plugins import check_spec_from_file, load_generator_spec, load_operator, normalize_spec
 from .posterior.base import LatentFit
-from .posterior.flow import FlowSettings, fit_flow
+from .posterior.flow import FlowSettings, affine_frame, fit_flow
 from .posterior.target import LatentTarget
 from .recalibration import recalibrate_summary, recalibration_applies, scaled_field_fn
 from .results import PosteriorResult, truth_metrics
@@ -158,16 +158,15 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
         from .posterior.langevin import LangevinSettings, run_langevin
 
         ls = cfg.section(LangevinSettings, "langevin")
-        init = None
-        flow_fit = None
-        if getattr(ls, "init", "prior") == "flow":
+        init = frame = flow_fit = None
+        if ls.init == "flow":  # the refiner: chains from the flow, in its affine (Laplace) frame
             fs = cfg.section(FlowSettings, "flow")
             if not progress:
                 fs = dataclasses.replace(fs, progress=False)
             flow_fit = fit_flow(target, fs, gen)
-            init = flow_fit.sampler
+            init, frame = flow_fit.sampler, affine_frame(flow_fit.model)
         evals_before = target.n_forward_evals
-        fit = run_langevin(target, ls, gen, init=init)
+        fit = run_langevin(target, ls, gen, init=init, frame=frame)
         if flow_fit is not None:
             fit.n_forward_evals = target.n_forward_evals - evals_before + flow_fit.n_forward_evals
             fit.wall_time_s += flow_fit.wall_time_s

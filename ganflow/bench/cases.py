@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -42,8 +43,22 @@ def _find_prior(name: str, problem) -> tuple[str | None, str]:
     return None, f"{name}: no bundled prior (problems/data/{name}_{n}.pt) - skipped"
 
 
+def _curved_case() -> _Case:
+    """The exact curved problem (`ganflow.bench.exact`): fixed truth and noise draw, quadrature reference."""
+    from types import SimpleNamespace
+
+    from .exact import curved_problem
+
+    p = curved_problem()
+    obs = SimpleNamespace(y=p.y, noise_sigma=p.noise_sigma, z_true=torch.tensor(p.z_true))
+    return _Case("curved", p.generator, p.operator, obs, "ganflow.bench.exact:CurvedGenerator(1.0)",
+                 z_true=p.z_true)
+
+
 def _make_case(name: str, seed: int) -> _Case | str:
     """The problem, its prior and a seeded observation of a truth drawn from the prior; or a skip note."""
+    if name == "curved":
+        return _curved_case()
     from ..demo import DEMOS
     from ..plugins import load_problem
     from ..simulate import simulate

@@ -15,7 +15,7 @@ from ..errors import GanflowError
 from .cases import _Case
 from .metrics import _metrics, _samples_per_s, _timed
 from .plan import NUTS_ESS_GOAL, TARGET_MEAN_ERR_SD, TARGET_SD_REL_ERR, BenchPlan
-from .references import _exact_reference, _nuts_reference, _Reference, _self_metrics
+from .references import _exact_reference, _nuts_reference, _quadrature_reference, _Reference, _self_metrics
 
 
 def _new_target(case: _Case):
@@ -49,6 +49,8 @@ def _run_nuts(case: _Case, ns, plan: BenchPlan, seed: int, echo) -> tuple[dict, 
     nuts_z = nuts_fit.samples.double().numpy()
     if name == "linear_gaussian":
         ref = _exact_reference(case, plan, seed)
+    elif name == "curved":
+        ref = _quadrature_reference(case, plan, seed)
     else:
         ref = _nuts_reference(nuts_z, ns.num_chains, ns.num_samples, case.G)
     rec = {"problem": name, "method": "nuts"}
@@ -130,19 +132,27 @@ def _run_flow(case: _Case, fs, ref: _Reference, plan: BenchPlan, seed: int, echo
 
 def _run_langevin(case: _Case, method: str, ls, init_fit, flow_cpu: float, ref: _Reference, plan: BenchPlan,
                   seed: int, echo) -> dict:
-    """Short-run Langevin from the prior (``init_fit`` None) or from the flow fit ``init_fit``, whose cost
-    (``flow_cpu`` CPU seconds) the refinement's cost then includes."""
-    from ..posterior.langevin import run_langevin
+    """Short-run Langevin: ``method`` ``"langevin"`` (the settings' init, by default the Laplace frame),
+    ``"langevin-prior"`` (the seed's method: identity frame, prior start) or ``"flow+langevin"`` (from the flow
+    fit ``init_fit``, in its affine frame; the refinement's cost then includes the flow's, ``flow_cpu`` CPU s)."""
+    from ..posterior.flow import affine_frame
+    from ..posterior.langevin import LangevinSettings, run_langevin
 
     name = case.name
     echo(f"[{name}] {method}")
     target = _new_target(case)
-    lset = dataclasses.replace(ls, init="flow") if init_fit is not None else ls
-    init = init_fit.sampler if init_fit is not None else None
+    init = frame = None
+    lset = ls
+    if method == "langevin-prior":  # the seed's method: unadjusted, identity frame, default search range
+        default = LangevinSettings()
+        lset = dataclasses.replace(ls, init="prior", mala=False, search_min=default.search_min,
+                                   search_max=default.search_max)
+    if init_fit is not None:
+        lset = dataclasses.replace(ls, init="flow")
+        init, frame = init_fit.sampler, affine_frame(init_fit.model)
     try:
-        fit, _, cpu = _timed(
-            functools.partial(run_langevin, target, lset, torch.Generator().manual_seed(seed + 7), init=init)
-        )
+        fit, _, cpu = _timed(functools.partial(
+            run_langevin, target, lset, torch.Generator().manual_seed(seed + 7), init=init, frame=frame))
     except GanflowError as e:
         # A method that fails on a problem (e.g. unadjusted chains leaving the operator's valid range) is a
         # result to report, not a reason to abandon the rest of the benchmark.
@@ -162,6 +172,9 @@ def _run_langevin(case: _Case, method: str, ls, init_fit, flow_cpu: float, ref: 
             "fit_cpu_s": cpu,
             "samples_per_s": _samples_per_s(fit, case.G, plan.n_timing, seed + 8),
             "step_size": float(fit.attrs.get("step_size", float("nan"))),
+            "psis_khat": fit.attrs.get("psis_khat"),
+            "backed_off_chains": int(fit.attrs.get("backed_off_chains", 0)),
+            "langevin_forward_evals": int(fit.n_forward_evals),
             "settings": dataclasses.asdict(lset),
         }
     )

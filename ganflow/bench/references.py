@@ -38,6 +38,19 @@ def _exact_reference(case: _Case, plan: BenchPlan, seed: int) -> _Reference:
     return _Reference(ex.latent_mean, ex.latent_std, ex.field_mean, ex.field_std, halves[0], halves[1], "exact")
 
 
+def _quadrature_reference(case: _Case, plan: BenchPlan, seed: int) -> _Reference:
+    """The curved problem's posterior by quadrature (`ganflow.bench.exact`): moments, field moments and two
+    halves of exact draws from the grid."""
+    from .exact import curved_problem, quadrature_draws, quadrature_moments
+
+    p = curved_problem()
+    m = quadrature_moments(p)
+    rng = np.random.default_rng(seed + 2)
+    halves = [quadrature_draws(p, plan.n_ref_exact, rng) for _ in range(2)]
+    fm, fsd = _field_moments(case.G, quadrature_draws(p, 20 * plan.n_ref_exact, rng))
+    return _Reference(m["mean"], m["sd"], fm, fsd, halves[0], halves[1], "exact")
+
+
 def _nuts_reference(nuts_z: np.ndarray, num_chains: int, num_samples: int, G) -> _Reference:
     """The NUTS draws ``[num_chains * num_samples, k]`` as the reference; halves split between chains."""
     C = num_chains

@@ -189,7 +189,7 @@ def _method_table(records: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        if r.get("method") not in ("nuts", "flow", "langevin", "flow+langevin"):
+        if r.get("method") not in ("nuts", "flow", "langevin", "langevin-prior", "flow+langevin"):
             continue
         extra = ""
         if r["method"] == "nuts":
@@ -198,6 +198,8 @@ def _method_table(records: list[dict]) -> list[str]:
             t_acc = r["time_to_target_s"]
             extra = (f" (accuracy targets at {t_acc:.1f} s, step {r['steps_to_target']})" if t_acc is not None
                      else " (accuracy targets not reached)")
+        elif "langevin" in r["method"] and r.get("step_size") is not None:
+            extra = f" (s {_f(r.get('step_size'), '{:.3g}')}, PSIS k-hat {_f(r.get('psis_khat'), '{:.2f}')})"
         lines.append(
             f"| {r['problem']} | {r['method']}{extra} | {_f(r['latent_mean_err_sd'])} | "
             f"{_f(r['latent_sd_rel_err_median'])} / {_f(r['latent_sd_rel_err_max'])} | "

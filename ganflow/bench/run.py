@@ -100,7 +100,7 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
     nuts_rec, ref = _run_nuts(case, ns, plan, seed, echo)
     flow_rec, flow_fit, flow_cpu = _run_flow(case, fs, ref, plan, seed, echo)
     records = [nuts_rec, flow_rec]
-    for method, init_fit in (("langevin", None), ("flow+langevin", flow_fit)):
+    for method, init_fit in (("langevin", None), ("langevin-prior", None), ("flow+langevin", flow_fit)):
         records.append(_run_langevin(case, method, ls, init_fit, flow_cpu, ref, plan, seed, echo))
     # one training step against a bare A(G(z)) value-and-gradient on the same batch
     records.append(_flow_overhead(case, fs, plan, seed))

@@ -6,7 +6,10 @@ import math
 
 from .plan import (
     BENCH_PROBLEMS,
+    EXACT_PROBLEMS,
     TARGET_FLOW_OVERHEAD,
+    TARGET_LANGEVIN_MEAN_ERR_SD,
+    TARGET_LANGEVIN_SD_REL_ERR,
     TARGET_MEAN_ERR_SD,
     TARGET_SAMPLES_RATIO,
     TARGET_SD_REL_ERR,
@@ -23,6 +26,8 @@ def _targets(records: list[dict]) -> list[dict]:
         if flow is None:
             continue
         out += _flow_targets(problem, flow, nuts)
+        if problem in EXACT_PROBLEMS and (problem, "langevin") in by:
+            out += _langevin_targets(problem, by[(problem, "langevin")], flow)
         if nuts is not None:
             out.append(_target(problem, "NUTS reference R-hat", nuts["rhat_max"], "< 1.01", nuts["rhat_max"] < 1.01))
         ov = by.get((problem, "flow_overhead"))
@@ -53,6 +58,21 @@ def _target(problem: str, what: str, value, goal: str, met) -> dict:
         "goal": goal,
         "met": None if met is None or (met is not False and missing) else bool(met),
     }
+
+
+def _langevin_targets(problem: str, lang: dict, flow: dict) -> list[dict]:
+    """Issue 18: preconditioned short-run Langevin alone against the exact reference, at fewer forward
+    evaluations than the flow's fit."""
+    mean, sd = lang["latent_mean_err_sd"], lang["latent_sd_rel_err_max"]
+    ratio = lang["n_forward_evals"] / flow["n_forward_evals"] if flow.get("n_forward_evals") else None
+    return [
+        _target(problem, "langevin latent mean error [ref sd]", mean, f"<= {TARGET_LANGEVIN_MEAN_ERR_SD}",
+                mean <= TARGET_LANGEVIN_MEAN_ERR_SD),
+        _target(problem, "langevin latent sd rel. error (max)", sd, f"<= {TARGET_LANGEVIN_SD_REL_ERR}",
+                sd <= TARGET_LANGEVIN_SD_REL_ERR),
+        _target(problem, "langevin forward evals / flow fit forward evals", ratio, "< 1",
+                None if ratio is None else ratio < 1),
+    ]
 
 
 def _flow_targets(problem: str, flow: dict, nuts: dict | None) -> list[dict]:

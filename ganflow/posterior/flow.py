@@ -931,3 +931,11 @@ def flow_from_state(latent_dim: int, settings: dict, state: dict[str, Tensor]) -
     flow.load_state_dict(state)
     flow.eval()
     return flow
+
+
+def affine_frame(model: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(loc, scale_tril)`` of a fitted flow's affine (Laplace) frame, for chains preconditioned by it; for a
+    mixture over modes, the heaviest mode's (the modes of one posterior are shaped alike)."""
+    if hasattr(model, "components"):
+        model = model.components[int(model.weights.argmax())]
+    return model.loc, model.scale_tril

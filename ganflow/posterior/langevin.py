@@ -6,7 +6,16 @@ and runs ``K`` unadjusted Langevin steps on the latent posterior (Nijkamp et al.
 
     z_{t+1} = z_t + (s_t^2 / 2) grad log p(z_t | y) + s_t eps_t,     eps_t ~ N(0, I_k),
 
-with no accept/reject; each chain's end point ``z_K`` is one draw of ``q_s``. The step size ``s`` (``s_t =
+with no accept/reject; each chain's end point ``z_K`` is one draw of ``q_s``.
+
+The chains run in an affine frame ``z = mu + L u`` (`WhitenedTarget`: the recursion above on ``u`` with ``log
+p(y, mu + L u) + log|det L|``, so every KL below is the same in either frame). ``init = "laplace"`` (default)
+takes ``mu`` and ``L L^T = (-Hessian)^-1`` from the flow's Laplace approximation and starts from ``u ~ N(0, I)``:
+the posterior of ``u`` has unit scale in every direction, so one step size suits all of them, where unpreconditioned
+chains from the prior cannot reach a posterior hundreds of times narrower in 20 steps. ``init = "flow"`` starts from
+a fitted flow in its affine frame (the refiner); ``init = "prior"`` is the seed's method (identity frame). An
+unadjusted step that is divergent (non-finite, or a Metropolis log ratio below ``-DIVERGENCE_NATS``) is refused
+and that chain's step halved. The step size ``s`` (``s_t =
 s``, or a geometric decrease ``s_t = s * decay^(t / (K-1))``) is chosen by minimising an estimate of
 
     KL(q_s || p(z|y)) - log p(y) = E_q[log q_s(z_K) - log p(y, z_K)] = -H(q_s) - E_q[log p(y, z_K)]
@@ -75,7 +84,8 @@ from ..errors import GanflowError
 from .base import LatentFit
 from .target import LatentTarget
 
-__all__ = ["LangevinSettings", "run_langevin", "langevin_kl_estimate", "HAND_SET_STEP_SIZE"]
+__all__ = ["LangevinSettings", "run_langevin", "langevin_kl_estimate", "HAND_SET_STEP_SIZE", "WhitenedTarget",
+           "identity_frame", "laplace_frame"]
 
 # A typical hand-set short-run step size (K = 20 .. 40 steps of s = 0.1 in the short-run inference
 # literature); what one would ship without the search, and the baseline the search is tested against.
@@ -100,7 +110,10 @@ class LangevinSettings:
         search_chains: chains per KL estimate (common random numbers across step sizes).
         entropy: ``"auto"`` | ``"linearized"`` | ``"path"`` | ``"gaussian"`` (see the module docstring).
         hessian_max_dim: largest latent dimension for which exact Hessians are used.
-        init: ``"prior"`` or ``"flow"`` (chains start from a fitted flow; the caller passes its sampler).
+        init: ``"laplace"`` (default: chains run in the whitened Laplace frame ``z = mu + L u``, started from
+            ``u ~ N(0, I)``), ``"flow"`` (chains start from a fitted flow; the caller passes its sampler and
+            may pass its affine frame) or ``"prior"`` (the seed's method: identity frame, prior start).
+        map_starts, map_iter: the MAP search of ``init = "laplace"`` (as `FlowSettings`).
         mala: Metropolis-adjust every step (asymptotically exact; records the acceptance rate).
     """
 
@@ -110,13 +123,15 @@ class LangevinSettings:
     step_size: float | None = None
     step_decay: float = 1.0
     search_min: float = 1e-3
-    search_max: float = 1.0
+    search_max: float = 2.0  # the Laplace frame has unit scale; its KL-optimal steps reach ~1
     search_grid: int = 13
     search_refine: int = 10
     search_chains: int = 256
     entropy: Literal["auto", "linearized", "path", "gaussian"] = "auto"
     hessian_max_dim: int = 64
-    init: Literal["prior", "flow"] = "prior"
+    init: Literal["laplace", "flow", "prior"] = "laplace"
+    map_starts: int = 8
+    map_iter: int = 300
     mala: bool = False
 
     def validate(self) -> None:
@@ -148,8 +163,79 @@ class LangevinSettings:
             )
         if self.hessian_max_dim < 1:
             raise GanflowError(f"langevin.hessian_max_dim must be >= 1, got {self.hessian_max_dim}")
-        if self.init not in ("prior", "flow"):
-            raise GanflowError(f"langevin.init must be 'prior' or 'flow', got {self.init!r}")
+        if self.init not in ("laplace", "flow", "prior"):
+            raise GanflowError(f"langevin.init must be 'laplace', 'flow' or 'prior', got {self.init!r}")
+        if self.map_starts < 1 or self.map_iter < 1:
+            raise GanflowError("langevin.map_starts and langevin.map_iter must be >= 1")
+
+
+class WhitenedTarget:
+    """The latent posterior in an affine frame ``z = loc + L u``: ``log p(y, loc + L u) + log|det L|``.
+
+    The Jacobian term makes this the density of ``u``, so KL estimates (and ``-ELBO``) computed in ``u`` equal
+    those in ``z``. With the Laplace frame (``L L^T`` the inverse Hessian at the MAP) the posterior of ``u`` is
+    ``N(0, I)`` up to its non-Gaussian part: every direction has unit scale, so one step size suits all of them
+    (unpreconditioned chains from the prior cannot reach a posterior hundreds of times narrower in 20 steps).
+    Every evaluation is one of the wrapped target's (``n_forward_evals`` is the target's own counter).
+
+    Args:
+        target: the latent posterior (`LatentTarget`).
+        loc: ``[k]``; scale_tril: ``[k, k]`` lower triangular with a positive diagonal.
+    """
+
+    def __init__(self, target: LatentTarget, loc: Tensor, scale_tril: Tensor):
+        dtype = target.y.dtype if target.y.is_floating_point() else torch.get_default_dtype()
+        self.target = target
+        self.loc = loc.detach().to(dtype).reshape(-1)
+        self.scale_tril = scale_tril.detach().to(dtype)
+        k = target.latent_dim
+        if self.loc.shape != (k,) or self.scale_tril.shape != (k, k):
+            raise GanflowError(f"langevin frame must be loc [{k}] and scale_tril [{k}, {k}], got "
+                               f"{tuple(self.loc.shape)} and {tuple(self.scale_tril.shape)}")
+        diag = torch.diagonal(self.scale_tril)
+        if not (_finite(self.loc, self.scale_tril) and bool((diag > 0).all())):
+            raise GanflowError("langevin frame: scale_tril needs a finite, positive diagonal")
+        self.log_det = float(torch.log(diag.double()).sum())
+        self.latent_dim = k
+        self.y = target.y
+
+    @property
+    def n_forward_evals(self) -> int:
+        return self.target.n_forward_evals
+
+    def to_latent(self, u: Tensor) -> Tensor:
+        """``z = loc + L u`` for ``u`` ``[N, k]``."""
+        return self.loc + u @ self.scale_tril.T
+
+    def to_frame(self, z: Tensor) -> Tensor:
+        """``u = L^-1 (z - loc)`` for ``z`` ``[N, k]``."""
+        return torch.linalg.solve_triangular(self.scale_tril, (z - self.loc).T, upper=False).T
+
+    def log_joint(self, u: Tensor) -> Tensor:
+        return self.target.log_joint(self.to_latent(u)) + self.log_det
+
+    def log_joint_and_grad(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            lp = self.log_joint(u)
+            (g,) = torch.autograd.grad(lp.sum(), u)
+        return lp.detach(), g
+
+
+def identity_frame(target: LatentTarget) -> WhitenedTarget:
+    """``z = u``: the unpreconditioned chain (``init = "prior"``, the seed's method)."""
+    k = target.latent_dim
+    return WhitenedTarget(target, torch.zeros(k), torch.eye(k))
+
+
+def laplace_frame(target: LatentTarget, settings: LangevinSettings, generator: torch.Generator) -> WhitenedTarget:
+    """The Laplace frame: the flow's screened multi-start MAP search and finite-difference Hessian
+    (`ganflow.posterior.flow.laplace_approximation`), ``L L^T = (-Hessian)^-1`` at the most massive mode."""
+    from .flow import FlowSettings, laplace_approximation
+
+    fs = FlowSettings(map_starts=settings.map_starts, map_iter=settings.map_iter, progress=False)
+    loc, scale_tril, _ = laplace_approximation(target, fs, generator)
+    return WhitenedTarget(target, loc, scale_tril)
 
 
 def _schedule(step_size: float, n_steps: int, decay: float) -> list[float]:
@@ -182,6 +268,55 @@ def _gaussian_logdet_cov(x: Tensor) -> float:
     return float(logdet) if sign > 0 else -math.inf
 
 
+def _start_law(z0: Tensor, init_is_prior: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean ``[k]``, covariance ``[k, k]`` and log-density ``[N]`` at ``z0`` of ``q_0`` (float64): ``N(0, I)``, or
+    the Gaussian with ``z0``'s sample moments (a sampler's density is not available)."""
+    k = z0.shape[1]
+    eye = torch.eye(k, dtype=torch.float64)
+    if init_is_prior:
+        log_q0 = -0.5 * (z0.double() ** 2).sum(1) - 0.5 * k * math.log(2 * math.pi)
+        return torch.zeros(k, dtype=torch.float64), eye, log_q0
+    mean0 = z0.double().mean(0)
+    # the jitter keeps a (nearly) degenerate initial sampler from giving log det = -inf
+    cov0 = torch.cov(z0.double().T).reshape(k, k) + 1e-10 * eye
+    return mean0, cov0, torch.distributions.MultivariateNormal(mean0, cov0).log_prob(z0.double())
+
+
+def _value_grad_hessian(target: LatentTarget, z: Tensor, use_hessian: bool):
+    """``(lp, g, hess or None, finite [N] bool)``, with the non-finite rows zeroed (a dead chain)."""
+    if use_hessian:
+        lp, g, hess = _grad_and_hessian(target, z)
+    else:
+        (lp, g), hess = target.log_joint_and_grad(z), None
+    ok = torch.isfinite(lp) & torch.isfinite(g).all(1)
+    if hess is not None:
+        ok &= torch.isfinite(hess).flatten(1).all(1)
+        hess = torch.where(ok[:, None, None], hess, 0.0)
+    return torch.where(ok, lp, 0.0), torch.where(ok[:, None], g, 0.0), hess, ok
+
+
+def _kl_from_chains(entropy: str, lp: Tensor, z: Tensor, cov: Tensor, dev: Tensor, path: Tensor) -> tuple:
+    """``(kl, kl_path, log_w, terms)`` from the surviving chains' end points and linearised laws (float64);
+    ``terms`` ``[N]``: each chain's contribution, whose mean is ``kl`` (for its Monte-Carlo error)."""
+    k = z.shape[1]
+    kl_path = float((path - lp).mean()) if entropy != "gaussian" else math.nan
+    log_w = None
+    if entropy == "path":
+        terms = path - lp
+    elif entropy == "linearized":
+        sign, logdet = torch.linalg.slogdet(cov)
+        terms = -0.5 * (logdet + k * math.log(2 * math.pi * math.e)) - lp
+        if not bool((sign > 0).all()):
+            terms = torch.full_like(lp, math.inf)
+        else:
+            quad = (dev[:, None, :] @ torch.linalg.solve(cov, dev[:, :, None]))[:, 0, 0]
+            log_w = (lp + 0.5 * (logdet + k * math.log(2 * math.pi)) + 0.5 * quad).numpy()
+    else:
+        terms = -0.5 * (_gaussian_logdet_cov(z) + k * math.log(2 * math.pi * math.e)) - lp
+    kl = float(terms.mean())
+    return (kl if math.isfinite(kl) else math.inf), kl_path, log_w, terms
+
+
 def langevin_kl_estimate(
     target: LatentTarget,
     step_size: float,
@@ -190,6 +325,7 @@ def langevin_kl_estimate(
     step_decay: float = 1.0,
     entropy: Literal["linearized", "path", "gaussian"] = "linearized",
     init_is_prior: bool = True,
+    max_lost: float = 0.0,
 ) -> dict:
     """Estimate ``KL(q_s || p(z|y)) - log p(y)`` from given start points and noise (common random numbers).
 
@@ -202,61 +338,52 @@ def langevin_kl_estimate(
         entropy: ``"linearized"``, ``"path"`` or ``"gaussian"`` (module docstring).
         init_is_prior: ``q_0 = N(0, I)``; otherwise ``q_0`` is replaced by the Gaussian with ``z0``'s sample
             mean and covariance in the entropy term (its density is not available from a sampler).
+        max_lost: the fraction of chains that may be lost to a non-finite value or a divergent step (see
+            `DIVERGENCE_NATS`; the final run backs those off) before the estimate is ``inf``; the estimate is
+            over the others.
 
     Returns:
-        ``{"kl": float, "kl_path": float, "failed_step": int | None}``: the estimate with the chosen
-        entropy, the noise-conditioned upper bound (``nan`` for ``"gaussian"``, which computes no Hessians),
-        and the first step whose gradient or Hessian was non-finite (then both are ``inf``).
+        ``{"kl", "kl_path", "failed_step", "log_w", "lost"}``: the estimate with the chosen entropy, the
+        noise-conditioned upper bound (``nan`` for ``"gaussian"``, which computes no Hessians), the step at
+        which too many chains were lost (then both are ``inf``; else None), with ``"linearized"`` each
+        surviving chain's log importance weight ``log p(y, z_K) - log q(z_K)``, where ``q`` is the chain's
+        linearised law ``N(z_K + d_K, C_K)``: ``d_0 = mean(q_0) - z_0``, ``d_{t+1} = J_t d_t - s_t eps_t``
+        (exact on a linear-Gaussian target), for the PSIS ``k_hat`` of the draws; and the chains lost.
     """
     N, k = z0.shape
     steps = _schedule(step_size, noise.shape[0], step_decay)
     use_hessian = entropy in ("linearized", "path")
     eye = torch.eye(k, dtype=torch.float64)
-    if init_is_prior:
-        cov0 = eye
-        log_q0 = (-0.5 * (z0.double() ** 2).sum(1) - 0.5 * k * math.log(2 * math.pi))
-    else:
-        mean0 = z0.double().mean(0)
-        # the jitter keeps a (nearly) degenerate initial sampler from giving log det = -inf
-        cov0 = torch.cov(z0.double().T).reshape(k, k) + 1e-10 * eye
-        log_q0 = torch.distributions.MultivariateNormal(mean0, cov0).log_prob(z0.double())
-    cov = cov0.expand(N, k, k).clone()
+    mean0, cov0, log_q0 = _start_law(z0, init_is_prior)
+    cov, dev = cov0.expand(N, k, k).clone(), mean0 - z0.double()  # linearised law: covariance, mean - chain
     path_logdet = torch.zeros(N, dtype=torch.float64)
-    z = z0.clone()
-    for t, s in enumerate(steps):
-        h = 0.5 * s * s
+    alive, z, prev = torch.ones(N, dtype=torch.bool), z0.clone(), None
+    for t in range(len(steps) + 1):
+        lp, g, hess, ok = _value_grad_hessian(target, z, use_hessian and t < len(steps))
+        if prev is not None:  # was the step into z divergent?
+            ok &= torch.nan_to_num(_log_mh_ratio(*prev[:2], lp, g, prev[2], z, noise[t - 1], steps[t - 1]),
+                                   nan=-math.inf) > -DIVERGENCE_NATS
+        alive &= ok
+        if int((~alive).sum()) > max_lost * N:
+            return {"kl": math.inf, "kl_path": math.inf, "failed_step": t, "log_w": None,
+                    "lost": int((~alive).sum()), "terms": None}
+        if t == len(steps):
+            break
+        s = steps[t]
         if use_hessian:
-            _, g, hess = _grad_and_hessian(target, z)
-            if not _finite(g, hess):
-                return {"kl": math.inf, "kl_path": math.inf, "failed_step": t}
-            J = eye + h * hess.double()
+            J = eye + 0.5 * s * s * hess.double()
             cov = J @ cov @ J.transpose(1, 2) + (s * s) * eye
+            dev = (J @ dev[:, :, None])[:, :, 0] - s * noise[t].double()
             path_logdet += torch.linalg.slogdet(J).logabsdet
-        else:
-            _, g = target.log_joint_and_grad(z)
-            if not _finite(g):
-                return {"kl": math.inf, "kl_path": math.inf, "failed_step": t}
-        z = z + h * g + s * noise[t]
-    with torch.no_grad():
-        lp = target.log_joint(z).double()
-    if not _finite(lp, z):
-        return {"kl": math.inf, "kl_path": math.inf, "failed_step": len(steps)}
-    kl_path = math.nan
-    if use_hessian:
-        # log q(z_K | eps) = log q_0(z_0) - sum_t log|det J_t|
-        kl_path = float((log_q0 - path_logdet - lp).mean())
-    if entropy == "path":
-        kl = kl_path
-    elif entropy == "linearized":
-        sign, logdet = torch.linalg.slogdet(cov)
-        ent = 0.5 * (logdet + k * math.log(2 * math.pi * math.e))
-        kl = float((-ent - lp).mean()) if bool((sign > 0).all()) else math.inf
-    else:
-        ent = 0.5 * (_gaussian_logdet_cov(z) + k * math.log(2 * math.pi * math.e))
-        kl = float(-ent - lp.mean())
-    if not math.isfinite(kl):
-        kl = math.inf
-    return {"kl": kl, "kl_path": kl_path, "failed_step": None}
+        prev = (lp, g, torch.where(alive[:, None], z, 0.0))
+        z = prev[2] + 0.5 * s * s * g + s * noise[t]
+    a = alive
+    kl, kl_path, log_w, terms = _kl_from_chains(entropy, lp.double()[a], z[a], cov[a], dev[a],
+                                                (log_q0 - path_logdet)[a])
+    per_chain = torch.full((N,), math.nan, dtype=torch.float64)
+    per_chain[a] = terms
+    return {"kl": kl, "kl_path": kl_path, "failed_step": None, "log_w": log_w, "lost": int((~a).sum()),
+            "terms": per_chain.numpy()}
 
 
 def _golden_section(f: Callable[[float], float], a: float, b: float, n_iter: int) -> None:
@@ -275,7 +402,10 @@ def _golden_section(f: Callable[[float], float], a: float, b: float, n_iter: int
             fd = f(d)
 
 
-def _draw_init(n: int, k: int, init: InitSampler | None, generator: torch.Generator, dtype) -> Tensor:
+def _draw_start(n: int, frame: WhitenedTarget, init: InitSampler | None, generator: torch.Generator,
+                dtype) -> Tensor:
+    """Start points in the chain's frame: ``N(0, I)`` there, or ``init``'s draws mapped into it."""
+    k = frame.latent_dim
     if init is None:
         return torch.randn(n, k, generator=generator, dtype=dtype)
     z0 = torch.as_tensor(init(n, generator)).detach().to(dtype)
@@ -283,20 +413,50 @@ def _draw_init(n: int, k: int, init: InitSampler | None, generator: torch.Genera
         raise GanflowError(f"langevin init sampler returned shape {tuple(z0.shape)}, expected ({n}, {k})")
     if not _finite(z0):
         raise GanflowError("langevin init sampler returned non-finite latent vectors")
-    return z0
+    return frame.to_frame(z0)
 
 
-def _search_step_size(target: LatentTarget, settings: LangevinSettings, entropy: str,
-                      init: InitSampler | None, generator: torch.Generator, dtype) -> tuple[float, dict]:
-    """Minimise the KL estimate over ``log s`` with common random numbers; returns ``s`` and the curve."""
+def _largest_within_one_se(curve: dict[float, dict]) -> float:
+    """The largest step size whose KL estimate is within one Monte-Carlo standard error of the smallest one
+    (the error of the per-chain difference, common random numbers). Where the start is already close (the
+    Laplace frame) the curve is flat within its noise, and its argmin a random pick; the largest of the
+    indistinguishable steps mixes the most, so it corrects the most of the start's error. Used with MALA only:
+    an unadjusted chain's variance grows with the step (measured: 20 % too wide a sd on linear_gaussian)."""
+    best = min(curve, key=lambda s: curve[s]["kl"])
+    chosen = best
+    for s, c in curve.items():
+        if s <= chosen or not math.isfinite(c["kl"]) or c["terms"] is None:
+            continue
+        diff = c["terms"] - curve[best]["terms"]
+        diff = diff[np.isfinite(diff)]
+        if len(diff) > 1 and c["kl"] - curve[best]["kl"] <= diff.std(ddof=1) / math.sqrt(len(diff)):
+            chosen = s
+    return chosen
+
+
+def _psis_khat(log_w) -> float | None:
+    if log_w is None:
+        return None
+    from ..diagnostics import psis
+
+    return float(psis(np.where(np.isnan(log_w), -np.inf, log_w)).khat)
+
+
+def _search_step_size(target: WhitenedTarget, settings: LangevinSettings, entropy: str,
+                      init: InitSampler | None, generator: torch.Generator, dtype,
+                      warn_low: bool = True) -> tuple[float, dict]:
+    """Minimise the KL estimate over ``log s`` with common random numbers; returns ``s`` and the curve.
+    ``warn_low``: warn when the minimum is at ``search_min`` (not for a start that is already the chain's best
+    approximation, e.g. the Laplace start on a Gaussian posterior)."""
     k, K, N = target.latent_dim, settings.n_steps, settings.search_chains
-    z0 = _draw_init(N, k, init, generator, dtype)
+    z0 = _draw_start(N, target, init, generator, dtype)
     noise = torch.randn(K, N, k, generator=generator, dtype=dtype)
     curve: dict[float, dict] = {}
 
     def objective(s: float) -> float:
         if s not in curve:
-            curve[s] = langevin_kl_estimate(target, s, z0, noise, settings.step_decay, entropy, init is None)
+            curve[s] = langevin_kl_estimate(target, s, z0, noise, settings.step_decay, entropy, init is None,
+                                            max_lost=SEARCH_MAX_LOST)
         return curve[s]["kl"]
 
     if settings.step_size is not None:
@@ -312,7 +472,7 @@ def _search_step_size(target: LatentTarget, settings: LangevinSettings, entropy:
                 f"[{settings.search_min:g}, {settings.search_max:g}] (check the target, or lower search_min)"
             )
         i = int(np.argmin(values))
-        if i in (0, len(grid) - 1):
+        if i == len(grid) - 1 or (i == 0 and warn_low):
             warnings.warn(
                 f"langevin: the KL estimate is smallest at the search bound s = {math.exp(grid[i]):.3g}; "
                 "widen [langevin] search_min / search_max",
@@ -322,7 +482,8 @@ def _search_step_size(target: LatentTarget, settings: LangevinSettings, entropy:
         lo, hi = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, len(grid) - 1)])
         if settings.search_refine > 0:
             _golden_section(lambda log_s: objective(math.exp(log_s)), lo, hi, settings.search_refine)
-        chosen = min(curve, key=lambda s: curve[s]["kl"])
+        # with MALA a larger step costs no bias (the Metropolis test corrects it), only acceptance
+        chosen = _largest_within_one_se(curve) if settings.mala else min(curve, key=lambda s: curve[s]["kl"])
     ordered = sorted(curve)
     info = {
         "step_sizes": np.array(ordered, dtype=np.float64),
@@ -331,66 +492,94 @@ def _search_step_size(target: LatentTarget, settings: LangevinSettings, entropy:
         # the search objective in evaluation order (dicts keep insertion order)
         "loss": np.array([c["kl"] for c in curve.values()], dtype=np.float64),
         "kl_estimate": curve[chosen]["kl"],
+        # the search's chains at the chosen s are independent draws of q_s: their PSIS k_hat costs nothing more
+        "psis_khat": _psis_khat(curve[chosen]["log_w"]),
     }
     return chosen, info
 
 
-def _run_chains(target: LatentTarget, z: Tensor, steps: list[float], mala: bool, generator: torch.Generator,
-                log_joint_sum: np.ndarray, accept_sum: np.ndarray) -> Tensor:
-    """Run one batch of chains; accumulate the per-step mean log joint and (MALA) acceptance."""
+# An unadjusted step is *divergent* when its proposal is not finite or when its Metropolis log ratio (the
+# MALA acceptance the step would get) is below -DIVERGENCE_NATS: the energy-error threshold of Stan's NUTS
+# divergences. At a usable step size the ratio is O(1) in the bulk; prior-tail chains on a stiff, curved
+# posterior overshoot by thousands of nats and then overflow. A divergent chain keeps its state and halves its
+# own step; if more than MAX_BACKOFF_FRACTION of the chains needed that, the step size itself is wrong and the
+# run stops with an error.
+DIVERGENCE_NATS = 1000.0
+MAX_BACKOFF_FRACTION = 0.05
+# the step-size search tolerates half that (an estimate over the surviving chains), so that the final run,
+# with more chains, rarely crosses the limit
+SEARCH_MAX_LOST = 0.5 * MAX_BACKOFF_FRACTION
+
+
+def _log_mh_ratio(lp, g, lp_new, g_new, z, proposal, eps, s: Tensor | float) -> Tensor:
+    """``log alpha`` of the Langevin proposal ``z' = z + (s^2/2) g + s eps`` (``s`` a float or ``[N, 1]``)."""
+    h = 0.5 * s * s
+    fwd = (eps * eps).sum(1)  # |z' - z - h g|^2 / s^2
+    back = ((z - proposal - h * g_new) ** 2 / (s * s)).sum(1)
+    return lp_new - lp - 0.5 * back + 0.5 * fwd
+
+
+def _ula_step(target: WhitenedTarget, z: Tensor, lp: Tensor, g: Tensor, s: Tensor, generator: torch.Generator):
+    """One unadjusted step with per-chain step sizes ``s`` ``[N]``; a divergent chain (see `DIVERGENCE_NATS`)
+    keeps its state and halves its step. Returns ``(z, lp, g, s, divergent [N] bool)``."""
+    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    sc = s[:, None]
+    proposal = z + 0.5 * sc * sc * g + sc * eps
+    lp_new, g_new = target.log_joint_and_grad(proposal)
+    log_alpha = _log_mh_ratio(lp, g, lp_new, g_new, z, proposal, eps, sc)
+    ok = torch.isfinite(g_new).all(1) & torch.isfinite(proposal).all(1) & (
+        torch.nan_to_num(log_alpha, nan=-math.inf) > -DIVERGENCE_NATS)
+    z = torch.where(ok[:, None], proposal, z)
+    lp, g = torch.where(ok, lp_new, lp), torch.where(ok[:, None], g_new, g)
+    return z, lp, g, torch.where(ok, s, 0.5 * s), ~ok
+
+
+def _mala_step(target: WhitenedTarget, z: Tensor, lp: Tensor, g: Tensor, s: float, generator: torch.Generator):
+    """One Metropolis-adjusted step. Returns ``(z, lp, g, accepted [N] bool)``."""
+    h = 0.5 * s * s
+    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    proposal = z + h * g + s * eps
+    lp_new, g_new = target.log_joint_and_grad(proposal)
+    u = torch.rand(z.shape[0], generator=generator, dtype=z.dtype)
+    log_alpha = _log_mh_ratio(lp, g, lp_new, g_new, z, proposal, eps, s)
+    # a proposal with a non-finite density or gradient is rejected, as Metropolis-Hastings prescribes
+    ok = torch.isfinite(lp_new) & torch.isfinite(g_new).all(1)
+    accept = ok & (torch.log(u) < torch.nan_to_num(log_alpha, nan=-math.inf))
+    z = torch.where(accept[:, None], proposal, z)
+    return z, torch.where(accept, lp_new, lp), torch.where(accept[:, None], g_new, g), accept
+
+
+def _run_chains(target: WhitenedTarget, z: Tensor, steps: list[float], mala: bool, generator: torch.Generator,
+                sums: dict[str, np.ndarray]) -> tuple[Tensor, int]:
+    """Run one batch of chains; accumulate the per-step sums of the log joint, (MALA) acceptances and
+    non-finite proposals in ``sums``. Returns the end points and the number of chains that backed off."""
     lp, g = target.log_joint_and_grad(z)
-    for t, s in enumerate(steps):
-        if not _finite(lp, g):
-            raise GanflowError(f"langevin: non-finite gradient at step {t} (step size {s:.3g})")
-        h = 0.5 * s * s
-        eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
-        proposal = z + h * g + s * eps
-        lp_new, g_new = target.log_joint_and_grad(proposal)
-        if mala:
-            u = torch.rand(z.shape[0], generator=generator, dtype=z.dtype)
-            # log q(z | z') - log q(z' | z) for the Gaussian proposal N(z + h grad, s^2 I)
-            fwd = (eps * eps).sum(1)
-            back = ((z - proposal - h * g_new) ** 2).sum(1) / (s * s)
-            log_alpha = lp_new - lp - 0.5 * back + 0.5 * fwd
-            # a proposal with a non-finite density or gradient is rejected, as Metropolis-Hastings prescribes
-            ok = torch.isfinite(lp_new) & torch.isfinite(g_new).all(1)
-            accept = ok & (torch.log(u) < torch.nan_to_num(log_alpha, nan=-math.inf))
-            z = torch.where(accept[:, None], proposal, z)
-            lp = torch.where(accept, lp_new, lp)
-            g = torch.where(accept[:, None], g_new, g)
-            accept_sum[t] += float(accept.double().sum())
-        else:
-            z, lp, g = proposal, lp_new, g_new
-        log_joint_sum[t] += float(lp.double().sum())
     if not _finite(lp, g):
-        raise GanflowError(f"langevin: non-finite gradient at step {len(steps)} (step size {steps[-1]:.3g})")
-    return z
+        raise GanflowError(f"langevin: non-finite gradient at step 0 (step size {steps[0]:.3g})")
+    scale = torch.ones(z.shape[0], dtype=z.dtype)  # per-chain step multiplier (halved on a non-finite step)
+    for t, s in enumerate(steps):
+        if mala:
+            z, lp, g, accept = _mala_step(target, z, lp, g, s, generator)
+            sums["accept"][t] += float(accept.double().sum())
+        else:
+            z, lp, g, step, failed = _ula_step(target, z, lp, g, s * scale, generator)
+            scale = step / s
+            sums["nonfinite"][t] += float(failed.double().sum())
+        sums["log_joint"][t] += float(lp.double().sum())
+    return z, int((scale < 1).sum())
 
 
-def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
-                 generator: torch.Generator | None = None, init: InitSampler | None = None) -> LatentFit:
-    """Short-run Langevin posterior draws with a KL-optimal step size (see the module docstring).
+def _check_backoff(n_backed: int, n: int, sums: dict[str, np.ndarray], steps: list[float]) -> None:
+    """Stop when more than `MAX_BACKOFF_FRACTION` of the chains needed a smaller step."""
+    if n_backed > MAX_BACKOFF_FRACTION * n:
+        t = int(np.flatnonzero(sums["nonfinite"])[0])
+        raise GanflowError(
+            f"langevin: non-finite gradient at step {t} (or a divergent step) in {n_backed} of {n} chains "
+            f"(step size {steps[t]:.3g}); lower step_size or search_max"
+        )
 
-    Args:
-        target: the latent posterior.
-        settings: `LangevinSettings` (defaults if None).
-        generator: the source of all randomness (start points, search noise, chain noise).
-        init: ``init(n, generator) -> [n, k]`` start points (e.g. a fitted flow's sampler); None = the prior.
 
-    Returns:
-        A `LatentFit` with ``samples`` ``[n_samples, k]``; ``trace``: ``step_sizes``, ``kl_estimates``,
-        ``kl_path_bound`` (sorted by ``s``), ``loss`` (the search objective in evaluation order),
-        ``mean_log_joint`` per step of the final run (and ``acceptance`` per step with MALA); ``attrs``:
-        ``step_size``, ``n_steps``, ``kl_estimate`` (``KL - log p(y)`` at the chosen ``s``), ``entropy``,
-        ``step_decay``, ``mala``, ``init`` (and ``acceptance_rate``). ``n_forward_evals`` counts the
-        evaluations made by this call (search and final run), not those made on ``target`` before it.
-    """
-    settings = settings or LangevinSettings()
-    settings.validate()
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    if settings.init == "flow" and init is None:
-        raise GanflowError("langevin.init = 'flow' needs a fitted flow's sampler (solve with --init flow)")
-    k = target.latent_dim
+def _resolve_entropy(settings: LangevinSettings, k: int) -> str:
     entropy = settings.entropy
     if entropy == "auto":
         entropy = "linearized" if k <= settings.hessian_max_dim else "gaussian"
@@ -404,24 +593,63 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
             f"langevin.entropy = 'gaussian' needs search_chains > 2 * latent_dim = {2 * k}, "
             f"got {settings.search_chains}"
         )
+    return entropy
+
+
+def _chain_frame(target: LatentTarget, settings: LangevinSettings, init: InitSampler | None,
+                 frame: tuple[Tensor, Tensor] | None, generator: torch.Generator) -> tuple[WhitenedTarget, str]:
+    """The frame the chains run in, and its name: a given one, the Laplace frame, or the identity."""
+    if settings.init == "flow" and init is None:
+        raise GanflowError("langevin.init = 'flow' needs a fitted flow's sampler (`solve` fits the [flow] first)")
+    if frame is not None:
+        if init is None and settings.init == "prior":
+            raise GanflowError("langevin: a frame applies to init 'laplace' or 'flow', not 'prior'")
+        return WhitenedTarget(target, *frame), "given"
+    if init is None and settings.init == "laplace":
+        return laplace_frame(target, settings, generator), "laplace"
+    return identity_frame(target), "identity"
+
+
+def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
+                 generator: torch.Generator | None = None, init: InitSampler | None = None,
+                 frame: tuple[Tensor, Tensor] | None = None) -> LatentFit:
+    """Short-run Langevin posterior draws with a KL-optimal step size (see the module docstring).
+
+    Args:
+        target: the latent posterior.
+        settings: `LangevinSettings` (defaults if None).
+        generator: the source of all randomness (MAP starts, start points, search noise, chain noise).
+        init: ``init(n, generator) -> [n, k]`` start points (e.g. a fitted flow's sampler); None = ``N(0, I)``
+            in the chain's frame (the Laplace approximation for ``init = "laplace"``, the prior for ``"prior"``).
+        frame: ``(loc [k], scale_tril [k, k])``: run the chains in ``z = loc + L u`` (e.g. a flow's Laplace
+            affine map, ``flow.loc, flow.scale_tril``); None = the Laplace frame for ``init = "laplace"``
+            without a sampler, else the identity.
+
+    Returns:
+        A `LatentFit` with ``samples`` ``[n_samples, k]``; ``trace``: ``step_sizes``, ``kl_estimates``,
+        ``kl_path_bound`` (sorted by ``s``), ``loss`` (the search objective in evaluation order),
+        ``mean_log_joint`` per step of the final run (and ``acceptance`` per step with MALA); ``attrs``:
+        ``step_size``, ``n_steps``, ``kl_estimate`` (``KL - log p(y)`` at the chosen ``s``), ``entropy``,
+        ``step_decay``, ``mala``, ``init`` (``"sampler"`` when one is given), ``frame`` (``"laplace"``,
+        ``"given"``, ``"identity"``), ``backed_off_chains`` (and ``acceptance_rate`` with MALA; ``psis_khat``
+        with the linearised entropy: the PSIS shape of the search's chains at the chosen ``s``, weights from
+        their linearised laws). ``n_forward_evals`` counts the evaluations made by this call (MAP search,
+        step-size search and final run), not those made on ``target`` before it.
+    """
+    settings = settings or LangevinSettings()
+    settings.validate()
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    entropy = _resolve_entropy(settings, target.latent_dim)
     dtype = target.y.dtype if target.y.is_floating_point() else torch.get_default_dtype()
     evals0 = target.n_forward_evals
     t0 = time.perf_counter()
-
-    step_size, info = _search_step_size(target, settings, entropy, init, generator, dtype)
+    chain_target, frame_name = _chain_frame(target, settings, init, frame, generator)
+    step_size, info = _search_step_size(chain_target, settings, entropy, init, generator, dtype,
+                                        warn_low=frame_name == "identity" and init is None)
     steps = _schedule(step_size, settings.n_steps, settings.step_decay)
-
-    log_joint_sum = np.zeros(settings.n_steps)
-    accept_sum = np.zeros(settings.n_steps)
-    draws = []
-    for start in range(0, settings.n_samples, settings.batch_size):
-        n = min(settings.batch_size, settings.n_samples - start)
-        z0 = _draw_init(n, k, init, generator, dtype)
-        draws.append(_run_chains(target, z0, steps, settings.mala, generator, log_joint_sum, accept_sum))
-    samples = torch.cat(draws).detach()
-
+    samples, sums, n_backed = _final_run(chain_target, settings, steps, init, generator, dtype)
     trace = {key: info[key] for key in ("step_sizes", "kl_estimates", "kl_path_bound", "loss")}
-    trace["mean_log_joint"] = log_joint_sum / settings.n_samples
+    trace["mean_log_joint"] = sums["log_joint"] / settings.n_samples - chain_target.log_det  # log p(y, z)
     attrs = {
         "step_size": float(step_size),
         "n_steps": settings.n_steps,
@@ -429,17 +657,37 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
         "entropy": entropy,
         "step_decay": settings.step_decay,
         "mala": settings.mala,
-        "init": "prior" if init is None else "sampler",
+        "init": settings.init if init is None else "sampler",
+        "frame": frame_name,
+        "backed_off_chains": n_backed,
     }
+    if info["psis_khat"] is not None and not settings.mala:  # the weights are the unadjusted chain's
+        attrs["psis_khat"] = info["psis_khat"]
     if settings.mala:
-        trace["acceptance"] = accept_sum / settings.n_samples
-        attrs["acceptance_rate"] = float(accept_sum.sum() / (settings.n_samples * settings.n_steps))
+        trace["acceptance"] = sums["accept"] / settings.n_samples
+        attrs["acceptance_rate"] = float(sums["accept"].sum() / (settings.n_samples * settings.n_steps))
     return LatentFit(
         method="langevin",
-        samples=samples,
+        samples=chain_target.to_latent(samples).detach(),
         trace=trace,
         attrs=attrs,
         settings=dataclasses.asdict(settings),
         n_forward_evals=target.n_forward_evals - evals0,
         wall_time_s=time.perf_counter() - t0,
     )
+
+
+def _final_run(target: WhitenedTarget, settings: LangevinSettings, steps: list[float], init: InitSampler | None,
+               generator: torch.Generator, dtype) -> tuple[Tensor, dict, int]:
+    """The ``n_samples`` chains in batches: end points in the frame, the per-step sums, chains backed off."""
+    K = settings.n_steps
+    sums = {"log_joint": np.zeros(K), "accept": np.zeros(K), "nonfinite": np.zeros(K)}
+    draws, n_backed = [], 0
+    for start in range(0, settings.n_samples, settings.batch_size):
+        n = min(settings.batch_size, settings.n_samples - start)
+        u0 = _draw_start(n, target, init, generator, dtype)
+        u, backed = _run_chains(target, u0, steps, settings.mala, generator, sums)
+        draws.append(u)
+        n_backed += backed
+    _check_backoff(n_backed, settings.n_samples, sums, steps)
+    return torch.cat(draws), sums, n_backed
