@@ -178,7 +178,11 @@ def psis(log_w: np.ndarray) -> PsisResult:
     if np.isfinite(cutoff):
         # exceedances in the weight scale (largest weight = 1 after the shift)
         exceed = np.exp(lw[tail]) - math.exp(cutoff)
-        if exceed[-1] > 0 and np.ptp(exceed) > 1e-12 * exceed[-1]:
+        if np.sort(exceed)[int(M / 4 + 0.5) - 1] <= 0 < exceed[-1]:
+            # a quarter of the tail underflows beside the largest weights (a proposal that misses the target
+            # by hundreds of nats): no GPD fit, and the verdict is the worst one
+            khat = math.inf
+        elif exceed[-1] > 0 and np.ptp(exceed) > 1e-12 * exceed[-1]:
             khat, sigma = gpd_fit(exceed)
             if math.isfinite(khat):
                 p = (np.arange(1, M + 1) - 0.5) / M
@@ -380,7 +384,7 @@ def solve_diagnostics(target, fit, table: dict | None, seed: int) -> dict:
     if not s.enabled:
         return {}
     g = torch.Generator().manual_seed(int(seed) + 0x5EED_D1A6)
-    flow = fit.model if fit.method == "flow" and hasattr(fit.model, "sample") else None
+    flow = fit.model if fit.method in ("flow", "amortized") and hasattr(fit.model, "sample") else None
     samples = None
     if flow is None:
         samples = fit.samples if fit.samples is not None else fit.draw(s.n_draws, g)

@@ -142,6 +142,8 @@ def solve_stack(
     max_obs: int | None = None,
     progress: bool = False,
     on_done: Callable[[int, Any], None] | None = None,
+    amortized: Any = None,
+    refine: bool = False,
 ) -> StackResult:
     """Solve each observation of a stacked ``obs.h5`` and write one HDF5 file with a group per observation.
 
@@ -156,6 +158,7 @@ def solve_stack(
         max_obs: solve at most this many more observations (over all ranks), then stop without merging.
         progress: progress bars (rank 0 only).
         on_done: ``on_done(i, result)`` after each observation this rank finishes.
+        amortized, refine: as for `ganflow.solve` (issue 19); a path is loaded once for all observations.
 
     Every rank calls this under torchrun; the returned `StackResult` describes this rank's share.
     """
@@ -174,6 +177,12 @@ def solve_stack(
     device = cfg.section(SolveSettings, "solve").device
     pdir = parts_dir(output)
     manifest = _manifest(obs_path, prior, operator, problem, method, cfg, seed, n_obs)
+    if amortized is not None:  # issue 19: one amortised posterior for every observation
+        from .posterior.amortized import AmortizedPosterior, load_amortized
+
+        amortized = amortized if isinstance(amortized, AmortizedPosterior) else load_amortized(amortized)
+        manifest["amortized"] = {"prior_sha1": amortized.meta["prior_sha1"], "step": int(amortized.meta["step"]),
+                                 "refine": bool(refine)}
 
     with distributed.session(device) as ctx:
         result = StackResult(output=output, n_obs=n_obs, rank=ctx.rank, world_size=ctx.world_size)
@@ -190,7 +199,7 @@ def solve_stack(
         for i in distributed.shard(todo, ctx.rank, ctx.world_size):
             res = _solve_observation(i, observations[i], pdir, n_obs, prior=prior, operator=operator,
                                      problem=problem, method=method, cfg=cfg, seed=seed,
-                                     progress=progress and ctx.is_main)
+                                     progress=progress and ctx.is_main, amortized=amortized, refine=refine)
             result.solved.append(i)
             if on_done is not None:
                 on_done(i, res)
@@ -237,7 +246,8 @@ def _open_parts(pdir: str, manifest: dict, resume: bool, is_main: bool) -> None:
 
 
 def _solve_observation(i: int, observation: Any, pdir: str, n_obs: int, *, prior: Any, operator: Any,
-                       problem: Any, method: str | None, cfg: Config, seed: int, progress: bool) -> Any:
+                       problem: Any, method: str | None, cfg: Config, seed: int, progress: bool,
+                       amortized: Any = None, refine: bool = False) -> Any:
     """One observation: `ganflow.solve` with seed ``seed + i``, saved atomically as its part; the result."""
     from .solve import solve
 
@@ -250,6 +260,8 @@ def _solve_observation(i: int, observation: Any, pdir: str, n_obs: int, *, prior
         config=cfg,
         seed=seed + i,
         progress=progress,
+        amortized=amortized,
+        refine=refine,
     )
     res.attrs["obs_index"] = int(i)
     res.attrs["finished_unix"] = float(time.time())

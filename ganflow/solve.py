@@ -147,7 +147,14 @@ def _checkpoint_options(method: str, checkpoint_path, resume: bool) -> dict | No
 
 
 def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Generator, progress: bool,
-                checkpoint: dict | None = None) -> LatentFit:
+                checkpoint: dict | None = None, amortized: Any = None, refine: bool = False) -> LatentFit:
+    if method == "amortized":  # issue 19: q(z | y) as it is, or the flow fit started from it
+        if not refine:
+            return amortized.fit(target.y)
+        fs = cfg.section(FlowSettings, "flow")
+        if not progress:
+            fs = dataclasses.replace(fs, progress=False)
+        return amortized.refine(target, fs, gen, **(checkpoint or {}))
     if method == "flow":
         fs = cfg.section(FlowSettings, "flow")
         if not progress:
@@ -191,6 +198,8 @@ def solve(
     progress: bool = True,
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
+    amortized: Any = None,
+    refine: bool = False,
 ) -> PosteriorResult:
     """Solve the inverse problem in the latent space of ``prior`` and summarise the field posterior.
 
@@ -205,20 +214,29 @@ def solve(
         checkpoint_path: where ``method="flow"`` writes its fit state every ``[flow] checkpoint_every_s``
             (atomically; the other methods do not checkpoint and refuse it); ``resume=True`` continues from it
             (bit-identical on CPU). The caller deletes it after saving the result.
+        amortized: an amortised posterior (``amortized.pt`` from ``ganflow train-posterior``, or a loaded
+            `AmortizedPosterior`) used instead of a fit (method ``amortized``); ``prior`` may then be None (the
+            one it records). It must have been trained for this prior, operator, noise level and observation
+            shape. ``refine=True`` fine-tunes it on this observation by the flow fit (``[flow]`` settings).
     """
     t0 = time.perf_counter()
     cfg = _as_config(config)
     ss = cfg.section(SolveSettings, "solve")
+    amortized, prior, method = resolve_amortized(amortized, refine, prior, method)
     method = method or ss.method
-    if method not in METHODS:
+    if method not in METHODS + ("amortized",):
         raise GanflowError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if not isinstance(obs, Observation):
         obs = read_obs(obs)
     generator_module, op, op_info, target = _set_up(obs, prior, operator, problem, cfg, ss.device)
     gen = torch.Generator().manual_seed(seed)
-    ckpt = _checkpoint_options(method, checkpoint_path, resume)
-    target, re_attrs = with_representation_error(target, cfg, ss, seed) if ss.device == "cpu" else (target, {})
-    fit = _run_method(method, target, cfg, gen, progress, ckpt)
+    ckpt = _checkpoint_options("flow" if refine else method, checkpoint_path, resume)
+    if amortized is not None:  # trained on the plain likelihood: the representation error stays out
+        amortized.check(generator_module, op, obs.noise_sigma, obs.y)
+        re_attrs = {"representation_error": "off"}
+    else:
+        target, re_attrs = with_representation_error(target, cfg, ss, seed) if ss.device == "cpu" else (target, {})
+    fit = _run_method(method, target, cfg, gen, progress, ckpt, amortized, refine)
     summary = _summarise(fit, target, op, ss, gen)
     field_fn = field_sampler(target, torch.Generator().manual_seed(seed + 1))
     scale, rec_attrs = _recalibration_scale(generator_module, op_info, ss, re_attrs)
@@ -273,6 +291,28 @@ def _recalibration_scale(generator_module: nn.Module, op_info: dict, ss: SolveSe
         return None, {"recalibration": f"not applied: {why_not}"}
     return float(rec["scale"]), {"recalibration": "on", "recalibration_scale": float(rec["scale"]),
                                  "recalibration_level": float(rec["level"])}
+
+
+def resolve_amortized(amortized: Any, refine: bool, prior: Any, method: str | None) -> tuple[Any, Any, str | None]:
+    """issue 19: the loaded amortised posterior, the prior (its recorded one when none is given) and the method
+    (``amortized``); a combination that would leave an argument unused is an error."""
+    if amortized is None:
+        if refine:
+            raise GanflowError("--refine applies to --amortized")
+        if prior is None:
+            raise GanflowError("no prior: give --prior (or --amortized)")
+        return None, prior, method
+    if method not in (None, "amortized"):
+        raise GanflowError(f"--amortized replaces the posterior method; drop --method {method}")
+    from .posterior.amortized import AmortizedPosterior, load_amortized
+
+    post = amortized if isinstance(amortized, AmortizedPosterior) else load_amortized(amortized)
+    if prior is None:
+        recorded = post.record.get("prior", "")
+        if "/" not in recorded and ":" not in recorded:  # a module's class name: nothing to load
+            raise GanflowError(f"{post.path} records no loadable prior ({recorded!r}); give --prior")
+        prior = load_recorded_prior(recorded, f"{post.path}: record 'prior'")
+    return post, prior, "amortized"
 
 
 def _summarise(fit: LatentFit, target: LatentTarget, op: nn.Module, ss: SolveSettings, gen: torch.Generator):

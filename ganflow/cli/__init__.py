@@ -24,6 +24,7 @@ _COMMAND_MODULES = {
     "problems_cmd": ["problems"],
     "data_cmd": ["data"],
     "train_cmd": ["train_prior", "prior_report"],
+    "amortized_cmd": ["train_posterior"],
     "simulate_cmd": ["simulate"],
     "solve_cmd": ["solve"],
     "predict_cmd": ["predict", "calibrate"],

@@ -37,9 +37,12 @@ from .common import config_option, seed_option
 @click.option("--jobs", type=int, default=1, show_default=True,
               help="Run the problems in this many parallel processes (one per core is how the default run "
               "fits ~20 min on 2 cores), then the throughput part alone, and merge.")
+@click.option("--amortized", "amortized", is_flag=True,
+              help="Instead: the amortised-posterior record on linear_gaussian (1,000 observations; --quick: 100), "
+                   "written to amortized.json (docs/amortized.md).")
 @seed_option()
 @config_option()
-def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed, config_path):
+def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed, config_path, amortized):
     """Benchmark the posterior methods against exact / NUTS references and the operators against numpy/scipy.
 
     A config file may hold [flow], [langevin] and [nuts] tables, merged over every problem's settings.
@@ -61,6 +64,8 @@ def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed
         if threads < 1:
             raise GanflowError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    if amortized:  # issue 19
+        return _bench_amortized(output_dir, quick, seed)
     overrides = Config.from_file(config_path).data if config_path else {}
     if jobs != 1:
         from ..bench import run_bench_parallel
@@ -82,3 +87,21 @@ def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed
     )
     missed = [r for r in records if r.get("method") == "target" and r.get("met") is False]
     click.echo(f"wrote {output_dir}/results.json and results.md ({len(missed)} target(s) missed)")
+
+
+def _bench_amortized(output_dir: str, quick: bool, seed: int) -> None:
+    import json
+    import os
+
+    from ..bench.amortized import bench_amortized
+    from ..io import atomic_path
+
+    rec = bench_amortized(n_obs=100 if quick else 1000, n_fits=1 if quick else 3, seed=seed, echo=click.echo)
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "amortized.json")
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(rec, f, indent=1, default=str)
+    click.echo(f"amortized: mean error {rec['latent_mean_err_sd']:.3f} sd, sd error {rec['latent_sd_rel_err']:.3f}, "
+               f"SBC coverage {rec['sbc_coverage_95']:.3f}, {rec['amortized_s_per_obs'] * 1e3:.1f} ms/obs vs flow fit "
+               f"{rec['laplace_fit_wall_s']:.1f} s, training {rec['train_wall_s']:.0f} s, break-even "
+               f"{rec['break_even_n_obs']:.1f} observations; wrote {path}")

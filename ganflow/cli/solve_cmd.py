@@ -8,14 +8,15 @@ import numpy as np
 from ..config import Config
 from ..errors import GanflowError
 from ..io import check_output_path, is_obs_stack
-from ..solve import METHODS, SOLVE_TABLES, SolveSettings
+from ..solve import METHODS, SOLVE_TABLES, SolveSettings, resolve_amortized
 from ..solve import solve as solve_posterior
 from .common import config_option, force_option, kw_option, parse_kv, seed_option
 
 
 @click.command("solve")
 @click.option("--obs", "obs_path", required=True, type=click.Path(dir_okay=False), help="Observation file obs.h5.")
-@click.option("--prior", required=True, help="Prior checkpoint (prior.pt) or generator spec.")
+@click.option("--prior", default=None,
+              help="Prior checkpoint (prior.pt) or generator spec (with --amortized: default the one it records).")
 @click.option("--problem", default=None,
               help="Problem spec; default: the one recorded in obs.h5 when that is a registered problem (a recorded "
                    "module:attr or file.py:attr is run only when given here: the trust rule).")
@@ -43,8 +44,14 @@ from .common import config_option, force_option, kw_option, parse_kv, seed_optio
               help="Scale the field intervals by the prior's conformal recalibration (ganflow calibrate "
                    "--recalibrate); auto: when it was learned for this problem and operator [default: [solve] "
                    "recalibrate, auto].")
+# --- issue 19: the amortised posterior ---
+@click.option("--amortized", "amortized", type=click.Path(dir_okay=False), default=None,
+              help="Use the amortised posterior q(z|y) of this checkpoint (ganflow train-posterior) instead of a "
+                   "fit; it must match the prior, operator and noise level.")
+@click.option("--refine", is_flag=True,
+              help="With --amortized: fine-tune q(.|y) on each observation by the flow fit ([flow] settings).")
 def solve(obs_path, prior, problem, operator, method, output, kw, config_path, seed, force, quiet, resume, max_obs,
-          device, repr_error, recalibrate):
+          device, repr_error, recalibrate, amortized, refine):
     """Fit the latent posterior and write posterior statistics to posterior.h5.
 
     A stacked obs.h5 (ganflow simulate --n-obs M) is solved observation by observation into one file with a
@@ -60,18 +67,21 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
         cfg.data["solve"] = {**cfg.data.get("solve", {}), "representation_error": repr_error}
     if recalibrate is not None:
         cfg.data["solve"] = {**cfg.data.get("solve", {}), "recalibrate": recalibrate}
+    if amortized is not None or refine:  # issue 19: loaded once, also for a stack
+        amortized, prior, method = resolve_amortized(amortized, refine, prior, method)
     if is_obs_stack(obs_path):
         return _solve_stack(obs_path, prior, problem, operator, method, output, cfg, seed, force, quiet, resume,
-                            max_obs)
+                            max_obs, amortized, refine)
     if max_obs is not None:
         raise GanflowError(f"--max-obs applies to stacked observation files; {obs_path} holds one")
     # --- end issue 10 ---
     check_output_path(output, force, "posterior")
     # issue 9: the flow fit checkpoints beside the output; the other methods take no checkpoint
-    flow = (method or cfg.section(SolveSettings, "solve").method) == "flow"
+    flow = (method or cfg.section(SolveSettings, "solve").method) == "flow" or refine
     checkpoint = _fit_checkpoint(output, resume, force) if flow else None
     result = solve_posterior(obs_path, prior, operator=operator, problem=problem, method=method, config=cfg,
-                             seed=seed, progress=not quiet, checkpoint_path=checkpoint, resume=resume)
+                             seed=seed, progress=not quiet, checkpoint_path=checkpoint, resume=resume,
+                             amortized=amortized, refine=refine)
     result.save(output, force=force)
     if checkpoint is not None and os.path.exists(checkpoint):  # the result is safe: the fit state is not needed
         os.remove(checkpoint)
@@ -88,7 +98,8 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
 
 
 # --- issue 10: stacks of observations ---
-def _solve_stack(obs_path, prior, problem, operator, method, output, cfg, seed, force, quiet, resume, max_obs):
+def _solve_stack(obs_path, prior, problem, operator, method, output, cfg, seed, force, quiet, resume, max_obs,
+                 amortized=None, refine=False):
     from ..multi import solve_stack
 
     def report(i, res):
@@ -96,7 +107,8 @@ def _solve_stack(obs_path, prior, problem, operator, method, output, cfg, seed, 
         click.echo(f"obs {i}: {res.attrs['wall_time_s']:.1f} s" + (f", {m}" if m else ""), err=True)
 
     r = solve_stack(obs_path, prior, output, operator=operator, problem=problem, method=method, config=cfg,
-                    seed=seed, resume=resume, force=force, max_obs=max_obs, progress=not quiet, on_done=report)
+                    seed=seed, resume=resume, force=force, max_obs=max_obs, progress=not quiet, on_done=report,
+                    amortized=amortized, refine=refine)
     if r.rank != 0:  # torchrun: rank 0 speaks for the run
         return
     if r.skipped:

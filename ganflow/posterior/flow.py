@@ -527,23 +527,30 @@ def _load_resume_checkpoint(target: LatentTarget, s: FlowSettings, checkpoint_pa
 
 
 def _start_fit(target: LatentTarget, s: FlowSettings, g: torch.Generator, ckpt: dict | None,
-               t0: float, evals0: int, mode: LaplaceMode | None = None, attrs: dict | None = None) -> _FlowFit:
+               t0: float, evals0: int, mode: LaplaceMode | None = None, attrs: dict | None = None,
+               start: nn.Module | None = None) -> _FlowFit:
     """Set-up: the affine start (the Laplace ``mode``, or the checkpoint's), the flow, its optimiser and the
-    first snapshot."""
+    first snapshot. ``start``: a flow to begin from instead (a copy is trained; `ganflow.posterior.amortized`
+    refinement)."""
     attrs = dict(attrs or {})
     loc = scale_tril = None
     if ckpt is not None:
         if ckpt.get("init_loc") is not None:
             loc, scale_tril = ckpt["init_loc"], ckpt["init_scale_tril"]
         attrs.update(ckpt.get("attrs", {}))
+    elif start is not None:
+        attrs["init"] = "given"
     elif mode is not None:
         loc, scale_tril = mode.loc, mode.scale_tril
     # Layer initialisation draws from torch's global RNG: seed it from `g` (and restore it) so the fit
     # depends only on the generator passed in. (On resume the draw is repeated but overwritten below.)
     init_seed = int(torch.randint(0, 2**62, (1,), generator=g)) if ckpt is None else 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        flow = LatentFlow(target.latent_dim, s, loc, scale_tril)
+    if start is not None:
+        flow = copy.deepcopy(start).train().requires_grad_(True)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            flow = LatentFlow(target.latent_dim, s, loc, scale_tril)
     params = [p for p in flow.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=s.lr, foreach=True)
     return _FlowFit(target=target, settings=s, generator=g, t0=t0, evals0=evals0, flow=flow, opt=opt,
@@ -873,7 +880,8 @@ def _fit_mixture(target: LatentTarget, s: FlowSettings, g: torch.Generator, mode
 
 def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generator: torch.Generator | None = None,
              *, checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
-             monitor: Callable[[int, LatentFlow], None] | None = None, monitor_every: int = 25) -> LatentFit:
+             monitor: Callable[[int, LatentFlow], None] | None = None, monitor_every: int = 25,
+             start: nn.Module | None = None) -> LatentFit:
     """Fit ``q_phi`` to ``p(z|y)`` by reverse KL; return a `LatentFit` whose ``sampler`` draws from it.
 
     Each step draws ``batch_size`` base samples from ``generator``, so the same seed gives the same fit on CPU.
@@ -896,6 +904,10 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
     unfitted ones at their Laplace start) before the first step (the Laplace start), every ``monitor_every``
     steps and after the last; it must not train the flow or draw from ``generator`` (``ganflow bench`` uses it
     to time the fit to a given accuracy).
+
+    ``start``, when given, is the flow to begin from instead of the Laplace / identity start: a module with
+    `LatentFlow`'s ``transform(eps)``, ``log_prob(z)`` and ``sample(n, generator)`` (a copy is trained; used by
+    ``solve --amortized --refine``). A resumed fit must be given the same ``start`` (its weights are restored).
     """
     s = settings or FlowSettings()
     s.validate()
@@ -908,10 +920,10 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
         modes = _modes_from_checkpoint(ckpt["mixture"])
         return _fit_mixture(target, s, g, modes, dict(ckpt.get("attrs", {})), ckpt, clock, checkpoint_path, monitor,
                             monitor_every)
-    modes, attrs = _find_modes(target, s, g, clock[1]) if ckpt is None else ([None], {})
+    modes, attrs = _find_modes(target, s, g, clock[1]) if ckpt is None and start is None else ([None], {})
     if len(modes) > 1:
         return _fit_mixture(target, s, g, modes, attrs, None, clock, checkpoint_path, monitor, monitor_every)
-    fit = _start_fit(target, s, g, ckpt, *clock, mode=modes[0], attrs=attrs)
+    fit = _start_fit(target, s, g, ckpt, *clock, mode=modes[0], attrs=attrs, start=start)
     if ckpt is not None:
         _restore_fit(fit, ckpt, checkpoint_path)
     stopped = _optimise(fit, checkpoint_path, monitor, monitor_every)
