@@ -231,17 +231,10 @@ def solve(
     generator_module, op, op_info, target = _set_up(obs, prior, operator, problem, cfg, ss.device)
     gen = torch.Generator().manual_seed(seed)
     ckpt = _checkpoint_options("flow" if refine else method, checkpoint_path, resume)
-    if amortized is not None:  # trained on the plain likelihood: the representation error stays out
-        amortized.check(generator_module, op, obs.noise_sigma, obs.y)
-        re_attrs = {"representation_error": "off"}
-    else:
-        target, re_attrs = with_representation_error(target, cfg, ss, seed) if ss.device == "cpu" else (target, {})
+    target, re_attrs = _likelihood(target, amortized, generator_module, op, obs, cfg, ss, seed)
     fit = _run_method(method, target, cfg, gen, progress, ckpt, amortized, refine)
-    summary = _summarise(fit, target, op, ss, gen)
-    field_fn = field_sampler(target, torch.Generator().manual_seed(seed + 1))
-    scale, rec_attrs = _recalibration_scale(generator_module, op_info, ss, re_attrs)
-    if scale is not None:
-        summary, field_fn = recalibrate_summary(summary, scale), scaled_field_fn(field_fn, summary.mean, scale)
+    summary, field_fn, rec_attrs = _field_posterior(fit, target, op, ss, gen, generator_module, op_info, re_attrs,
+                                                    seed)
     y = obs.y.cpu().numpy()
     x_true = _truth_field(obs, generator_module)
     attrs = _result_attrs(fit, {**re_attrs, **rec_attrs}, op_info, prior, obs, seed)
@@ -277,6 +270,30 @@ def solve(
         field_fn=field_fn,
         representation_state=target.noise.state() if hasattr(target.noise, "residual_draws") else {},
     )
+
+
+def _likelihood(target: LatentTarget, amortized, generator_module: nn.Module, op: nn.Module, obs: Observation,
+                cfg: Config, ss: SolveSettings, seed: int) -> tuple[LatentTarget, dict]:
+    """The target with the representation error when the solve uses it, and attributes that say so. An
+    amortised posterior was trained on the plain likelihood (and is checked against this problem): off."""
+    if amortized is not None:
+        amortized.check(generator_module, op, obs.noise_sigma, obs.y)
+        return target, {"representation_error": "off"}
+    if ss.device != "cpu":
+        return target, {}
+    return with_representation_error(target, cfg, ss, seed)
+
+
+def _field_posterior(fit: LatentFit, target: LatentTarget, op: nn.Module, ss: SolveSettings, gen: torch.Generator,
+                     generator_module: nn.Module, op_info: dict, re_attrs: dict, seed: int):
+    """The field statistics, the field sampler (``G(z)`` plus ``r | z, y``), both recalibrated when the prior's
+    recalibration applies, and the recalibration's attributes."""
+    summary = _summarise(fit, target, op, ss, gen)
+    field_fn = field_sampler(target, torch.Generator().manual_seed(seed + 1))
+    scale, rec_attrs = _recalibration_scale(generator_module, op_info, ss, re_attrs)
+    if scale is not None:
+        summary, field_fn = recalibrate_summary(summary, scale), scaled_field_fn(field_fn, summary.mean, scale)
+    return summary, field_fn, rec_attrs
 
 
 def _recalibration_scale(generator_module: nn.Module, op_info: dict, ss: SolveSettings,
