@@ -177,13 +177,7 @@ def solve_stack(
     device = cfg.section(SolveSettings, "solve").device
     pdir = parts_dir(output)
     manifest = _manifest(obs_path, prior, operator, problem, method, cfg, seed, n_obs)
-    if amortized is not None:  # issue 19: one amortised posterior for every observation
-        from .posterior.amortized import AmortizedPosterior, load_amortized
-
-        amortized = amortized if isinstance(amortized, AmortizedPosterior) else load_amortized(amortized)
-        manifest["amortized"] = {"prior_sha1": amortized.meta["prior_sha1"], "step": int(amortized.meta["step"]),
-                                 "refine": bool(refine)}
-
+    amortized = _with_amortized(manifest, amortized, refine)
     with distributed.session(device) as ctx:
         result = StackResult(output=output, n_obs=n_obs, rank=ctx.rank, world_size=ctx.world_size)
         if _already_finished(output, pdir, n_obs, manifest, resume, force):
@@ -208,6 +202,19 @@ def solve_stack(
         distributed.barrier()  # the merged file exists before any rank returns
     result.wall_time_s = time.perf_counter() - t0
     return result
+
+
+def _with_amortized(manifest: dict, amortized: Any, refine: bool) -> Any:
+    """issue 19: one amortised posterior for every observation, loaded once and recorded in the manifest (so a
+    resume with another one is refused); None passes through."""
+    if amortized is None:
+        return None
+    from .posterior.amortized import AmortizedPosterior, load_amortized
+
+    amortized = amortized if isinstance(amortized, AmortizedPosterior) else load_amortized(amortized)
+    manifest["amortized"] = {"prior_sha1": amortized.meta["prior_sha1"], "step": int(amortized.meta["step"]),
+                             "refine": bool(refine)}
+    return amortized
 
 
 def _already_finished(output: str, pdir: str, n_obs: int, manifest: dict, resume: bool, force: bool) -> bool:

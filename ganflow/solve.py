@@ -241,17 +241,10 @@ def solve(
     if x_true is not None:
         attrs.update(truth_metrics(summary.mean, summary.quantiles[0.025], summary.quantiles[0.975], x_true,
                                    y, summary.obs_pred_mean, obs.noise_sigma))
-    # --- issue 7 (ganflow.diagnostics, owned by the predict/diagnostics work): PSIS k-hat and ESS/N of the flow,
-    # posterior-predictive check for every method; own seeded draws, so nothing else in the result changes.
+    # PSIS k-hat and ESS/N of a flow, the predictive check for every method: own seeded draws (ganflow.diagnostics)
     from .diagnostics import solve_diagnostics
     attrs.update(solve_diagnostics(target, fit, cfg.data.get("diagnostics"), seed))
-    # --- end issue 7 ---
     attrs["wall_time_s"] = float(time.perf_counter() - t0)
-    config_record = {
-        "solve": dataclasses.asdict(dataclasses.replace(ss, method=method)),
-        method: fit.settings,
-        "operator": op_info.get("operator_kwargs", {}),
-    }
     return PosteriorResult(
         method=method,
         latent_dim=target.latent_dim,
@@ -261,7 +254,8 @@ def solve(
         y=y,
         trace=fit.trace,
         attrs=attrs,
-        config=config_record,
+        config={"solve": dataclasses.asdict(dataclasses.replace(ss, method=method)), method: fit.settings,
+                "operator": op_info.get("operator_kwargs", {})},
         x_true=x_true,
         z_true=obs.z_true.numpy() if obs.z_true is not None else None,
         flow_state=fit.state if method == "flow" else {},
