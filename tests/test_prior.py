@@ -488,3 +488,21 @@ def test_cli_conv_prior_end_to_end(tmp_path):
     r = _invoke(["prior-report", str(out), "--data", str(fields), "-o", str(tmp_path / "again")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "again.h5").exists() and (tmp_path / "again.png").exists()
+
+
+def test_minibatch_sd_feature_against_numpy():
+    """The critic's optional minibatch-sd map (train.critic_mbstd): for groups of 4 interleaved samples
+    (sample i in group i mod B/4), the mean over features of their population sd, computed here with numpy."""
+    from ganflow.prior.nets import _MinibatchStd, build_critic, default_arch
+
+    h = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = _MinibatchStd(4)(h)
+    a = h.numpy().reshape(4, 2, 3, 4, 4)
+    want = np.sqrt(a.var(0) + 1e-8).mean(axis=(1, 2, 3))  # [2]: group m holds samples m, m + 2, m + 4, m + 6
+    assert out.shape == (8, 4, 4, 4)
+    np.testing.assert_allclose(out[:, 3, 0, 0].numpy(), want[np.arange(8) % 2], rtol=1e-5)
+    assert torch.equal(out[:, :3], h)
+    critic = build_critic(default_arch((16, 16), 4, base_channels=2, critic_mbstd=True))
+    assert critic(torch.randn(6, 16, 16)).shape == (6, 1)  # 6 samples: groups of 3
+    with pytest.raises(GanflowError, match="convolutional"):
+        default_arch((16,), 4, critic_mbstd=True)

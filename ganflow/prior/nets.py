@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import GanflowError
@@ -58,6 +59,7 @@ def default_arch(
     mlp_hidden: int = 256,
     mlp_depth: int = 3,
     output: str = "linear",
+    critic_mbstd: bool = False,
 ) -> dict:
     """The architecture dict for fields of ``field_shape`` (plain types, stored verbatim in checkpoints)."""
     arch = _default_arch(field_shape, latent_dim, base_channels, mlp_hidden, mlp_depth)
@@ -65,6 +67,10 @@ def default_arch(
         raise GanflowError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
     if output != "linear":  # older checkpoints have no key: a linear read-out
         arch["output"] = output
+    if critic_mbstd:  # older checkpoints have no key: no minibatch feature
+        if arch["kind"] != "conv":
+            raise GanflowError("train.critic_mbstd needs a convolutional prior (2-D fields)")
+        arch["critic_mbstd"] = True
     return arch
 
 
@@ -144,8 +150,27 @@ class _ConvGeneratorNet(nn.Module):
         return self.out(self.blocks(h)).squeeze(1)
 
 
+class _MinibatchStd(nn.Module):
+    """ProGAN's minibatch standard deviation (Karras, Aila, Laine & Lehtinen 2018): one more feature map holding
+    the mean over features of their sd across groups of ``group`` samples, so the critic sees how varied a batch
+    is and can penalise a generator whose draws vary less than the data."""
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, h: Tensor) -> Tensor:
+        B, _, H, W = h.shape
+        g = min(self.group, B)
+        while B % g:
+            g -= 1
+        sd = (h.reshape(g, B // g, *h.shape[1:]).var(0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))
+        return torch.cat([h, sd.repeat(g)[:, None, None, None].expand(B, 1, H, W)], 1)
+
+
 class _ConvCritic(nn.Module):
-    """``[B, n, n] -> [B, 1]``; per-sample layer norm, no batch norm (gradient penalty is per sample)."""
+    """``[B, n, n] -> [B, 1]``; per-sample layer norm, no batch norm (gradient penalty is per sample), and with
+    ``critic_mbstd`` the minibatch sd feature before the read-out."""
 
     def __init__(self, arch: dict):
         super().__init__()
@@ -157,8 +182,11 @@ class _ConvCritic(nn.Module):
                 nn.GroupNorm(1, ch[i - 1]),
                 nn.LeakyReLU(0.2),
             ]
+        mbstd = bool(arch.get("critic_mbstd", False))
+        if mbstd:
+            layers.append(_MinibatchStd())
         self.features = nn.Sequential(*layers)
-        self.out = nn.Linear(ch[0] * 16, 1)
+        self.out = nn.Linear((ch[0] + int(mbstd)) * 16, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.features(x.unsqueeze(1)).flatten(1))

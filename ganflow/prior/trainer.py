@@ -111,6 +111,9 @@ class TrainSettings:
     mlp_depth: int = 3
     output: str = "linear"
     tanh_margin: float = 0.0
+    # the critic also sees the batch's spread (ProGAN's minibatch sd feature; conv priors): against a generator
+    # whose draws vary less than the data (docs/prior.md)
+    critic_mbstd: bool = False
     log_every: int = 10
     representation_fields: int = 200
     max_failures: int = 20
@@ -349,6 +352,7 @@ def _set_up(out: str, fd: FieldData, settings: TrainSettings, seed: int, device:
             settings.mlp_hidden,
             settings.mlp_depth,
             settings.output,
+            settings.critic_mbstd,
         )
         if ckpt is None
         else ckpt["arch"]
