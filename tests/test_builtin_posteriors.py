@@ -54,8 +54,10 @@ def test_phase_retrieval_posterior_with_bundled_prior():
     # Measured (bundled prior, 64 screened MAP starts): err mod twin 0.08 / 0.05 / 0.08, coverage
     # 0.89 / 0.95 / 0.80 (mean 0.88; seeds 7 and 8 give 0.85 and 0.92), of the twin 0.23-0.52: the posterior
     # sits on the truth's orientation. With 16 unscreened starts seed 4 fell into a poorer mode (coverage 0.41).
+    # The 23,170-step prior (bundled since): err mod twin 0.038 / 0.040 / 0.040, coverage 0.79 / 0.98 / 0.87
+    # (mean 0.88), of the twin 0.18-0.30, chi2/dof 1.00 / 0.91 / 1.05.
     assert max(errs) < 0.2
-    assert np.mean(covs) > 0.75
+    assert 0.75 < np.mean(covs) < 0.99  # two-sided: bands so wide they cover everything also fail
     assert np.mean(covs) > np.mean(cov_twins) + 0.3  # one mode, the truth's, not a blur of both
     assert max(chi2s) < 1.5
 
