@@ -654,15 +654,10 @@ def _load_for_resume(out: str | None, resume: bool, force: bool) -> dict | None:
 
 
 def _load_checkpoint(path: str) -> dict:
-    from ..prior.checkpoint import load_weights_only
+    from ..prior.checkpoint import load_of_kind
 
-    ckpt = load_weights_only(path, "amortized checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != AMORTIZED_KIND:
-        raise GanflowError(f"{path} is not a ganflow amortized-posterior checkpoint (train-posterior)")
-    if ckpt.get("format_version") != AMORTIZED_VERSION:
-        raise GanflowError(f"amortized checkpoint {path} has format_version {ckpt.get('format_version')!r}; "
-                           f"this ganflow reads {AMORTIZED_VERSION}")
-    return ckpt
+    return load_of_kind(path, "amortized checkpoint", "ganflow amortized-posterior checkpoint (train-posterior)",
+                        AMORTIZED_KIND, AMORTIZED_VERSION)
 
 
 # --- use ---------------------------------------------------------------------------------------------------

@@ -446,15 +446,10 @@ def _target_fingerprint(target: LatentTarget) -> str:
 
 def load_flow_checkpoint(path: str | os.PathLike) -> dict:
     """Load a flow-fit checkpoint with ``weights_only=True`` (a pickle payload is refused, never run)."""
-    from ..prior.checkpoint import load_weights_only
+    from ..prior.checkpoint import load_of_kind
 
-    ckpt = load_weights_only(path, "flow checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != FLOW_CHECKPOINT_KIND:
-        raise GanflowError(f"{path} is not a ganflow flow-fit checkpoint")
-    if ckpt.get("format_version") != FLOW_CHECKPOINT_VERSION:
-        raise GanflowError(f"flow checkpoint {path} has format_version {ckpt.get('format_version')!r}; "
-                           f"this ganflow reads {FLOW_CHECKPOINT_VERSION}")
-    return ckpt
+    return load_of_kind(path, "flow checkpoint", "ganflow flow-fit checkpoint", FLOW_CHECKPOINT_KIND,
+                        FLOW_CHECKPOINT_VERSION)
 
 
 @dataclass

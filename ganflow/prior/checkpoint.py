@@ -121,6 +121,18 @@ def load_weights_only(path: str | os.PathLike, what: str, map_location="cpu"):
         raise GanflowError(f"{what} {path} is corrupt or truncated ({first[:160]})") from None
 
 
+def load_of_kind(path, what: str, describe: str, kind: str, version: int) -> dict:
+    """A weights-only checkpoint dict whose ``kind`` and ``format_version`` are ``kind`` and ``version`` (one-line
+    errors otherwise: "PATH is not a DESCRIBE", or the version found)."""
+    ckpt = load_weights_only(path, what)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        raise GanflowError(f"{path} is not a {describe}")
+    if ckpt.get("format_version") != version:
+        raise GanflowError(f"{what} {path} has format_version {ckpt.get('format_version')!r}; "
+                           f"this ganflow reads {version}")
+    return ckpt
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load and validate a prior checkpoint with ``weights_only=True`` (a pickle payload is refused, not run).
 
