@@ -30,10 +30,13 @@ def run_bench(
     throughput: bool = True,
     overrides: dict | None = None,
     echo=print,
+    reference_run: bool = False,
 ) -> list[dict]:
     """Run the benchmark; write ``outdir/results.json`` and ``outdir/results.md``; return the records.
 
     ``overrides``: tables ``flow`` / ``langevin`` / ``nuts`` merged over every problem's settings.
+    ``reference_run``: run NUTS on the GAN problems as the reference instead of reading the stored converged
+    reference (`ganflow.bench.stored`); ``--quick`` always runs its short NUTS.
     """
     problems = list(BENCH_PROBLEMS if problems is None else problems)  # [] = the throughput part only
     overrides = overrides or {}
@@ -55,7 +58,7 @@ def run_bench(
             continue
         if case.note:
             notes.append(f"{name}: {case.note}")
-        records.extend(_bench_problem(case, plan, seed, overrides, echo))
+        records.extend(_bench_problem(case, plan, seed, overrides, echo, reference_run or quick))
         _write(outdir, records, notes)  # partial results survive an interrupted run
     if throughput:
         records.extend(_throughput(plan, seed, echo))
@@ -93,11 +96,12 @@ def _method_settings(name: str, plan: BenchPlan, overrides: dict):
     return tuple(parse_settings(cls, dict(table), cls.__name__) for cls, table in tables)
 
 
-def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, echo) -> list[dict]:
+def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, echo,
+                   reference_run: bool = True) -> list[dict]:
     """Every method on one case: NUTS (and the reference), the flow, Langevin from the prior and from the
     flow, the flow overhead; one record each, labelled with the prior used."""
     fs, ls, ns = _method_settings(case.name, plan, overrides)
-    nuts_rec, ref = _run_nuts(case, ns, plan, seed, echo)
+    nuts_rec, ref = _run_nuts(case, ns, plan, seed, echo, reference_run)
     flow_rec, flow_fit, flow_cpu = _run_flow(case, fs, ref, plan, seed, echo)
     records = [nuts_rec, flow_rec]
     for method, init_fit in (("langevin", None), ("langevin-prior", None), ("flow+langevin", flow_fit)):
@@ -113,7 +117,7 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
 
 def run_bench_parallel(outdir: str, problems=None, jobs: int = 2, quick: bool = False, seed: int = 0,
                        throughput: bool = True, config_path: str | None = None, threads: int | None = None,
-                       echo=print) -> list[dict]:
+                       echo=print, reference_run: bool = False) -> list[dict]:
     """`run_bench` with the problems in up to ``jobs`` concurrent processes (``ganflow bench --problem P``, each
     with ``threads`` torch threads, default ``cores // jobs``), then the operator throughput in this process
     (alone on the machine, as its timings need), then `merge_results` of the parts into ``outdir``.
@@ -131,7 +135,7 @@ def run_bench_parallel(outdir: str, problems=None, jobs: int = 2, quick: bool = 
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
-            running.append(_start_part(name, parts_dir, quick, seed, config_path, threads))
+            running.append(_start_part(name, parts_dir, quick, seed, config_path, threads, reference_run))
             echo(f"[{name}] started ({threads} thread(s); log {running[-1][2].name})")
         time.sleep(0.5)
         for item in list(running):
@@ -152,7 +156,8 @@ def run_bench_parallel(outdir: str, problems=None, jobs: int = 2, quick: bool = 
     return merge_results(parts, outdir)
 
 
-def _start_part(name: str, parts_dir: str, quick: bool, seed: int, config_path, threads: int):
+def _start_part(name: str, parts_dir: str, quick: bool, seed: int, config_path, threads: int,
+                reference_run: bool = False):
     """``ganflow bench --problem name`` in a child process, its output in ``parts_dir/name.log``:
     ``(name, part directory, log file, process)``."""
     import subprocess
@@ -160,7 +165,7 @@ def _start_part(name: str, parts_dir: str, quick: bool, seed: int, config_path, 
     part = os.path.join(parts_dir, name)
     cmd = [sys.executable, "-m", "ganflow", "bench", "--problem", name, "--no-throughput", "--threads",
            str(threads), "--seed", str(seed), "-o", part] + (["--quick"] if quick else []) + (
-        ["--config", str(config_path)] if config_path else [])
+        ["--config", str(config_path)] if config_path else []) + (["--reference-run"] if reference_run else [])
     log = open(os.path.join(parts_dir, f"{name}.log"), "w")  # noqa: SIM115 - closed when it ends
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     return name, part, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -7,6 +7,7 @@ import math
 from .plan import (
     BENCH_PROBLEMS,
     EXACT_PROBLEMS,
+    NUTS_ESS_GOAL,
     TARGET_FLOW_OVERHEAD,
     TARGET_LANGEVIN_MEAN_ERR_SD,
     TARGET_LANGEVIN_SD_REL_ERR,
@@ -30,6 +31,9 @@ def _targets(records: list[dict]) -> list[dict]:
             out += _langevin_targets(problem, by[(problem, "langevin")], flow)
         if nuts is not None:
             out.append(_target(problem, "NUTS reference R-hat", nuts["rhat_max"], "< 1.01", nuts["rhat_max"] < 1.01))
+            if nuts.get("reference") == "stored":
+                out.append(_target(problem, "NUTS reference bulk ESS", nuts["ess_min"], f">= {NUTS_ESS_GOAL:g}",
+                                   nuts["ess_min"] >= NUTS_ESS_GOAL))
         ov = by.get((problem, "flow_overhead"))
         if ov is not None:
             out.append(_target(
@@ -79,7 +83,7 @@ def _flow_targets(problem: str, flow: dict, nuts: dict | None) -> list[dict]:
     """The flow's accuracy against the reference, then its cost against NUTS (where NUTS ran)."""
     # Against a NUTS reference whose chains disagree (R-hat >= 1.01) an accuracy number measures the
     # reference as much as the flow: it is reported, but neither met nor missed.
-    unconverged = (nuts is not None and nuts.get("reference") == "nuts"
+    unconverged = (nuts is not None and nuts.get("reference") in ("nuts", "stored")
                    and not nuts.get("rhat_max", math.inf) < 1.01)
     tag = f" (NUTS reference not converged, R-hat {nuts['rhat_max']:.2f})" if unconverged else ""
 

@@ -40,9 +40,13 @@ from .common import config_option, seed_option
 @click.option("--amortized", "amortized", is_flag=True,
               help="Instead: the amortised-posterior record on linear_gaussian (1,000 observations; --quick: 100), "
                    "written to amortized.json (docs/amortized.md).")
+@click.option("--reference-run", is_flag=True,
+              help="Run NUTS as the reference on elliptic and phase_retrieval instead of reading the stored "
+                   "converged references (problems/data/references/, made by scripts/make_references.py).")
 @seed_option()
 @config_option()
-def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed, config_path, amortized):
+def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed, config_path, amortized,
+          reference_run):
     """Benchmark the posterior methods against exact / NUTS references and the operators against numpy/scipy.
 
     A config file may hold [flow], [langevin] and [nuts] tables, merged over every problem's settings.
@@ -72,7 +76,7 @@ def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed
 
         records = run_bench_parallel(output_dir, problems=problems or None, jobs=jobs, quick=quick, seed=seed,
                                      throughput=not no_throughput, config_path=config_path, threads=threads,
-                                     echo=click.echo)
+                                     echo=click.echo, reference_run=reference_run)
         missed = [r for r in records if r.get("method") == "target" and r.get("met") is False]
         click.echo(f"wrote {output_dir}/results.json and results.md ({len(missed)} target(s) missed)")
         return
@@ -84,6 +88,7 @@ def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed
         throughput=not no_throughput,
         overrides=overrides,
         echo=click.echo,
+        reference_run=reference_run,
     )
     missed = [r for r in records if r.get("method") == "target" and r.get("met") is False]
     click.echo(f"wrote {output_dir}/results.json and results.md ({len(missed)} target(s) missed)")

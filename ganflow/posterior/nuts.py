@@ -11,10 +11,12 @@ points (prior draws, as the Gelman-Rubin diagnostic assumes) or from a seeded pa
 of all chains are concatenated. Convergence is summarised by the largest split R-hat and the smallest
 effective sample size over the latent coordinates (``pyro.ops.stats``); R-hat above ``rhat_threshold`` warns.
 
-Chains run one after another in this process. pyro's own ``num_chains > 1`` forks worker processes, which on a
-small shared CPU oversubscribes the cores (each worker runs its own torch threads), requires a picklable
-target and makes the global-RNG seeding per chain less transparent; sequential chains are slower in wall time
-but reliable and bit-reproducible. Each chain reseeds pyro's global RNG (``pyro.set_rng_seed``) from
+Chains run one after another in this process, or with ``jobs > 1`` in that many forked worker processes
+of one torch thread each (the long reference runs of the benchmark). pyro's own ``num_chains > 1`` is not
+used: it oversubscribes a small CPU (each worker keeps its own torch threads) and makes the global-RNG seeding
+per chain less transparent. Every chain's start point and seed are drawn in this process before any chain
+runs, so the draws do not depend on ``jobs`` beyond floating-point summation order. Each chain reseeds pyro's
+global RNG (``pyro.set_rng_seed``) from
 ``generator``; the caller's global RNG state (torch, numpy, random) is restored afterwards.
 
 Example:
@@ -73,6 +75,8 @@ class NutsSettings:
         init_opt_steps: Adam steps for ``init = "optimize"``.
         init_map_starts: MAP starts for ``init = "laplace"``.
         rhat_threshold: warn when the largest split R-hat exceeds it.
+        jobs: worker processes running the chains (1: in this process). Each worker runs one torch thread,
+            so ``jobs`` = the number of cores is the fast setting for a long run.
     """
 
     num_chains: int = 4
@@ -86,6 +90,7 @@ class NutsSettings:
     init_opt_steps: int = 200
     init_map_starts: int = 64
     rhat_threshold: float = 1.01
+    jobs: int = 1
 
     def validate(self) -> None:
         """Raise `GanflowError` (one line) on an impossible setting."""
@@ -111,6 +116,8 @@ class NutsSettings:
             raise GanflowError(f"nuts.init_map_starts must be >= 1, got {self.init_map_starts}")
         if self.init_opt_steps < 0:
             raise GanflowError(f"nuts.init_opt_steps must be >= 0, got {self.init_opt_steps}")
+        if self.jobs < 1:
+            raise GanflowError(f"nuts.jobs must be >= 1, got {self.jobs}")
         if not self.rhat_threshold > 1:
             raise GanflowError(f"nuts.rhat_threshold must be > 1, got {self.rhat_threshold}")
 
@@ -129,14 +136,15 @@ def _seeded_global_rng(seed: int):
 
 
 def _laplace_frame(target: LatentTarget, settings: NutsSettings, generator: torch.Generator,
-                   dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """``[(z_map, L), ...]``: the Laplace approximations of the distinct modes of the flow's mode search, most
-    massive first, for ``init = "laplace"`` (else None)."""
+                   dtype: torch.dtype, modes: list | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """``[(z_map, L), ...]``: the Laplace approximations of the distinct modes of the flow's mode search (or of
+    the given ``modes``), most massive first, for ``init = "laplace"`` (else None)."""
     if settings.init != "laplace":
         return None
     from .flow import FlowSettings, laplace_modes
 
-    modes = laplace_modes(target, FlowSettings(map_starts=settings.init_map_starts), generator)
+    if modes is None:
+        modes = laplace_modes(target, FlowSettings(map_starts=settings.init_map_starts), generator)
     return [(m.loc.to(dtype), m.scale_tril.to(dtype)) for m in modes]
 
 
@@ -166,13 +174,15 @@ def _initial_points(target: LatentTarget, settings: NutsSettings, generator: tor
 
 
 def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
-             generator: torch.Generator | None = None) -> LatentFit:
+             generator: torch.Generator | None = None, modes: list | None = None) -> LatentFit:
     """NUTS draws of the latent posterior (see the module docstring).
 
     Args:
         target: the latent posterior.
         settings: `NutsSettings` (defaults if None).
         generator: seeds the start points and each chain's pyro seed.
+        modes: with init = "laplace", the `LaplaceMode` s to start in instead of a new mode search (one mode:
+            every chain in it; the per-mode references of the benchmark).
 
     Returns:
         A `LatentFit` with ``samples`` ``[num_chains * num_samples, k]`` (chain after chain); ``trace``:
@@ -192,16 +202,15 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
     evals0 = target.n_forward_evals
     t0 = time.perf_counter()
 
-    to_z, u_init, n_modes = _chain_coordinates(target, settings, generator, dtype)
+    to_z, u_init, n_modes = _chain_coordinates(target, settings, generator, dtype, modes)
 
     def potential_fn(params: dict) -> torch.Tensor:
         return -target.log_joint(to_z(params["z"].unsqueeze(0)))[0]
 
     seeds = torch.randint(0, 2**31 - 1, (settings.num_chains,), generator=generator).tolist()
+    runs = _run_chains(target, potential_fn, u_init, [int(x) for x in seeds], settings, dense)
     chains, step_sizes, divergences, accept = [], [], 0, []
-    for c in range(settings.num_chains):
-        draws, step_size, n_divergent, chain_accept = _run_chain(potential_fn, u_init[c], int(seeds[c]), settings,
-                                                                 dense)
+    for c, (draws, step_size, n_divergent, chain_accept) in enumerate(runs):
         draws = to_z(draws.reshape(settings.num_samples, k))
         if not bool(torch.isfinite(draws).all()):
             raise GanflowError(
@@ -243,7 +252,8 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
 
 
 def _chain_coordinates(target: LatentTarget, settings: NutsSettings, generator: torch.Generator,
-                       dtype: torch.dtype) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+                       dtype: torch.dtype, modes: list | None = None
+                       ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int]:
     """The map ``u -> z`` from the coordinates the chains run in, the chains' start points ``[C, k]`` in u, and
     the number of modes they start in (0 without init = "laplace").
 
@@ -253,7 +263,7 @@ def _chain_coordinates(target: LatentTarget, settings: NutsSettings, generator: 
     z the GAN posteriors are so anisotropic that 150 warm-up steps left chains with ESS 2-16 of 600 draws.
     The frame is the most massive mode's; chains of other modes start at their own. Otherwise u = z.
     """
-    frame = _laplace_frame(target, settings, generator, dtype)
+    frame = _laplace_frame(target, settings, generator, dtype, modes)
     z_init = _initial_points(target, settings, generator, dtype, frame)
     if frame is None:
         return (lambda u: u), z_init, 0
@@ -263,6 +273,39 @@ def _chain_coordinates(target: LatentTarget, settings: NutsSettings, generator: 
         return loc + u @ L.T
 
     return to_z, torch.linalg.solve_triangular(L, (z_init - loc).T, upper=False).T, len(frame)
+
+
+# (target, potential_fn, u_init, seeds, settings, dense) of the running `_run_chains`, inherited by its workers
+_WORKER_JOB: tuple | None = None
+
+
+def _worker_chain(c: int) -> tuple[tuple, int]:
+    """Chain ``c`` of `_WORKER_JOB` in a forked worker: its `_run_chain` result and the forward evaluations."""
+    torch.set_num_threads(1)  # one core per worker
+    target, potential_fn, u_init, seeds, settings, dense = _WORKER_JOB
+    evals0 = target.n_forward_evals
+    return _run_chain(potential_fn, u_init[c], seeds[c], settings, dense), target.n_forward_evals - evals0
+
+
+def _run_chains(target: LatentTarget, potential_fn: Callable[[dict], torch.Tensor], u_init: torch.Tensor,
+                seeds: list[int], settings: NutsSettings, dense: bool) -> list[tuple]:
+    """Every chain's `_run_chain` result, in chain order: here, or in ``settings.jobs`` forked workers (fork, so
+    the target need not be picklable: the workers inherit it; their forward evaluations are added to the
+    target's count here)."""
+    jobs = min(settings.jobs, settings.num_chains)
+    if jobs == 1:
+        return [_run_chain(potential_fn, u_init[c], seeds[c], settings, dense) for c in range(len(seeds))]
+    import multiprocessing
+
+    global _WORKER_JOB
+    _WORKER_JOB = (target, potential_fn, u_init, seeds, settings, dense)
+    try:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_worker_chain, range(len(seeds)), chunksize=1)
+    finally:
+        _WORKER_JOB = None
+    target.n_forward_evals += sum(n for _, n in results)
+    return [r for r, _ in results]
 
 
 def _run_chain(potential_fn: Callable[[dict], torch.Tensor], u_init: torch.Tensor, seed: int,

@@ -1,0 +1,223 @@
+"""Stored reference posteriors of the benchmark's GAN cases: converged NUTS runs, made once and read back.
+
+On elliptic and phase retrieval there is no closed-form posterior, and a NUTS run that converges (split R-hat
+< 1.01 on every latent coordinate, bulk ESS >= 1,000 from >= 4 chains) costs far more than the methods it
+judges. `make_reference` runs it once per benchmark observation (`scripts/make_references.py`) and writes a
+small HDF5 file beside the bundled prior (``references/<problem>_seed<seed>.h5``); `ganflow bench` reads it
+(`load_reference`) instead of rerunning NUTS unless asked to (``--reference-run``).
+
+A reference is tied to what it was computed for: the prior's SHA-1 (`prior_sha1`, of the weights), the
+operator's fingerprint, the observation ``y`` and the noise level. A mismatch (a retrained bundled prior, a
+changed operator) is refused with a one-line error that names the command that remakes it.
+
+Multimodal posteriors are handled per mode: the distinct modes of the screened multi-start MAP search
+(`laplace_modes`, then the importance-sampling screen that drops modes under ``mode_min_mass``) each get their
+own chains, started in and preconditioned by that mode's Laplace approximation, and their own convergence
+figures. The modes' relative masses are estimated by multiple importance sampling from Gaussians fitted to each
+mode's NUTS draws (`fit_mixture_weights`). The reference draws of the benchmark are the modes' draws pooled in
+proportion to these masses.
+
+File layout (``format = "ganflow-reference"``, ``version = 1``)::
+
+    attrs   problem, seed, prior_sha1, operator_fingerprint, noise_sigma, command, created, nuts_settings (JSON),
+            n_modes, rhat_max, ess_min, wall_s, n_forward_evals, divergences
+    y                    the observation
+    mode_mass            [K]        relative masses of the modes
+    mode_<j>/draws       [C, S, k]  latent draws, chain by chain
+    mode_<j>/potential   [C, S]     -log p(y, z) of each draw
+    mode_<j>/rhat, ess   [k]        split R-hat and bulk ESS per coordinate
+    mode_<j>  attrs      rhat_max, ess_min, wall_s, n_forward_evals, divergences, step_size
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import GanflowError
+
+__all__ = ["StoredReference", "make_reference", "load_reference", "reference_path", "MAKE_COMMAND"]
+
+FORMAT, VERSION = "ganflow-reference", 1
+MAKE_COMMAND = "python scripts/make_references.py --problem {problem}"
+RHAT_GOAL, ESS_GOAL, MIN_CHAINS = 1.01, 1000.0, 4
+
+
+@dataclass
+class StoredReference:
+    """A stored reference: per-mode draws ``[C, S, k]``, the modes' masses and the run's figures."""
+
+    problem: str
+    seed: int
+    draws: list[np.ndarray]  # per mode [C, S, k]
+    mode_mass: np.ndarray  # [K]
+    attrs: dict
+
+    def pooled(self, n: int, seed: int) -> np.ndarray:
+        """``[n, k]`` draws: the modes' draws resampled in proportion to their masses (all of them with one)."""
+        if len(self.draws) == 1:
+            return self.draws[0].reshape(-1, self.draws[0].shape[-1])
+        rng = np.random.default_rng(seed)
+        counts = rng.multinomial(n, self.mode_mass / self.mode_mass.sum())
+        parts = []
+        for d, c in zip(self.draws, counts):
+            flat = d.reshape(-1, d.shape[-1])
+            parts.append(flat[rng.choice(len(flat), size=c, replace=c > len(flat))])
+        return np.concatenate(parts)
+
+    def halves(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two independent halves (each mode's chains split in two), each pooled over the modes by mass."""
+        parts = [(d[: len(d) // 2], d[len(d) // 2 :]) for d in self.draws]
+        if len(parts) == 1:
+            a, b = parts[0]
+            return a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        rng = np.random.default_rng(seed)
+        w = self.mode_mass / self.mode_mass.sum()
+        out = []
+        for side in (0, 1):
+            flat = [p[side].reshape(-1, p[side].shape[-1]) for p in parts]
+            n = min(len(f) for f in flat)
+            counts = rng.multinomial(n, w)
+            out.append(np.concatenate([f[rng.choice(len(f), size=c, replace=c > len(f))]
+                                       for f, c in zip(flat, counts)]))
+        return out[0], out[1]
+
+    def converged(self) -> bool:
+        return bool(self.attrs["rhat_max"] < RHAT_GOAL and self.attrs["ess_min"] >= ESS_GOAL)
+
+
+def reference_path(prior_path: str, problem: str, seed: int) -> str:
+    """Where the reference of ``problem``'s benchmark observation ``seed`` lives: beside the bundled prior."""
+    return os.path.join(os.path.dirname(os.path.abspath(prior_path)), "references", f"{problem}_seed{seed}.h5")
+
+
+def _identity(target) -> dict:
+    from ..posterior.amortized import operator_fingerprint, prior_sha1
+
+    return {
+        "prior_sha1": prior_sha1(target.generator),
+        "operator_fingerprint": operator_fingerprint(target.operator),
+        "noise_sigma": float(target.noise_sigma),
+    }
+
+
+def make_reference(target, problem: str, seed: int, settings, generator: torch.Generator, echo=print,
+                   map_starts: int = 64) -> StoredReference:
+    """Per-mode NUTS runs (`run_nuts` with ``settings``, init "laplace") on ``target`` and the modes' masses."""
+    from ..posterior.flow import FlowSettings, _laplace_flow, _screen_modes, laplace_modes
+    from ..posterior.mixture import fit_mixture_weights
+    from ..posterior.nuts import run_nuts
+
+    fs = FlowSettings(map_starts=map_starts)
+    modes, screen = _screen_modes(target, fs, generator, laplace_modes(target, fs, generator))
+    echo(f"[{problem}] {len(modes)} mode(s) kept (importance-sampling shares of the Laplace modes: {screen})")
+    settings = dataclasses.replace(settings, init="laplace")
+    fits = []
+    for j, mode in enumerate(modes):
+        fit = run_nuts(target, settings, generator, modes=[mode])
+        fits.append(fit)
+        echo(f"[{problem}] mode {j}: R-hat {fit.attrs['rhat_max']:.4f}, ESS {fit.attrs['ess_min']:.0f}, "
+             f"{fit.wall_time_s:.0f} s, {fit.n_forward_evals} evaluations")
+    mass = np.ones(1)
+    if len(fits) > 1:
+        gauss = [_laplace_flow(target.latent_dim, fs, _fitted_mode(f.samples)) for f in fits]
+        log_w, _ = fit_mixture_weights(target, gauss, generator, 4096, batch=64)
+        mass = log_w.exp().double().numpy()
+    return _stored(problem, seed, target, settings, fits, mass)
+
+
+def _fitted_mode(samples: torch.Tensor):
+    """A `LaplaceMode`-shaped Gaussian fitted to one mode's NUTS draws (the importance-sampling proposal)."""
+    from ..posterior.flow import LaplaceMode
+
+    z = samples.double()
+    mean = z.mean(0)
+    cov = torch.cov(z.T) + 1e-9 * torch.eye(z.shape[1], dtype=z.dtype)
+    return LaplaceMode(loc=mean.float(), scale_tril=torch.linalg.cholesky(cov).float(), log_joint=0.0, log_mass=0.0)
+
+
+def _stored(problem: str, seed: int, target, settings, fits: list, mass: np.ndarray) -> StoredReference:
+    C, S = settings.num_chains, settings.num_samples
+    draws = [f.samples.double().numpy().reshape(C, S, -1) for f in fits]
+    attrs = {
+        **_identity(target),
+        "nuts_settings": json.dumps(dataclasses.asdict(settings)),
+        "n_modes": len(fits),
+        "rhat_max": max(float(f.attrs["rhat_max"]) for f in fits),
+        "ess_min": min(float(f.attrs["ess_min"]) for f in fits),
+        "wall_s": sum(float(f.wall_time_s) for f in fits),
+        "n_forward_evals": sum(int(f.n_forward_evals) for f in fits),
+        "divergences": sum(int(f.attrs["divergences"]) for f in fits),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": MAKE_COMMAND.format(problem=problem),
+        "_fits": fits,
+        "_y": target.y.detach().double().numpy(),
+    }
+    return StoredReference(problem, seed, draws, mass, attrs)
+
+
+def save_reference(ref: StoredReference, path: str) -> None:
+    """Write ``ref`` to ``path`` (atomically)."""
+    import h5py
+    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+    from ..io import atomic_path
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update({"format": FORMAT, "version": VERSION, "problem": ref.problem, "seed": ref.seed})
+        f.attrs.update({k: v for k, v in ref.attrs.items() if not k.startswith("_")})
+        f.create_dataset("y", data=ref.attrs["_y"])
+        f.create_dataset("mode_mass", data=ref.mode_mass)
+        for j, (d, fit) in enumerate(zip(ref.draws, ref.attrs["_fits"])):
+            g = f.create_group(f"mode_{j}")
+            t = torch.from_numpy(d)
+            g.create_dataset("draws", data=d.astype(np.float32), compression="gzip")
+            g.create_dataset("potential", data=fit.trace["potential_energy"].reshape(d.shape[:2]))
+            g.create_dataset("rhat", data=split_gelman_rubin(t, chain_dim=0, sample_dim=1).numpy())
+            g.create_dataset("ess", data=effective_sample_size(t, chain_dim=0, sample_dim=1).numpy())
+            g.attrs.update({
+                "rhat_max": float(fit.attrs["rhat_max"]), "ess_min": float(fit.attrs["ess_min"]),
+                "wall_s": float(fit.wall_time_s), "n_forward_evals": int(fit.n_forward_evals),
+                "divergences": int(fit.attrs["divergences"]), "step_size": float(fit.attrs["step_size"]),
+            })
+
+
+def load_reference(path: str, target, problem: str, seed: int) -> StoredReference:
+    """The stored reference at ``path`` for this ``target`` (prior, operator, ``y``, noise); a one-line
+    `GanflowError` when it is missing, not a reference file, or made for something else."""
+    import h5py
+
+    remake = f"remake it with `{MAKE_COMMAND.format(problem=problem)}` or run NUTS with `ganflow bench --reference-run`"
+    if not os.path.isfile(path):
+        raise GanflowError(f"bench: no stored reference for {problem} at {path}; {remake}")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT or int(f.attrs.get("version", -1)) != VERSION:
+            raise GanflowError(f"bench: {path} is not a ganflow reference (version {VERSION}); {remake}")
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        y = f["y"][()]
+        draws = [f[f"mode_{j}/draws"][()].astype(np.float64) for j in range(int(attrs["n_modes"]))]
+        mass = f["mode_mass"][()]
+    _check_identity(attrs, target, y, path, problem, seed, remake)
+    return StoredReference(problem, seed, draws, mass, attrs)
+
+
+def _check_identity(attrs: dict, target, y: np.ndarray, path: str, problem: str, seed: int, remake: str) -> None:
+    now = _identity(target)
+    what = [k for k in ("prior_sha1", "operator_fingerprint") if attrs.get(k) != now[k]]
+    if not np.isclose(float(attrs.get("noise_sigma", np.nan)), now["noise_sigma"], rtol=1e-6):
+        what.append("noise_sigma")
+    y_now = target.y.detach().double().numpy()
+    if y.shape != y_now.shape or not np.allclose(y, y_now, rtol=1e-5, atol=1e-6 * float(np.abs(y_now).max())):
+        what.append("observation y")
+    if attrs.get("problem") != problem or int(attrs.get("seed", -1)) != seed:
+        what.append("problem/seed")
+    if what:
+        raise GanflowError(f"bench: the stored reference {path} was made for another {', '.join(what)} "
+                           f"(a retrained prior?); {remake}")

@@ -1,0 +1,81 @@
+"""Stored NUTS references (`ganflow.bench.stored`): per-mode runs whose masses match quadrature, and a file that
+refuses to be read for another prior, noise level or observation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ganflow import GanflowError
+from ganflow.bench.exact import CoefficientOperator, CurvedGenerator, _observe, quadrature_moments
+from ganflow.bench.stored import load_reference, make_reference, save_reference
+from ganflow.posterior import LatentTarget
+from ganflow.posterior.nuts import NutsSettings
+
+SETTINGS = NutsSettings(num_chains=4, warmup_steps=150, num_samples=250, max_tree_depth=6)
+
+
+def _separated_asymmetric_twin():
+    """The asymmetric twin (modes at z_1 ~ 0.9 and -1.6) with sigma = 0.2: the valley between the modes is too
+    deep for a chain to cross, so each mode needs chains of its own and their masses must be estimated."""
+    return _observe("asymmetric_twin_0.2", CurvedGenerator(0.5), CoefficientOperator(twin=True, shift=0.7),
+                    (0.8, 0.3), 0.2, seed=2)
+
+
+def _target(p):
+    return LatentTarget(p.generator, p.operator, p.y, p.noise_sigma)
+
+
+@pytest.fixture(scope="module")
+def twin_reference():
+    p = _separated_asymmetric_twin()
+    ref = make_reference(_target(p), "twin", 0, SETTINGS, torch.Generator().manual_seed(0), echo=lambda *_: None)
+    return p, ref
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_per_mode_reference_masses_match_quadrature(twin_reference):
+    p, ref = twin_reference
+    q = quadrature_moments(p)
+    assert q["edge_mass"] < 1e-6
+    exact_major = q["mass_above_split"]  # the mode at z_1 ~ 0.9
+    assert 0.55 < exact_major < 0.9  # the test needs unequal masses to catch equal weights
+    assert len(ref.draws) == 2
+    # each mode's chains stay in their mode (the reference is per mode)
+    sides = [np.mean(d[..., 0] > q["mode_split"]) for d in ref.draws]
+    assert sorted(sides) == [0.0, 1.0]
+    major = int(np.argmax(sides))
+    # importance-sampling masses from 4,096 draws per mode: Monte-Carlo sd well under 0.01
+    assert abs(ref.mode_mass[major] - exact_major) < 0.03
+    assert abs(ref.mode_mass.sum() - 1) < 1e-6
+    # pooled draws: the posterior mean of z_1 against quadrature
+    pooled = ref.pooled(4000, 0)
+    assert abs(pooled[:, 0].mean() - q["mean"][0]) < 0.1 * q["sd"][0]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_stored_reference_round_trip_and_refusals(twin_reference, tmp_path):
+    p, ref = twin_reference
+    path = str(tmp_path / "twin_seed0.h5")
+    save_reference(ref, path)
+    back = load_reference(path, _target(p), "twin", 0)
+    for a, b in zip(back.draws, ref.draws):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(back.mode_mass, ref.mode_mass)
+    a, b = back.halves(0)
+    assert a.shape[1] == 2 and abs(len(a) - len(b)) <= 2
+
+    other_noise = LatentTarget(p.generator, p.operator, p.y, 0.25)
+    with pytest.raises(GanflowError, match="noise_sigma"):
+        load_reference(path, other_noise, "twin", 0)
+    G = CurvedGenerator(0.5)
+    G.modes.mul_(1.01)  # a "retrained" prior: other weights
+    with pytest.raises(GanflowError, match="prior_sha1"):
+        load_reference(path, LatentTarget(G, p.operator, p.y, p.noise_sigma), "twin", 0)
+    with pytest.raises(GanflowError, match="observation y"):
+        load_reference(path, LatentTarget(p.generator, p.operator, p.y + 0.1, p.noise_sigma), "twin", 0)
+    with pytest.raises(GanflowError, match="problem/seed"):
+        load_reference(path, _target(p), "twin", 1)
+    with pytest.raises(GanflowError, match="no stored reference .*make_references.py"):
+        load_reference(str(tmp_path / "missing.h5"), _target(p), "twin", 0)
