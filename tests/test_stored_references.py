@@ -60,7 +60,7 @@ def test_stored_reference_round_trip_and_refusals(twin_reference, tmp_path):
     path = str(tmp_path / "twin_seed0.h5")
     save_reference(ref, path)
     back = load_reference(path, _target(p), "twin", 0)
-    for a, b in zip(back.draws, ref.draws):
+    for a, b in zip(back.draws, ref.draws, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(back.mode_mass, ref.mode_mass)
     a, b = back.halves(0)

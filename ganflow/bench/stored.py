@@ -63,33 +63,28 @@ class StoredReference:
         """``[n, k]`` draws: the modes' draws resampled in proportion to their masses (all of them with one)."""
         if len(self.draws) == 1:
             return self.draws[0].reshape(-1, self.draws[0].shape[-1])
-        rng = np.random.default_rng(seed)
-        counts = rng.multinomial(n, self.mode_mass / self.mode_mass.sum())
-        parts = []
-        for d, c in zip(self.draws, counts):
-            flat = d.reshape(-1, d.shape[-1])
-            parts.append(flat[rng.choice(len(flat), size=c, replace=c > len(flat))])
-        return np.concatenate(parts)
+        return _resample([d.reshape(-1, d.shape[-1]) for d in self.draws], self.mode_mass, n,
+                         np.random.default_rng(seed))
 
     def halves(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Two independent halves (each mode's chains split in two), each pooled over the modes by mass."""
         parts = [(d[: len(d) // 2], d[len(d) // 2 :]) for d in self.draws]
+        flat = [[p[side].reshape(-1, p[side].shape[-1]) for p in parts] for side in (0, 1)]
         if len(parts) == 1:
-            a, b = parts[0]
-            return a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+            return flat[0][0], flat[1][0]
         rng = np.random.default_rng(seed)
-        w = self.mode_mass / self.mode_mass.sum()
-        out = []
-        for side in (0, 1):
-            flat = [p[side].reshape(-1, p[side].shape[-1]) for p in parts]
-            n = min(len(f) for f in flat)
-            counts = rng.multinomial(n, w)
-            out.append(np.concatenate([f[rng.choice(len(f), size=c, replace=c > len(f))]
-                                       for f, c in zip(flat, counts)]))
-        return out[0], out[1]
+        a, b = (_resample(f, self.mode_mass, min(len(x) for x in f), rng) for f in flat)
+        return a, b
 
     def converged(self) -> bool:
         return bool(self.attrs["rhat_max"] < RHAT_GOAL and self.attrs["ess_min"] >= ESS_GOAL)
+
+
+def _resample(parts: list[np.ndarray], mass: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` draws from the mixture of the draw sets ``parts`` with weights ``mass``."""
+    counts = rng.multinomial(n, mass / mass.sum())
+    return np.concatenate([p[rng.choice(len(p), size=c, replace=c > len(p))]
+                           for p, c in zip(parts, counts, strict=True)])
 
 
 def reference_path(prior_path: str, problem: str, seed: int) -> str:
@@ -175,7 +170,7 @@ def save_reference(ref: StoredReference, path: str) -> None:
         f.attrs.update({k: v for k, v in ref.attrs.items() if not k.startswith("_")})
         f.create_dataset("y", data=ref.attrs["_y"])
         f.create_dataset("mode_mass", data=ref.mode_mass)
-        for j, (d, fit) in enumerate(zip(ref.draws, ref.attrs["_fits"])):
+        for j, (d, fit) in enumerate(zip(ref.draws, ref.attrs["_fits"], strict=True)):
             g = f.create_group(f"mode_{j}")
             t = torch.from_numpy(d)
             g.create_dataset("draws", data=d.astype(np.float32), compression="gzip")
