@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import statistics
 import time
@@ -16,7 +17,7 @@ import torch
 from ..errors import GanflowError
 from .cases import _Case
 from .metrics import _metrics, _samples_per_s, _timed
-from .plan import EXACT_PROBLEMS, NUTS_ESS_GOAL, TARGET_MEAN_ERR_SD, TARGET_SD_REL_ERR, BenchPlan
+from .plan import EXACT_PROBLEMS, NUTS_ESS_GOAL, OVERHEAD_BATCH, TARGET_MEAN_ERR_SD, TARGET_SD_REL_ERR, BenchPlan
 from .references import _exact_reference, _nuts_reference, _quadrature_reference, _Reference, _self_metrics
 
 
@@ -55,6 +56,7 @@ def _stored_nuts(case: _Case, plan: BenchPlan, seed: int, echo) -> tuple[dict, _
     rec = {"problem": case.name, "method": "nuts", **_self_metrics(ref, len(pooled), plan, seed)}
     rec.update({
         "reference": "stored",
+        "samples_per_s": None,  # a stored run has no sampler to time; its cost is ESS per second
         "reference_file": os.path.relpath(path),
         "reference_created": a.get("created"),
         "n_forward_evals": int(a["n_forward_evals"]),
@@ -78,13 +80,17 @@ def _stored_nuts(case: _Case, plan: BenchPlan, seed: int, echo) -> tuple[dict, _
 def _run_nuts(case: _Case, ns, plan: BenchPlan, seed: int, echo, reference_run: bool = True
               ) -> tuple[dict, _Reference]:
     """NUTS and the reference: on linear_gaussian and curved NUTS is measured against the exact answer;
-    elsewhere it is the reference, read from the stored run unless ``reference_run``. Returns its record and the
-    reference."""
+    elsewhere it is the reference, read from the stored converged run where there is one unless
+    ``reference_run``. Returns its record and the reference."""
     from ..posterior.nuts import run_nuts
+    from .stored import reference_path
 
     name = case.name
     if not reference_run and name not in EXACT_PROBLEMS:
-        return _stored_nuts(case, plan, seed, echo)
+        if os.path.isfile(reference_path(case.prior_path, name, seed)):
+            return _stored_nuts(case, plan, seed, echo)  # refused (one line) when stale
+        echo(f"[{name}] no stored reference ({os.path.relpath(reference_path(case.prior_path, name, seed))}): "
+             f"NUTS runs with the plan's settings and is the reference, converged or not")
     echo(f"[{name}] nuts: {ns.num_chains} chains x ({ns.warmup_steps} warm-up + {ns.num_samples})")
     target = _new_target(case)
     nuts_fit, _, nuts_cpu = _timed(lambda: run_nuts(target, ns, torch.Generator().manual_seed(seed + 1)))
@@ -239,6 +245,8 @@ def _flow_overhead(case: _Case, fs, plan: BenchPlan, seed: int) -> dict:
     from ..posterior.flow import fit_flow
 
     n1, n2 = plan.overhead_steps
+    # at the batch the target is set for (issue 17: 16 draws), whatever the problem's fit uses
+    fs = dataclasses.replace(fs, batch_size=OVERHEAD_BATCH, iw_group=math.gcd(fs.iw_group, OVERHEAD_BATCH))
     target = _new_target(case)
     walls, cpus = [], []
     for n in (n1, n2):

@@ -193,7 +193,8 @@ def _method_table(records: list[dict]) -> list[str]:
             continue
         extra = ""
         if r["method"] == "nuts":
-            extra = f" (R-hat {_f(r.get('rhat_max'), '{:.3f}')}, ESS {_f(r.get('ess_min'), '{:.0f}')})"
+            stored = "stored, " if r.get("reference") == "stored" else ""
+            extra = f" ({stored}R-hat {_f(r.get('rhat_max'), '{:.3f}')}, ESS {_f(r.get('ess_min'), '{:.0f}')})"
         elif r["method"] == "flow" and "time_to_target_s" in r:
             t_acc = r["time_to_target_s"]
             extra = (f" (accuracy targets at {t_acc:.1f} s, step {r['steps_to_target']})" if t_acc is not None
