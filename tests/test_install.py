@@ -98,13 +98,14 @@ def _source_files(top: str, suffixes: tuple[str, ...]) -> set[str]:
 
 
 def _check_wheel(wheel: Path, build_log: str) -> None:
-    """No warning from the build; every module and bundled prior at its installed place; no top-level problems."""
+    """No warning from the build; every module, bundled prior and stored reference at its installed place; no
+    top-level problems."""
     warned = [line for line in build_log.splitlines() if re.search(r"[Dd]eprecat|\w+Warning\b", line)]
     assert not warned, "\n".join(warned)
     names = set(zipfile.ZipFile(wheel).namelist())
     assert not [n for n in names if n.split("/")[0] == "problems"]
     expected = {f"ganflow/{p}" for p in _source_files("ganflow", (".py",))}
-    expected |= {f"ganflow/problems/{p}" for p in _source_files("problems", (".py", ".pt"))}
+    expected |= {f"ganflow/problems/{p}" for p in _source_files("problems", (".py", ".pt", ".h5"))}
     assert not expected - names, f"missing from the wheel: {sorted(expected - names)}"
 
 
