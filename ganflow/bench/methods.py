@@ -192,9 +192,9 @@ def _run_langevin(case: _Case, method: str, ls, init_fit, flow_cpu: float, ref: 
     init = frame = None
     lset = ls
     if method == "langevin-prior":  # the seed's method: unadjusted, identity frame, default search range
-        default = LangevinSettings()
+        default = LangevinSettings()  # and at least 10 steps (the Laplace-frame rows may run fewer)
         lset = dataclasses.replace(ls, init="prior", mala=False, search_min=default.search_min,
-                                   search_max=default.search_max)
+                                   search_max=default.search_max, n_steps=max(ls.n_steps, 10))
     if init_fit is not None:
         lset = dataclasses.replace(ls, init="flow")
         init, frame = init_fit.sampler, affine_frame(init_fit.model)
