@@ -113,12 +113,15 @@ def _bench_amortized(output_dir: str, quick: bool, seed: int) -> None:
 
 
 def _amortized_line(r: dict) -> str:
-    """One problem's record in a line: accuracy, coverage, cost, break-even, refine steps and targets missed."""
+    """One problem's record in a line: accuracy, coverage, cost, break-even, refine steps, the targets missed and
+    those it cannot judge (the refine ratio when the Laplace start is already exact)."""
     ratio = r["refine_step_ratio"]
     missed = [k for k, met in r["targets_met"].items() if met is False]
+    unjudged = [k for k, met in r["targets_met"].items() if met is None]
     return (f"amortized {r['problem']}: mean error {r['latent_mean_err_sd']:.3f} sd, sd error "
             f"{r['latent_sd_rel_err']:.3f}, SBC coverage {r['sbc_coverage_95']:.3f}, "
             f"{r['amortized_s_per_obs'] * 1e3:.1f} ms/obs vs flow fit {r['laplace_fit_wall_s']:.1f} s, training "
             f"{r['train_wall_s']:.0f} s, break-even {r['break_even_n_obs']:.1f} observations; steps to the flow "
             f"targets from q(.|y) {r['amortized_steps_to_targets']} vs Laplace {r['laplace_steps_to_targets']} "
-            f"(ratio {'n/a' if ratio is None else f'{ratio:.2f}'}); targets missed: {', '.join(missed) or 'none'}")
+            f"(ratio {'n/a' if ratio is None else f'{ratio:.2f}'}); targets missed: {', '.join(missed) or 'none'}"
+            + (f" (not judged: {', '.join(unjudged)})" if unjudged else ""))
