@@ -130,14 +130,15 @@ def log_posterior_grid(problem: ExactProblem, half_width: float = 6.0, n: int = 
     return z1.numpy(), z2.numpy(), logp.reshape(n, n).numpy()
 
 
-def quadrature_moments(problem: ExactProblem) -> dict:
+def quadrature_moments(problem: ExactProblem, half_width: float = 6.0, n: int = 1201) -> dict:
     """Posterior ``mean`` ``[2]``, ``cov`` ``[2, 2]``, ``sd`` ``[2]``, ``corr``, ``skew`` ``[2]`` (third
     standardised moments), ``m4`` ``[2]`` (fourth central moments) and the mass with ``z_1 > 0`` (half the
     ``z_1 = 0`` column's), by summing
     the normalised density over the grid; ``edge_mass`` (the mass on the grid's border rows) checks that the
     grid holds the posterior. ``mode_split`` is the lowest point of the ``z_1`` marginal on ``(-1, 1)`` (the
-    valley between two modes) and ``mass_above_split`` the mass with ``z_1`` above it."""
-    z1, z2, logp = log_posterior_grid(problem)
+    valley between two modes) and ``mass_above_split`` the mass with ``z_1`` above it. ``half_width`` and ``n``
+    are `log_posterior_grid`'s (a coarser grid for many observations: check it against the default one)."""
+    z1, z2, logp = log_posterior_grid(problem, half_width, n)
     w = np.exp(logp - logp.max())
     w /= w.sum()
     mean = np.array([(w * z1).sum(), (w * z2).sum()])

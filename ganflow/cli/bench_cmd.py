@@ -38,8 +38,8 @@ from .common import config_option, seed_option
               help="Run the problems in this many parallel processes (one per core is how the default run "
               "fits ~20 min on 2 cores), then the throughput part alone, and merge.")
 @click.option("--amortized", "amortized", is_flag=True,
-              help="Instead: the amortised-posterior record on linear_gaussian (1,000 observations; --quick: 100), "
-                   "written to amortized.json (docs/amortized.md).")
+              help="Instead: the amortised-posterior records on linear_gaussian and curved (1,000 observations "
+                   "each; --quick: 100 and 300 training steps), written to amortized.json (docs/amortized.md).")
 @click.option("--reference-run", is_flag=True,
               help="Run NUTS as the reference on elliptic and phase_retrieval instead of reading the stored "
                    "converged references (problems/data/references/, made by scripts/make_references.py).")
@@ -101,12 +101,27 @@ def _bench_amortized(output_dir: str, quick: bool, seed: int) -> None:
     from ..bench.amortized import bench_amortized
     from ..io import atomic_path
 
-    rec = bench_amortized(n_obs=100 if quick else 1000, n_fits=1 if quick else 3, seed=seed, echo=click.echo)
+    rec = bench_amortized(n_obs=100 if quick else 1000, n_fits=1 if quick else 3, curved_fits=1 if quick else 5,
+                          quick=quick, seed=seed, echo=click.echo)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "amortized.json")
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(rec, f, indent=1, default=str)
-    click.echo(f"amortized: mean error {rec['latent_mean_err_sd']:.3f} sd, sd error {rec['latent_sd_rel_err']:.3f}, "
-               f"SBC coverage {rec['sbc_coverage_95']:.3f}, {rec['amortized_s_per_obs'] * 1e3:.1f} ms/obs vs flow fit "
-               f"{rec['laplace_fit_wall_s']:.1f} s, training {rec['train_wall_s']:.0f} s, break-even "
-               f"{rec['break_even_n_obs']:.1f} observations; wrote {path}")
+    for r in (rec, rec["curved"]):
+        click.echo(_amortized_line(r))
+    click.echo(f"wrote {path}")
+
+
+def _amortized_line(r: dict) -> str:
+    """One problem's record in a line: accuracy, coverage, cost, break-even, refine steps, the targets missed and
+    those it cannot judge (the refine ratio when the Laplace start is already exact)."""
+    ratio = r["refine_step_ratio"]
+    missed = [k for k, met in r["targets_met"].items() if met is False]
+    unjudged = [k for k, met in r["targets_met"].items() if met is None]
+    return (f"amortized {r['problem']}: mean error {r['latent_mean_err_sd']:.3f} sd, sd error "
+            f"{r['latent_sd_rel_err']:.3f}, SBC coverage {r['sbc_coverage_95']:.3f}, "
+            f"{r['amortized_s_per_obs'] * 1e3:.1f} ms/obs vs flow fit {r['laplace_fit_wall_s']:.1f} s, training "
+            f"{r['train_wall_s']:.0f} s, break-even {r['break_even_n_obs']:.1f} observations; steps to the flow "
+            f"targets from q(.|y) {r['amortized_steps_to_targets']} vs Laplace {r['laplace_steps_to_targets']} "
+            f"(ratio {'n/a' if ratio is None else f'{ratio:.2f}'}); targets missed: {', '.join(missed) or 'none'}"
+            + (f" (not judged: {', '.join(unjudged)})" if unjudged else ""))
