@@ -122,8 +122,10 @@ def _fit_trace(target, fs, start, ref, seed: int) -> dict:
         seen["end"] = errs  # the last call is after the last step
         seen["monitor_s"] += time.perf_counter() - t0
 
-    fit = fit_flow(target, fs, torch.Generator().manual_seed(seed), monitor=monitor, monitor_every=10,
-                   start=start)
+    from ..posterior.amortized import refine_settings
+
+    fit = fit_flow(target, fs if start is None else refine_settings(fs), torch.Generator().manual_seed(seed),
+                   monitor=monitor, monitor_every=10, start=start)
     end = seen["end"]
     return {"steps_to_targets": seen["reached"], "end_errors": end,
             "targets_at_end": end[0] <= TARGET_MEAN_ERR_SD and end[1] <= TARGET_SD_REL_ERR,

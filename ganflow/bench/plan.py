@@ -118,7 +118,7 @@ def _default_plan() -> BenchPlan:
         n_draws=2000,
         n_ref_exact=2000,
         n_timing=2000,
-        overhead_steps=(5, 25),
+        overhead_steps=(10, 110),  # 100 steps apart: with 20 the difference of two wall times was noise
         monitor_every=25,
         n_projections=256,
         elliptic_sizes=(32, 64),

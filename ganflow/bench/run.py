@@ -49,7 +49,7 @@ def run_bench(
     notes = []
     # The first torch.optim optimiser of a process imports torch._dynamo (~3 s here): a one-off import cost,
     # not a cost of any fit, so it is paid before the first timed method.
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
     for name in problems:
         case = _make_case(name, seed)
         if isinstance(case, str):
