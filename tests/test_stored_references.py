@@ -63,6 +63,9 @@ def test_stored_reference_round_trip_and_refusals(twin_reference, tmp_path):
     for a, b in zip(back.draws, ref.draws, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(back.mode_mass, ref.mode_mass)
+    for a, b in zip(back.potential, ref.potential, strict=True):
+        np.testing.assert_allclose(a, b)
+    assert back.mode_attrs == ref.mode_attrs and back.converged() == ref.converged()
     a, b = back.halves(0)
     assert a.shape[1] == 2 and abs(len(a) - len(b)) <= 2
 

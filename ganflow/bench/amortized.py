@@ -103,11 +103,11 @@ def _accuracy(post, z_true, y, refs, n_draws: int, seed: int) -> dict:
             "sbc_coverage_95": float(np.mean(inside)), "amortized_s_per_obs": float(np.median(secs))}
 
 
-def _fit_trace(target, fs, start, ref, seed: int) -> dict:
-    """A flow fit (from ``start``, or the Laplace start) with its accuracy against ``ref = (mean, sd)`` every 10
-    steps and after the last: the first step that meets the flow targets, the fitted flow's errors (max over
-    coordinates: mean error in sds, relative sd error) and whether they meet them; the wall time leaves out the
-    monitor's draws."""
+def _fit_trace(target, fs, post, ref, seed: int) -> dict:
+    """A flow fit (``post.refine``, i.e. ``--refine`` from ``q(. | y)``, or with ``post`` None from the Laplace
+    start) with its accuracy against ``ref = (mean, sd)`` every 10 steps and after the last: the first step that
+    meets the flow targets, the fitted flow's errors (max over coordinates: mean error in sds, relative sd
+    error) and whether they meet them; the wall time leaves out the monitor's draws."""
     from ..posterior.flow import fit_flow
 
     mean, sd = ref
@@ -122,10 +122,8 @@ def _fit_trace(target, fs, start, ref, seed: int) -> dict:
         seen["end"] = errs  # the last call is after the last step
         seen["monitor_s"] += time.perf_counter() - t0
 
-    from ..posterior.amortized import refine_settings
-
-    fit = fit_flow(target, fs if start is None else refine_settings(fs), torch.Generator().manual_seed(seed),
-                   monitor=monitor, monitor_every=10, start=start)
+    fit = (fit_flow if post is None else post.refine)(target, fs, torch.Generator().manual_seed(seed),
+                                                        monitor=monitor, monitor_every=10)
     end = seen["end"]
     return {"steps_to_targets": seen["reached"], "end_errors": end,
             "targets_at_end": end[0] <= TARGET_MEAN_ERR_SD and end[1] <= TARGET_SD_REL_ERR,
@@ -145,7 +143,6 @@ def _refine_vs_laplace(post, G, A, y, sigma: float, refs, n_fits: int, seed: int
     """Flow fits (default settings) of the first ``n_fits`` observations from the Laplace start and from
     ``q(. | y)``: steps to the accuracy targets against ``refs``, the fitted flow's errors and whether they meet
     them, iterations (the stopping rule), wall time, forward evaluations."""
-    from ..posterior.amortized import _ConditionedFlow
     from ..posterior.flow import FlowSettings
     from ..posterior.target import LatentTarget
 
@@ -154,8 +151,7 @@ def _refine_vs_laplace(post, G, A, y, sigma: float, refs, n_fits: int, seed: int
     for i in range(n_fits):
         for name in rows:
             target = LatentTarget(G, A, y[i], sigma)
-            start = _ConditionedFlow(post.model, y[i]) if name == "amortized" else None
-            rows[name].append(_fit_trace(target, fs, start, refs[i], seed + i))
+            rows[name].append(_fit_trace(target, fs, post if name == "amortized" else None, refs[i], seed + i))
     out = {}
     for name, r in rows.items():
         out[f"{name}_steps_to_targets"] = [x["steps_to_targets"] for x in r]

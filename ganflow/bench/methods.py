@@ -40,12 +40,12 @@ def _nuts_record_extra(fit) -> dict:
     }
 
 
-def _stored_nuts(case: _Case, plan: BenchPlan, seed: int, echo) -> tuple[dict, _Reference]:
-    """The stored converged NUTS reference of a GAN case (`ganflow.bench.stored`): its record and the reference."""
+def _stored_nuts(case: _Case, path: str, plan: BenchPlan, seed: int, echo) -> tuple[dict, _Reference]:
+    """The stored converged NUTS reference at ``path`` of a GAN case (`ganflow.bench.stored`): its record and the
+    reference."""
     from .metrics import _field_moments
-    from .stored import load_reference, reference_path
+    from .stored import load_reference
 
-    path = reference_path(case.prior_path, case.name, seed)
     sref = load_reference(path, _new_target(case), case.name, seed)
     pooled = sref.pooled(sum(d.shape[0] * d.shape[1] for d in sref.draws), seed + 4)
     half_a, half_b = sref.halves(seed + 5)
@@ -87,10 +87,11 @@ def _run_nuts(case: _Case, ns, plan: BenchPlan, seed: int, echo, reference_run: 
 
     name = case.name
     if not reference_run and name not in EXACT_PROBLEMS:
-        if os.path.isfile(reference_path(case.prior_path, name, seed)):
-            return _stored_nuts(case, plan, seed, echo)  # refused (one line) when stale
-        echo(f"[{name}] no stored reference ({os.path.relpath(reference_path(case.prior_path, name, seed))}): "
-             f"NUTS runs with the plan's settings and is the reference, converged or not")
+        path = reference_path(case.prior_path, name, seed)
+        if os.path.isfile(path):
+            return _stored_nuts(case, path, plan, seed, echo)  # refused (one line) when stale
+        echo(f"[{name}] no stored reference ({os.path.relpath(path)}): NUTS runs with the plan's settings and is "
+             f"the reference, converged or not")
     echo(f"[{name}] nuts: {ns.num_chains} chains x ({ns.warmup_steps} warm-up + {ns.num_samples})")
     target = _new_target(case)
     nuts_fit, _, nuts_cpu = _timed(lambda: run_nuts(target, ns, torch.Generator().manual_seed(seed + 1)))

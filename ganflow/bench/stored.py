@@ -55,9 +55,12 @@ class StoredReference:
 
     problem: str
     seed: int
+    y: np.ndarray  # the observation it was made for
     draws: list[np.ndarray]  # per mode [C, S, k]
+    potential: list[np.ndarray]  # per mode [C, S]: -log p(y, z) of each draw
     mode_mass: np.ndarray  # [K]
-    attrs: dict
+    mode_attrs: list[dict]  # per mode: rhat_max, ess_min, wall_s, n_forward_evals, divergences, step_size
+    attrs: dict  # the whole run's (the file's root attributes)
 
     def pooled(self, n: int, seed: int) -> np.ndarray:
         """``[n, k]`` draws: the modes' draws resampled in proportion to their masses (all of them with one)."""
@@ -77,7 +80,9 @@ class StoredReference:
         return a, b
 
     def converged(self) -> bool:
-        return bool(self.attrs["rhat_max"] < RHAT_GOAL and self.attrs["ess_min"] >= ESS_GOAL)
+        """Every mode: split R-hat < 1.01 and bulk ESS >= 1,000, from at least 4 chains."""
+        return bool(self.attrs["rhat_max"] < RHAT_GOAL and self.attrs["ess_min"] >= ESS_GOAL
+                    and min(d.shape[0] for d in self.draws) >= MIN_CHAINS)
 
 
 def _resample(parts: list[np.ndarray], mass: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -104,14 +109,17 @@ def _identity(target) -> dict:
 
 def make_reference(target, problem: str, seed: int, settings, generator: torch.Generator, echo=print,
                    map_starts: int = 64) -> StoredReference:
-    """Per-mode NUTS runs (`run_nuts` with ``settings``, init "laplace") on ``target`` and the modes' masses."""
-    from ..posterior.flow import FlowSettings, _laplace_flow, _screen_modes, laplace_modes
+    """Per-mode NUTS runs (`run_nuts` with ``settings``, init "laplace") on ``target`` and the modes' masses.
+    The modes are the flow's own (`ganflow.posterior.flow._find_modes`: the multi-start MAP search, then the
+    importance-sampling screen)."""
+    from ..posterior.flow import FlowSettings, _find_modes, _laplace_flow
     from ..posterior.mixture import fit_mixture_weights
     from ..posterior.nuts import run_nuts
 
     fs = FlowSettings(map_starts=map_starts)
-    modes, screen = _screen_modes(target, fs, generator, laplace_modes(target, fs, generator))
-    echo(f"[{problem}] {len(modes)} mode(s) kept (importance-sampling shares of the Laplace modes: {screen})")
+    modes, found = _find_modes(target, fs, generator, target.n_forward_evals)
+    echo(f"[{problem}] {len(modes)} mode(s) kept (importance-sampling shares of the Laplace modes: "
+         f"{found.get('mode_screen_weights', [1.0])})")
     settings = dataclasses.replace(settings, init="laplace")
     fits = []
     for j, mode in enumerate(modes):
@@ -137,24 +145,32 @@ def _fitted_mode(samples: torch.Tensor):
     return LaplaceMode(loc=mean.float(), scale_tril=torch.linalg.cholesky(cov).float(), log_joint=0.0, log_mass=0.0)
 
 
+def _mode_attrs(fit) -> dict:
+    return {"rhat_max": float(fit.attrs["rhat_max"]), "ess_min": float(fit.attrs["ess_min"]),
+            "wall_s": float(fit.wall_time_s), "n_forward_evals": int(fit.n_forward_evals),
+            "divergences": int(fit.attrs["divergences"]), "step_size": float(fit.attrs["step_size"])}
+
+
 def _stored(problem: str, seed: int, target, settings, fits: list, mass: np.ndarray) -> StoredReference:
     C, S = settings.num_chains, settings.num_samples
-    draws = [f.samples.double().numpy().reshape(C, S, -1) for f in fits]
+    per_mode = [_mode_attrs(f) for f in fits]
     attrs = {
         **_identity(target),
         "nuts_settings": json.dumps(dataclasses.asdict(settings)),
         "n_modes": len(fits),
-        "rhat_max": max(float(f.attrs["rhat_max"]) for f in fits),
-        "ess_min": min(float(f.attrs["ess_min"]) for f in fits),
-        "wall_s": sum(float(f.wall_time_s) for f in fits),
-        "n_forward_evals": sum(int(f.n_forward_evals) for f in fits),
-        "divergences": sum(int(f.attrs["divergences"]) for f in fits),
+        "rhat_max": max(m["rhat_max"] for m in per_mode),
+        "ess_min": min(m["ess_min"] for m in per_mode),
+        "wall_s": sum(m["wall_s"] for m in per_mode),
+        "n_forward_evals": sum(m["n_forward_evals"] for m in per_mode),
+        "divergences": sum(m["divergences"] for m in per_mode),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": MAKE_COMMAND.format(problem=problem),
-        "_fits": fits,
-        "_y": target.y.detach().double().numpy(),
     }
-    return StoredReference(problem, seed, draws, mass, attrs)
+    return StoredReference(
+        problem, seed, y=target.y.detach().double().numpy(),
+        draws=[f.samples.double().numpy().reshape(C, S, -1) for f in fits],
+        potential=[np.asarray(f.trace["potential_energy"]).reshape(C, S) for f in fits],
+        mode_mass=mass, mode_attrs=per_mode, attrs=attrs)
 
 
 def save_reference(ref: StoredReference, path: str) -> None:
@@ -167,21 +183,17 @@ def save_reference(ref: StoredReference, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update({"format": FORMAT, "version": VERSION, "problem": ref.problem, "seed": ref.seed})
-        f.attrs.update({k: v for k, v in ref.attrs.items() if not k.startswith("_")})
-        f.create_dataset("y", data=ref.attrs["_y"])
+        f.attrs.update(ref.attrs)
+        f.create_dataset("y", data=ref.y)
         f.create_dataset("mode_mass", data=ref.mode_mass)
-        for j, (d, fit) in enumerate(zip(ref.draws, ref.attrs["_fits"], strict=True)):
+        for j, (d, pot, mode_attrs) in enumerate(zip(ref.draws, ref.potential, ref.mode_attrs, strict=True)):
             g = f.create_group(f"mode_{j}")
             t = torch.from_numpy(d)
             g.create_dataset("draws", data=d.astype(np.float32), compression="gzip")
-            g.create_dataset("potential", data=fit.trace["potential_energy"].reshape(d.shape[:2]))
+            g.create_dataset("potential", data=pot)
             g.create_dataset("rhat", data=split_gelman_rubin(t, chain_dim=0, sample_dim=1).numpy())
             g.create_dataset("ess", data=effective_sample_size(t, chain_dim=0, sample_dim=1).numpy())
-            g.attrs.update({
-                "rhat_max": float(fit.attrs["rhat_max"]), "ess_min": float(fit.attrs["ess_min"]),
-                "wall_s": float(fit.wall_time_s), "n_forward_evals": int(fit.n_forward_evals),
-                "divergences": int(fit.attrs["divergences"]), "step_size": float(fit.attrs["step_size"]),
-            })
+            g.attrs.update(mode_attrs)
 
 
 def load_reference(path: str, target, problem: str, seed: int) -> StoredReference:
@@ -197,10 +209,13 @@ def load_reference(path: str, target, problem: str, seed: int) -> StoredReferenc
             raise GanflowError(f"bench: {path} is not a ganflow reference (version {VERSION}); {remake}")
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
         y = f["y"][()]
-        draws = [f[f"mode_{j}/draws"][()].astype(np.float64) for j in range(int(attrs["n_modes"]))]
+        groups = [f[f"mode_{j}"] for j in range(int(attrs["n_modes"]))]
+        draws = [g["draws"][()].astype(np.float64) for g in groups]
+        potential = [g["potential"][()] for g in groups]
+        mode_attrs = [{k: (v.item() if hasattr(v, "item") else v) for k, v in g.attrs.items()} for g in groups]
         mass = f["mode_mass"][()]
     _check_identity(attrs, target, y, path, problem, seed, remake)
-    return StoredReference(problem, seed, draws, mass, attrs)
+    return StoredReference(problem, seed, y, draws, potential, mass, mode_attrs, attrs)
 
 
 def _check_identity(attrs: dict, target, y: np.ndarray, path: str, problem: str, seed: int, remake: str) -> None:

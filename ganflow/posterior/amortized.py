@@ -291,7 +291,7 @@ class _ConditionedFlow(nn.Module):
 REFINE_LR = 1e-4
 
 
-def refine_settings(settings: FlowSettings) -> FlowSettings:
+def _refine_settings(settings: FlowSettings) -> FlowSettings:
     """The `FlowSettings` of a fit started from ``q(. | y)``: the learning rate capped at `REFINE_LR`."""
     return dataclasses.replace(settings, lr=min(settings.lr, REFINE_LR), lr_final=min(settings.lr_final, REFINE_LR))
 
@@ -733,7 +733,7 @@ class AmortizedPosterior:
         """`fit_flow` started from ``q(. | y)`` (the conditioned coupling/LU/affine layers are fine-tuned to the
         usual stopping rule); the result's method is ``amortized`` with ``refined`` = True."""
         start = _ConditionedFlow(self.model, target.y)
-        fit = fit_flow(target, refine_settings(settings), generator, start=start, **fit_kwargs)
+        fit = fit_flow(target, _refine_settings(settings), generator, start=start, **fit_kwargs)
         fit.method = "amortized"
         fit.attrs.update(self._attrs(refined=True))
         fit.model = _NoGradSampler(fit.model)
