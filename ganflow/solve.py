@@ -165,15 +165,15 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
         from .posterior.langevin import LangevinSettings, run_langevin
 
         ls = cfg.section(LangevinSettings, "langevin")
-        init = frame = flow_fit = None
+        init = frame = flow_fit = log_q = None
         if ls.init == "flow":  # the refiner: chains from the flow, in its affine (Laplace) frame
             fs = cfg.section(FlowSettings, "flow")
             if not progress:
                 fs = dataclasses.replace(fs, progress=False)
             flow_fit = fit_flow(target, fs, gen)
-            init, frame = flow_fit.sampler, affine_frame(flow_fit.model)
+            init, frame, log_q = flow_fit.sampler, affine_frame(flow_fit.model), flow_fit.model.log_prob
         evals_before = target.n_forward_evals
-        fit = run_langevin(target, ls, gen, init=init, frame=frame)
+        fit = run_langevin(target, ls, gen, init=init, frame=frame, init_log_prob=log_q)
         if flow_fit is not None:
             fit.n_forward_evals = target.n_forward_evals - evals_before + flow_fit.n_forward_evals
             fit.wall_time_s += flow_fit.wall_time_s

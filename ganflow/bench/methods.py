@@ -190,7 +190,7 @@ def _run_langevin(case: _Case, method: str, ls, init_fit, flow_cpu: float, ref: 
     name = case.name
     echo(f"[{name}] {method}")
     target = _new_target(case)
-    init = frame = None
+    init = frame = log_q = None
     lset = ls
     if method == "langevin-prior":  # the seed's method: unadjusted, identity frame, default search range
         default = LangevinSettings()  # and at least 10 steps (the Laplace-frame rows may run fewer)
@@ -198,10 +198,11 @@ def _run_langevin(case: _Case, method: str, ls, init_fit, flow_cpu: float, ref: 
                                    search_max=default.search_max, n_steps=max(ls.n_steps, 10))
     if init_fit is not None:
         lset = dataclasses.replace(ls, init="flow")
-        init, frame = init_fit.sampler, affine_frame(init_fit.model)
+        init, frame, log_q = init_fit.sampler, affine_frame(init_fit.model), init_fit.model.log_prob
     try:
         fit, _, cpu = _timed(functools.partial(
-            run_langevin, target, lset, torch.Generator().manual_seed(seed + 7), init=init, frame=frame))
+            run_langevin, target, lset, torch.Generator().manual_seed(seed + 7), init=init, frame=frame,
+            init_log_prob=log_q))
     except GanflowError as e:
         # A method that fails on a problem (e.g. unadjusted chains leaving the operator's valid range) is a
         # result to report, not a reason to abandon the rest of the benchmark.
@@ -222,6 +223,7 @@ def _run_langevin(case: _Case, method: str, ls, init_fit, flow_cpu: float, ref: 
             "samples_per_s": _samples_per_s(fit, case.G, plan.n_timing, seed + 8),
             "step_size": float(fit.attrs.get("step_size", float("nan"))),
             "psis_khat": fit.attrs.get("psis_khat"),
+            "start_khat": fit.attrs.get("start_khat"),
             "backed_off_chains": int(fit.attrs.get("backed_off_chains", 0)),
             "langevin_forward_evals": int(fit.n_forward_evals),
             "settings": dataclasses.asdict(lset),
