@@ -210,3 +210,23 @@ def test_bench_jobs_runs_parts_in_processes_and_merges(cli, tmp_path):
     assert "| linear_gaussian | flow (" in (out / "results.md").read_text()
     bad = cli("bench", "--jobs", "0", "-o", tmp_path / "b2")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--jobs" in bad.stderr
+
+
+def test_refiner_targets_compare_with_the_flow_and_only_against_a_converged_reference():
+    from ganflow.bench.targets import _targets
+
+    flow = {"problem": "phase_retrieval", "method": "flow", "latent_mean_err_sd": 0.11,
+            "latent_sd_rel_err_max": 0.064}
+    refined = {"problem": "phase_retrieval", "method": "flow+langevin", "latent_mean_err_sd": 0.10,
+               "latent_sd_rel_err_max": 0.081}
+
+    def refiner_rows(rhat):
+        nuts = {"problem": "phase_retrieval", "method": "nuts", "rhat_max": rhat, "ess_min": 2000.0,
+                "reference": "stored"}
+        rows = _targets([flow, refined, nuts])
+        return {r["target"]: r for r in rows if r["target"].startswith("refiner")}
+
+    rows = refiner_rows(1.004)
+    assert [r["met"] for r in rows.values()] == [True, False]  # mean 0.10 <= 0.11; sd 8.1 % > 6.4 %
+    assert rows["refiner latent sd rel. error (max) vs the flow's"]["goal"] == "<= 0.064"
+    assert all(r["met"] is None for r in refiner_rows(1.2).values())

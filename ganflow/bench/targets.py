@@ -29,6 +29,8 @@ def _targets(records: list[dict]) -> list[dict]:
         out += _flow_targets(problem, flow, nuts)
         if problem in EXACT_PROBLEMS and (problem, "langevin") in by:
             out += _langevin_targets(problem, by[(problem, "langevin")], flow)
+        if problem not in EXACT_PROBLEMS and (problem, "flow+langevin") in by:
+            out += _refiner_targets(problem, by[(problem, "flow+langevin")], flow, nuts)
         if nuts is not None:
             out.append(_target(problem, "NUTS reference R-hat", nuts["rhat_max"], "< 1.01", nuts["rhat_max"] < 1.01))
             if nuts.get("reference") == "stored":
@@ -77,6 +79,19 @@ def _langevin_targets(problem: str, lang: dict, flow: dict) -> list[dict]:
         _target(problem, "langevin forward evals / flow fit forward evals", ratio, "< 1",
                 None if ratio is None else ratio < 1),
     ]
+
+
+def _refiner_targets(problem: str, refined: dict, flow: dict, nuts: dict | None) -> list[dict]:
+    """Issue 18: the refiner (flow + Langevin) no worse than the flow it starts from, in the latent mean and sd,
+    against a converged reference (not judged against an unconverged one, nor without one)."""
+    judged = nuts is not None and nuts.get("rhat_max", math.inf) < 1.01
+    out = []
+    for key, what in (("latent_mean_err_sd", "mean error [ref sd]"), ("latent_sd_rel_err_max", "sd rel. error (max)")):
+        value, flow_value = refined.get(key), flow[key]
+        ok = value is not None and not math.isnan(value) and value <= flow_value
+        out.append(_target(problem, f"refiner latent {what} vs the flow's", value, f"<= {flow_value:.3f}",
+                           ok if judged else None))
+    return out
 
 
 def _flow_targets(problem: str, flow: dict, nuts: dict | None) -> list[dict]:
