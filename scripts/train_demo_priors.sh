@@ -3,6 +3,7 @@
 #   scripts/train_demo_priors.sh elliptic          -> runs/demo_priors/elliptic_32.pt         (configs/elliptic_demo.toml)
 #   scripts/train_demo_priors.sh phase_retrieval   -> runs/demo_priors/phase_retrieval_32.pt  (configs/phase_retrieval_demo.toml)
 #   scripts/train_demo_priors.sh all               both, side by side with one thread each
+# A single problem trains with two threads (THREADS=n to change): run it alone on a 2-core machine.
 # Each: `ganflow data` (4000 example fields, seed 0), then `ganflow train-prior` with the config's [train] table
 # (the quality report and the representation-error statistics are written at the end). An interrupted run
 # continues with RESUME=1. Copy the result to problems/data/ to bundle it.
@@ -18,12 +19,13 @@ train() {  # problem
         OMP_NUM_THREADS=1 "$GANFLOW" data --problem "$problem" --config "$config" --n 4000 --seed 0 \
             -o "$OUT/${stem}_fields.h5"
     fi
-    OMP_NUM_THREADS=${THREADS:-1} "$GANFLOW" train-prior --data "$OUT/${stem}_fields.h5" --config "$config" \
+    OMP_NUM_THREADS=${THREADS:-2} "$GANFLOW" train-prior --data "$OUT/${stem}_fields.h5" --config "$config" \
         --seed 0 -o "$OUT/${stem}.pt" ${STEPS:+--steps $STEPS} ${RESUME:+--resume} --no-progress
 }
 case "$WHICH" in
     elliptic|phase_retrieval) train "$WHICH" ;;
-    all)
+    all)  # one thread each, side by side
+        export THREADS=${THREADS:-1}
         train phase_retrieval > "$OUT/phase_retrieval_32.log" 2>&1 &
         train elliptic > "$OUT/elliptic_32.log" 2>&1 &
         wait ;;

@@ -90,6 +90,11 @@ class TrainSettings:
         log_every: record the Wasserstein estimate every this many generator steps.
         representation_fields: held-out fields (at most) projected onto the range of the trained generator to
             estimate its representation error (`ganflow.prior.residuals`, stored in the checkpoint); 0 skips it.
+        anneal_steps: the last ``anneal_steps`` generator steps decay both learning rates linearly to
+            ``anneal_final`` times their value (0: constant rates). A GAN's generator keeps oscillating about the
+            equilibrium at a constant rate, and the EMA of an oscillating generator varies less than the data
+            (docs/prior.md: the phantoms' brightness); annealing lets it settle. May be added on resume.
+        anneal_final: the learning-rate factor at the last step, in ``(0, 1]``.
         max_failures: non-finite generator steps tolerated; each is undone (networks, EMA and optimisers go
             back to the last good step) and halves both learning rates; one more stops the run with the last
             good state saved.
@@ -116,6 +121,8 @@ class TrainSettings:
     critic_mbstd: bool = False
     log_every: int = 10
     representation_fields: int = 200
+    anneal_steps: int = 0
+    anneal_final: float = 0.1
     max_failures: int = 20
 
     def validate(self) -> None:
@@ -140,6 +147,8 @@ class TrainSettings:
             ("log_every", self.log_every >= 1, ">= 1"),
             ("representation_fields", self.representation_fields >= 0, ">= 0"),
             ("max_failures", self.max_failures >= 0, ">= 0"),
+            ("anneal_steps", self.anneal_steps >= 0, ">= 0"),
+            ("anneal_final", 0 < self.anneal_final <= 1, "in (0, 1]"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -212,11 +221,17 @@ def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         pe.lerp_(p, 1.0 - decay)
 
 
+# on resume these come from the given settings, every other one from the checkpoint
+_RESUME_OVERRIDES = ("steps", "anneal_steps", "anneal_final")
+
+
 def _settings_mismatch(a: dict, b: dict) -> list[str]:
     # steps, checkpoint_every_s and max_failures may change on resume (older checkpoints lack max_failures);
     # everything else shapes the computation.
     # A key an older checkpoint lacks had its default then (output: linear).
-    free = {"steps", "checkpoint_every_s", "max_failures", "representation_fields"}
+    # The annealing phase is defined from the last step, which may move on resume, so it may too: a run trained
+    # at constant rates can be continued with an annealing phase.
+    free = {"steps", "checkpoint_every_s", "max_failures", "representation_fields", "anneal_steps", "anneal_final"}
     defaults = TrainSettings().to_dict()
     a, b = {**defaults, **a}, {**defaults, **b}
     return sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
@@ -330,7 +345,8 @@ def _resolve_settings(settings: TrainSettings | None, steps: int | None, seed: i
             bad = _settings_mismatch(settings.to_dict(), saved)
             if bad:
                 raise GanflowError(f"--resume: settings differ from the checkpoint's: {', '.join(bad)}")
-        settings = TrainSettings.from_dict({**saved, **({"steps": settings.steps} if settings else {})})
+        given = settings.to_dict() if settings else {}
+        settings = TrainSettings.from_dict({**saved, **{k: given[k] for k in _RESUME_OVERRIDES if k in given}})
         seed = int(ckpt["seed"])
         if ckpt["data"].get("sha1") != fd.sha1:
             raise GanflowError(f"--resume: {fd.path} is not the data the checkpoint was trained on")
@@ -523,6 +539,7 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
     try:
         while step < settings.steps:
             step += 1
+            _set_learning_rates(run, step)
             ok, d_real, d_fake, loss_g = _train_step(run)
             if not ok:
                 step -= 1
@@ -541,6 +558,22 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
     finally:
         bar.close()
     return step, w_est, time.perf_counter() - t_start
+
+
+def anneal_factor(settings: TrainSettings, step: int) -> float:
+    """The learning-rate factor at generator step ``step`` (1-based): 1, then linear to ``anneal_final`` over
+    the last ``anneal_steps`` steps."""
+    start = settings.steps - settings.anneal_steps
+    if settings.anneal_steps == 0 or step <= start:
+        return 1.0
+    return 1.0 - (1.0 - settings.anneal_final) * (step - start) / settings.anneal_steps
+
+
+def _set_learning_rates(run: _Run, step: int) -> None:
+    factor = run.lr_scale * anneal_factor(run.settings, step)
+    for opt, lr in ((run.opt_g, run.settings.lr_g), (run.opt_d, run.settings.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
 
 
 def _train_step(run: _Run) -> tuple[bool, Tensor, Tensor, Tensor]:
