@@ -226,11 +226,10 @@ _RESUME_OVERRIDES = ("steps", "anneal_steps", "anneal_final")
 
 
 def _settings_mismatch(a: dict, b: dict) -> list[str]:
-    # steps, checkpoint_every_s and max_failures may change on resume (older checkpoints lack max_failures);
-    # everything else shapes the computation.
-    # A key an older checkpoint lacks had its default then (output: linear).
-    # The annealing phase is defined from the last step, which may move on resume, so it may too: a run trained
-    # at constant rates can be continued with an annealing phase.
+    # steps, checkpoint_every_s, max_failures, representation_fields and the annealing may change on resume
+    # (older checkpoints lack some); everything else shapes the computation. The annealing phase is defined from
+    # the last step, which may move on resume, so it may too: a run trained at constant rates can be continued
+    # with an annealing phase. A key an older checkpoint lacks had its default then (output: linear).
     free = {"steps", "checkpoint_every_s", "max_failures", "representation_fields", "anneal_steps", "anneal_final"}
     defaults = TrainSettings().to_dict()
     a, b = {**defaults, **a}, {**defaults, **b}
@@ -620,10 +619,7 @@ def _roll_back(run: _Run, good: dict, step: int, t_start: float) -> None:
     settings = run.settings
     run.failures += 1
     run.lr_scale *= 0.5
-    _restore(good, run.G, run.D, run.G_ema, run.opt_g, run.opt_d)
-    for opt, lr in ((run.opt_g, settings.lr_g), (run.opt_d, settings.lr_d)):
-        for group in opt.param_groups:
-            group["lr"] = lr * run.lr_scale
+    _restore(good, run.G, run.D, run.G_ema, run.opt_g, run.opt_d)  # the next step's rates carry lr_scale
     if run.failures > settings.max_failures:
         if run.ctx.is_main:
             save_checkpoint(run.out, _make_checkpoint(run, step, run.wall0 + time.perf_counter() - t_start))
