@@ -246,6 +246,8 @@ def test_learning_rate_annealing_schedule_and_resume(gp_file, tmp_path):
     s = dataclasses.replace(TINY, steps=10, anneal_steps=4, anneal_final=0.2)
     assert [round(anneal_factor(s, t), 6) for t in range(5, 11)] == [1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
     assert anneal_factor(TINY, TINY.steps) == 1.0
+    g = dataclasses.replace(s, anneal_final=0.01, anneal_shape="geometric")
+    assert [round(anneal_factor(g, t), 6) for t in (6, 7, 8, 9, 10)] == [1.0, 0.316228, 0.1, 0.031623, 0.01]
     full = dataclasses.replace(TINY, steps=TINY.steps + 3, anneal_steps=3, anneal_final=0.5)
     train_prior(gp_file, tmp_path / "full.pt", full, seed=3, report=False)
     train_prior(gp_file, tmp_path / "split.pt", TINY, seed=3, report=False)  # constant rates, then resumed
@@ -532,3 +534,47 @@ def test_minibatch_sd_feature_against_numpy():
     assert critic(torch.randn(6, 16, 16)).shape == (6, 1)  # 6 samples: groups of 3
     with pytest.raises(GanflowError, match="convolutional"):
         default_arch((16,), 4, critic_mbstd=True)
+
+
+def test_read_out_clamp_bounds_draws_and_switches_on_resume(gp_file, tmp_path):
+    """clamp: the widened tanh read-out clipped to the training fields' range; equal to the plain tanh read-out
+    where that is inside the range, exactly the range's ends elsewhere; switched on at resume (no parameters
+    change) or by "anneal" at the annealing phase's first step, and refused without a tanh margin."""
+    s = dataclasses.replace(TINY, output="tanh", tanh_margin=0.5, representation_fields=0)
+    train_prior(gp_file, tmp_path / "p.pt", s, seed=1, report=False)
+    plain = load_prior(str(tmp_path / "p.pt"))
+    train_prior(gp_file, tmp_path / "p.pt", dataclasses.replace(s, steps=s.steps + 2, clamp="on"), resume=True,
+                report=False)
+    ckpt = load_checkpoint(tmp_path / "p.pt")
+    assert ckpt["arch"]["clamp"] == pytest.approx(1 / 1.5) and ckpt["settings"]["clamp"] == "on"
+    clamped = load_prior(str(tmp_path / "p.pt"))
+    x_train = torch.as_tensor(gp_fields(2000, 0))
+    lo, hi = float(x_train.min()), float(x_train.max())
+    z = 3.0 * torch.randn(4000, s.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = clamped(z)
+    # float32 rounding of mu +/- s * clamp
+    assert lo - 1e-5 <= float(x.min()) and float(x.max()) <= hi + 1e-5
+    assert bool((x <= lo + 1e-5).any() or (x >= hi - 1e-5).any())  # the clip is reached (the check can fail)
+    # the same function inside the range: the plain read-out with the resumed weights
+    plain.net.load_state_dict(clamped.net.state_dict())
+    with torch.no_grad():
+        y = plain(z)
+    inside = (y > lo + 1e-4) & (y < hi - 1e-4)
+    assert bool(inside.any()) and torch.equal(x[inside], y[inside])
+    assert float((x - y.clamp(lo, hi)).abs().max()) < 1e-5
+    # "anneal": a run switched on at the annealing phase's first step equals one trained to that step without a
+    # clip and resumed with it (the clip was off before, on after)
+    a = dataclasses.replace(s, steps=8, anneal_steps=3, clamp="anneal")
+    train_prior(gp_file, tmp_path / "a.pt", a, seed=1, report=False)
+    train_prior(gp_file, tmp_path / "b.pt", dataclasses.replace(s, steps=5), seed=1, report=False)
+    train_prior(gp_file, tmp_path / "b.pt", a, resume=True, report=False)
+    ca, cb = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    assert ca["arch"]["clamp"] == cb["arch"]["clamp"] == pytest.approx(1 / 1.5)
+    assert all(torch.equal(ca["G"][k], cb["G"][k]) for k in ca["G"])
+    train_prior(gp_file, tmp_path / "c.pt", dataclasses.replace(a, clamp="on"), seed=1, report=False)
+    assert not all(torch.equal(ca["G"][k], v) for k, v in load_checkpoint(tmp_path / "c.pt")["G"].items())
+    for bad in (dataclasses.replace(TINY, output="tanh", clamp="on"), dataclasses.replace(s, clamp="anneal"),
+                dataclasses.replace(s, clamp="yes")):
+        with pytest.raises(GanflowError, match="clamp"):
+            bad.validate()

@@ -40,6 +40,7 @@ __all__ = [
     "default_arch",
     "check_arch",
     "build_generator_net",
+    "set_clamp",
     "build_critic",
     "PriorGenerator",
 ]
@@ -60,17 +61,37 @@ def default_arch(
     mlp_depth: int = 3,
     output: str = "linear",
     critic_mbstd: bool = False,
+    clamp: float | None = None,
 ) -> dict:
-    """The architecture dict for fields of ``field_shape`` (plain types, stored verbatim in checkpoints)."""
+    """The architecture dict for fields of ``field_shape`` (plain types, stored verbatim in checkpoints).
+    ``clamp``: clip the tanh read-out to ``[-clamp, clamp]`` (normalised units; `set_clamp`)."""
     arch = _default_arch(field_shape, latent_dim, base_channels, mlp_hidden, mlp_depth)
     if output not in OUTPUT_KINDS:
         raise GanflowError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
     if output != "linear":  # older checkpoints have no key: a linear read-out
         arch["output"] = output
+    set_clamp(arch, clamp)
     if critic_mbstd:  # older checkpoints have no key: no minibatch feature
         if arch["kind"] != "conv":
             raise GanflowError("train.critic_mbstd needs a convolutional prior (2-D fields)")
         arch["critic_mbstd"] = True
+    return arch
+
+
+def set_clamp(arch: dict, clamp: float | None) -> dict:
+    """Set (or with None remove) the clip of a tanh read-out to ``[-clamp, clamp]``, ``0 < clamp <= 1``.
+
+    A tanh reaches the range's ends only asymptotically, so a level that a large share of the pixels sit at
+    exactly (the phantoms' zero background) gets faint noise about it; with a widened tanh (``tanh_margin``)
+    clipped back to the data's range the level is an atom the generator reaches at finite pre-activations.
+    The clip has no parameters, so a checkpoint trained without it can continue with it (`--resume`).
+    """
+    if clamp is None:
+        arch.pop("clamp", None)
+        return arch
+    if arch.get("output", "linear") != "tanh" or not (0 < clamp <= 1):
+        raise GanflowError(f"a read-out clamp needs output 'tanh' and 0 < clamp <= 1, got {clamp!r}")
+    arch["clamp"] = float(clamp)
     return arch
 
 
@@ -119,6 +140,10 @@ def check_arch(arch) -> dict:
         raise GanflowError(f"checkpoint architecture lacks key(s): {', '.join(missing)}")
     if arch.get("output", "linear") not in OUTPUT_KINDS:
         raise GanflowError(f"checkpoint architecture output is not one of {OUTPUT_KINDS}: {arch['output']!r}")
+    if "clamp" in arch:
+        c = arch["clamp"]
+        if arch.get("output") != "tanh" or not isinstance(c, float) or not (0 < c <= 1):
+            raise GanflowError(f"checkpoint architecture clamp must be a number in (0, 1] with output tanh: {c!r}")
     return arch
 
 
@@ -208,8 +233,12 @@ def build_generator_net(arch: dict) -> nn.Module:
         net = _ConvGeneratorNet(arch)
     else:
         net = _mlp(arch["latent_dim"], arch["field_shape"][0], arch["hidden"], arch["depth"])
-    # nn.Tanh has no parameters, so the state-dict keys are the same either way.
-    return nn.Sequential(net, nn.Tanh()) if arch.get("output", "linear") == "tanh" else net
+    # nn.Tanh and nn.Hardtanh have no parameters, so the state-dict keys are the same either way.
+    if arch.get("output", "linear") != "tanh":
+        return net
+    if "clamp" in arch:
+        return nn.Sequential(net, nn.Tanh(), nn.Hardtanh(-arch["clamp"], arch["clamp"]))
+    return nn.Sequential(net, nn.Tanh())
 
 
 def build_critic(arch: dict) -> nn.Module:

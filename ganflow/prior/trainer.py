@@ -57,7 +57,7 @@ from ..data import FieldData, load_fields
 from ..errors import GanflowError
 from ..io import check_output_path
 from .checkpoint import FORMAT_VERSION, generator_from_checkpoint, load_checkpoint, save_checkpoint
-from .nets import PriorGenerator, build_critic, build_generator_net, default_arch
+from .nets import PriorGenerator, build_critic, build_generator_net, default_arch, set_clamp
 
 __all__ = ["TrainSettings", "TrainResult", "train_prior", "load_train_settings", "split_indices"]
 
@@ -87,6 +87,13 @@ class TrainSettings:
             (max - min) / 2``), so the data's extreme levels are reached at finite pre-activations. A field that
             sits mostly at one extreme (the phantoms' zero background) needs it: pinned at -1, the read-out
             saturated and the generator collapsed to the background.
+        clamp: ``"off"``, ``"on"`` or ``"anneal"``: with ``output = "tanh"`` and ``tanh_margin > 0``, clip the
+            widened read-out back to the training fields' range (`ganflow.prior.nets.set_clamp`), from the start
+            or from the first step of the annealing phase. A level that many pixels sit at exactly (the phantoms'
+            zero background) becomes an atom the generator reaches at finite pre-activations, where a tanh alone
+            leaves faint noise about it (docs/prior.md). Pixels beyond the clip get no gradient, so a generator
+            that starts clipped can stay pinned at a level: ``"anneal"`` switches it on once the generator has
+            formed. May be changed on resume (the clip has no parameters).
         log_every: record the Wasserstein estimate every this many generator steps.
         representation_fields: held-out fields (at most) projected onto the range of the trained generator to
             estimate its representation error (`ganflow.prior.residuals`, stored in the checkpoint); 0 skips it.
@@ -95,6 +102,9 @@ class TrainSettings:
             equilibrium at a constant rate, and the EMA of an oscillating generator varies less than the data
             (docs/prior.md: the phantoms' brightness); annealing lets it settle. May be added on resume.
         anneal_final: the learning-rate factor at the last step, in ``(0, 1]``.
+        anneal_shape: ``"linear"`` or ``"geometric"`` (the factor falls by the same ratio every step: to
+            ``anneal_final = 0.01`` a decade in each half of the phase, so half the phase runs below 0.1x, where
+            the phantom generator settled; docs/prior.md).
         max_failures: non-finite generator steps tolerated; each is undone (networks, EMA and optimisers go
             back to the last good step) and halves both learning rates; one more stops the run with the last
             good state saved.
@@ -119,10 +129,12 @@ class TrainSettings:
     # the critic also sees the batch's spread (ProGAN's minibatch sd feature; conv priors): against a generator
     # whose draws vary less than the data (docs/prior.md)
     critic_mbstd: bool = False
+    clamp: str = "off"
     log_every: int = 10
     representation_fields: int = 200
     anneal_steps: int = 0
     anneal_final: float = 0.1
+    anneal_shape: str = "linear"
     max_failures: int = 20
 
     def validate(self) -> None:
@@ -144,11 +156,16 @@ class TrainSettings:
             ("mlp_depth", self.mlp_depth >= 1, ">= 1"),
             ("output", self.output in ("linear", "tanh"), "'linear' or 'tanh'"),
             ("tanh_margin", 0 <= self.tanh_margin <= 1, "in [0, 1]"),
+            ("clamp", self.clamp in ("off", "on", "anneal"), "'off', 'on' or 'anneal'"),
+            ("clamp", self.clamp == "off" or (self.output == "tanh" and self.tanh_margin > 0),
+             "'off' unless output = 'tanh' with tanh_margin > 0 (else the read-out never leaves the range)"),
+            ("clamp", self.clamp != "anneal" or self.anneal_steps > 0, "'on' or 'off' without anneal_steps"),
             ("log_every", self.log_every >= 1, ">= 1"),
             ("representation_fields", self.representation_fields >= 0, ">= 0"),
             ("max_failures", self.max_failures >= 0, ">= 0"),
             ("anneal_steps", self.anneal_steps >= 0, ">= 0"),
             ("anneal_final", 0 < self.anneal_final <= 1, "in (0, 1]"),
+            ("anneal_shape", self.anneal_shape in ("linear", "geometric"), "'linear' or 'geometric'"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -222,15 +239,17 @@ def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
 
 
 # on resume these come from the given settings, every other one from the checkpoint
-_RESUME_OVERRIDES = ("steps", "anneal_steps", "anneal_final")
+_RESUME_OVERRIDES = ("steps", "anneal_steps", "anneal_final", "anneal_shape", "clamp")
 
 
 def _settings_mismatch(a: dict, b: dict) -> list[str]:
     # steps, checkpoint_every_s, max_failures, representation_fields and the annealing may change on resume
     # (older checkpoints lack some); everything else shapes the computation. The annealing phase is defined from
     # the last step, which may move on resume, so it may too: a run trained at constant rates can be continued
-    # with an annealing phase. A key an older checkpoint lacks had its default then (output: linear).
-    free = {"steps", "checkpoint_every_s", "max_failures", "representation_fields", "anneal_steps", "anneal_final"}
+    # with an annealing phase. The read-out clamp has no parameters, so it may be switched too. A key an older
+    # checkpoint lacks had its default then (output: linear).
+    free = {"steps", "checkpoint_every_s", "max_failures", "representation_fields", "anneal_steps", "anneal_final",
+            "anneal_shape", "clamp"}
     defaults = TrainSettings().to_dict()
     a, b = {**defaults, **a}, {**defaults, **b}
     return sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
@@ -370,7 +389,7 @@ def _set_up(out: str, fd: FieldData, settings: TrainSettings, seed: int, device:
             settings.critic_mbstd,
         )
         if ckpt is None
-        else ckpt["arch"]
+        else set_clamp(dict(ckpt["arch"]), None)  # the clip follows the settings and the step (_sync_clamp)
     )
     if ckpt is not None and list(fd.field_shape) != list(arch["field_shape"]):
         raise GanflowError(
@@ -380,7 +399,8 @@ def _set_up(out: str, fd: FieldData, settings: TrainSettings, seed: int, device:
     if ckpt is not None and settings.steps <= start:
         raise GanflowError(f"--resume: checkpoint is already at step {start}; ask for more --steps")
     train_idx, val_idx, mean, std, u_train = _training_fields(fd, settings, seed, ckpt, ctx)
-    G, D, G_ema, opt_g, opt_d = _build_networks(arch, settings, seed, ctx.device)
+    net_arch = arch if settings.clamp == "off" else set_clamp(dict(arch), _clamp_level(settings))
+    G, D, G_ema, opt_g, opt_d = _build_networks(net_arch, settings, seed, ctx.device)
     # Rank r > 0 gets its own streams; rank 0 (and a single process) keeps the original ones.
     noise = torch.Generator(device=ctx.device).manual_seed(_substream(seed, 3 + 100 * ctx.rank))
     order = torch.Generator().manual_seed(_substream(seed, 4 + 100 * ctx.rank))
@@ -539,6 +559,7 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
         while step < settings.steps:
             step += 1
             _set_learning_rates(run, step)
+            _sync_clamp(run, step)
             ok, d_real, d_fake, loss_g = _train_step(run)
             if not ok:
                 step -= 1
@@ -560,12 +581,33 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
 
 
 def anneal_factor(settings: TrainSettings, step: int) -> float:
-    """The learning-rate factor at generator step ``step`` (1-based): 1, then linear to ``anneal_final`` over
-    the last ``anneal_steps`` steps."""
+    """The learning-rate factor at generator step ``step`` (1-based): 1, then linearly or geometrically (by
+    ``anneal_shape``) to ``anneal_final`` over the last ``anneal_steps`` steps."""
     start = settings.steps - settings.anneal_steps
     if settings.anneal_steps == 0 or step <= start:
         return 1.0
-    return 1.0 - (1.0 - settings.anneal_final) * (step - start) / settings.anneal_steps
+    t = (step - start) / settings.anneal_steps
+    if settings.anneal_shape == "geometric":
+        return settings.anneal_final**t
+    return 1.0 - (1.0 - settings.anneal_final) * t
+
+
+def _clamp_level(settings: TrainSettings) -> float:
+    """The read-out clip in normalised units: the training range inside the tanh's widened one."""
+    return 1.0 / (1.0 + settings.tanh_margin)
+
+
+def _sync_clamp(run: _Run, step: int) -> None:
+    """Set the read-out clip of ``G`` and its EMA for generator step ``step`` (``clamp = "anneal"``: from the
+    first annealed step) and record it in the architecture the checkpoints store."""
+    mode = run.settings.clamp
+    if mode == "off":
+        return
+    on = mode == "on" or step > run.settings.steps - run.settings.anneal_steps
+    level = _clamp_level(run.settings) if on else 1.0  # Hardtanh(-1, 1) after a tanh changes nothing
+    for net in (run.G, run.G_ema):
+        net[-1].min_val, net[-1].max_val = -level, level
+    set_clamp(run.arch, level if on else None)
 
 
 def _set_learning_rates(run: _Run, step: int) -> None:
