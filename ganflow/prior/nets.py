@@ -61,16 +61,13 @@ def default_arch(
     mlp_depth: int = 3,
     output: str = "linear",
     critic_mbstd: bool = False,
-    clamp: float | None = None,
 ) -> dict:
-    """The architecture dict for fields of ``field_shape`` (plain types, stored verbatim in checkpoints).
-    ``clamp``: clip the tanh read-out to ``[-clamp, clamp]`` (normalised units; `set_clamp`)."""
+    """The architecture dict for fields of ``field_shape`` (plain types, stored verbatim in checkpoints)."""
     arch = _default_arch(field_shape, latent_dim, base_channels, mlp_hidden, mlp_depth)
     if output not in OUTPUT_KINDS:
         raise GanflowError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
     if output != "linear":  # older checkpoints have no key: a linear read-out
         arch["output"] = output
-    set_clamp(arch, clamp)
     if critic_mbstd:  # older checkpoints have no key: no minibatch feature
         if arch["kind"] != "conv":
             raise GanflowError("train.critic_mbstd needs a convolutional prior (2-D fields)")
@@ -89,10 +86,15 @@ def set_clamp(arch: dict, clamp: float | None) -> dict:
     if clamp is None:
         arch.pop("clamp", None)
         return arch
-    if arch.get("output", "linear") != "tanh" or not (0 < clamp <= 1):
-        raise GanflowError(f"a read-out clamp needs output 'tanh' and 0 < clamp <= 1, got {clamp!r}")
     arch["clamp"] = float(clamp)
+    _check_clamp(arch)
     return arch
+
+
+def _check_clamp(arch: dict) -> None:
+    c = arch["clamp"]
+    if arch.get("output") != "tanh" or not isinstance(c, float) or not (0 < c <= 1):
+        raise GanflowError(f"a read-out clamp needs output 'tanh' and a number in (0, 1], got {c!r}")
 
 
 def _default_arch(field_shape, latent_dim, base_channels, mlp_hidden, mlp_depth) -> dict:
@@ -141,9 +143,7 @@ def check_arch(arch) -> dict:
     if arch.get("output", "linear") not in OUTPUT_KINDS:
         raise GanflowError(f"checkpoint architecture output is not one of {OUTPUT_KINDS}: {arch['output']!r}")
     if "clamp" in arch:
-        c = arch["clamp"]
-        if arch.get("output") != "tanh" or not isinstance(c, float) or not (0 < c <= 1):
-            raise GanflowError(f"checkpoint architecture clamp must be a number in (0, 1] with output tanh: {c!r}")
+        _check_clamp(arch)
     return arch
 
 

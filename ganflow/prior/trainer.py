@@ -583,13 +583,17 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
 def anneal_factor(settings: TrainSettings, step: int) -> float:
     """The learning-rate factor at generator step ``step`` (1-based): 1, then linearly or geometrically (by
     ``anneal_shape``) to ``anneal_final`` over the last ``anneal_steps`` steps."""
-    start = settings.steps - settings.anneal_steps
-    if settings.anneal_steps == 0 or step <= start:
+    if not _annealing(settings, step):
         return 1.0
-    t = (step - start) / settings.anneal_steps
+    t = (step - settings.steps + settings.anneal_steps) / settings.anneal_steps
     if settings.anneal_shape == "geometric":
         return settings.anneal_final**t
     return 1.0 - (1.0 - settings.anneal_final) * t
+
+
+def _annealing(settings: TrainSettings, step: int) -> bool:
+    """Whether generator step ``step`` (1-based) is in the annealing phase (the last ``anneal_steps``)."""
+    return step > settings.steps - settings.anneal_steps
 
 
 def _clamp_level(settings: TrainSettings) -> float:
@@ -603,7 +607,7 @@ def _sync_clamp(run: _Run, step: int) -> None:
     mode = run.settings.clamp
     if mode == "off":
         return
-    on = mode == "on" or step > run.settings.steps - run.settings.anneal_steps
+    on = mode == "on" or _annealing(run.settings, step)
     level = _clamp_level(run.settings) if on else 1.0  # Hardtanh(-1, 1) after a tanh changes nothing
     for net in (run.G, run.G_ema):
         net[-1].min_val, net[-1].max_val = -level, level
