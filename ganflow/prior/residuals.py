@@ -22,6 +22,7 @@ Everything is stored as plain tensors under the checkpoint's ``representation_er
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -35,25 +36,30 @@ MIN_FIELDS = 8  # fewer held-out fields cannot estimate a covariance worth the n
 
 
 def project_to_range(generator, fields: Tensor, *, n_starts: int = 2, n_iter: int = 200, lr: float = 0.05,
-                     seed: int = 0, batch: int = 512) -> tuple[Tensor, Tensor]:
+                     seed: int = 0, batch: int = 512, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """Best-fit latents ``z*`` ``[N, k]`` and residuals ``r = x - G(z*)`` ``[N, *field_shape]`` of ``fields``.
 
     Least squares in field space, Adam from ``n_starts`` draws of ``N(0, I)`` per field (cosine-decayed step
-    size); the start with the smallest residual is kept.
+    size); the start with the smallest residual is kept. The iterations run on ``device`` (a copy of the
+    generator goes there; the starts are drawn on the CPU, so the seed gives the same starts anywhere); the
+    results come back on the CPU.
     """
+    device = torch.device(device)
+    if device.type != "cpu":
+        generator = copy.deepcopy(generator).to(device)
     g = torch.Generator().manual_seed(int(seed))
     zs, rs = [], []
     for part in fields.split(max(1, batch // n_starts)):
-        z, r = _project_batch(generator, part.float(), n_starts, n_iter, lr, g)
-        zs.append(z)
-        rs.append(r)
+        z, r = _project_batch(generator, part.float().to(device), n_starts, n_iter, lr, g)
+        zs.append(z.cpu())
+        rs.append(r.cpu())
     return torch.cat(zs), torch.cat(rs)
 
 
 def _project_batch(generator, x: Tensor, n_starts: int, n_iter: int, lr: float, g: torch.Generator):
     n, k = x.shape[0], int(generator.latent_dim)
     target = x.repeat_interleave(n_starts, 0)
-    z = torch.randn(n * n_starts, k, generator=g).requires_grad_(True)
+    z = torch.randn(n * n_starts, k, generator=g).to(x.device).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_iter, eta_min=lr * 0.02)
     for _ in range(n_iter):
@@ -64,7 +70,7 @@ def _project_batch(generator, x: Tensor, n_starts: int, n_iter: int, lr: float, 
         sched.step()
     with torch.no_grad():
         err = (generator(z) - target).flatten(1).pow(2).sum(1).view(n, n_starts)
-        best = err.argmin(1) + n_starts * torch.arange(n)
+        best = err.argmin(1) + n_starts * torch.arange(n, device=x.device)
         z_best = z.detach()[best]
         return z_best, x - generator(z_best)
 
@@ -97,15 +103,17 @@ def residual_statistics(resid: Tensor, *, max_rank: int = 32, var_fraction: floa
 
 
 def estimate_representation_error(generator, fields: Tensor, *, seed: int = 0, n_starts: int = 2,
-                                  n_iter: int = 200, max_rank: int = 32, var_fraction: float = 0.95) -> dict:
-    """Project held-out ``fields`` onto the range of ``generator`` and return their residual statistics, plus
-    ``rel_err`` (the mean ``||r|| / ||x - mean field||``: how far off-range the fields are) and the settings."""
+                                  n_iter: int = 200, max_rank: int = 32, var_fraction: float = 0.95,
+                                  device: str | torch.device = "cpu") -> dict:
+    """Project held-out ``fields`` onto the range of ``generator`` (on ``device``) and return their residual
+    statistics, plus ``rel_err`` (the mean ``||r|| / ||x - mean field||``: how far off-range the fields are) and
+    the settings."""
     fields = torch.as_tensor(fields).float()
     if tuple(fields.shape[1:]) != tuple(generator.field_shape):
         raise GanflowError(f"representation error: fields {tuple(fields.shape[1:])} do not match the prior's "
                            f"{tuple(generator.field_shape)}")
     with torch.enable_grad():
-        _, resid = project_to_range(generator, fields, n_starts=n_starts, n_iter=n_iter, seed=seed)
+        _, resid = project_to_range(generator, fields, n_starts=n_starts, n_iter=n_iter, seed=seed, device=device)
     stats = residual_statistics(resid, max_rank=max_rank, var_fraction=var_fraction)
     spread = (fields - fields.mean(0)).flatten(1).norm(dim=1).clamp_min(1e-30)
     stats["rel_err"] = float((resid.flatten(1).norm(dim=1) / spread).mean())
