@@ -86,6 +86,13 @@ class FlowSettings:
     # map_iter. Multimodal posteriors (phase retrieval: 64) need many.
     map_starts: int = 8
     map_iter: int = 300
+    # Warm restarts of the search's survivors (the cosine schedule run again from the top, at most map_restarts
+    # times; stopped once a cycle raises the best log p(y, z) by less than MAP_RESTART_TOL nats). On a rugged
+    # posterior one cycle stops in a shallow local optimum, and the restart's large steps leave it: on the
+    # benchmark's phase-retrieval observation the best of 64 starts rose from log p 2321.7, 5.4 posterior sd
+    # from the NUTS mean, to 2340.2, 1.1 sd from it, in 5 cycles (+15 s); the flow fitted from the first one
+    # stayed 0.36 sd off. 0 keeps the single cycle.
+    map_restarts: int = 0
     # Multimodal posteriors (init="laplace"): the distinct modes of the MAP search (a valley deeper than
     # mode_barrier nats on the segment between two optima; starts the screen dropped are checked too) each get a
     # flow, at most max_modes of them (the most massive by Laplace mass), and modes with less than
@@ -131,6 +138,7 @@ class FlowSettings:
             (self.max_failures >= 0, "flow.max_failures must be >= 0"),
             (self.checkpoint_every_s >= 0, "flow.checkpoint_every_s must be >= 0"),
             (self.map_starts >= 1 and self.map_iter >= 1, "flow.map_starts and flow.map_iter must be >= 1"),
+            (self.map_restarts >= 0, "flow.map_restarts must be >= 0"),
             (self.max_modes >= 1, "flow.max_modes must be >= 1"),
             (0 <= self.mode_min_mass < 1, "flow.mode_min_mass must be in [0, 1)"),
             (self.mode_barrier > 0, "flow.mode_barrier must be > 0"),
@@ -344,15 +352,16 @@ def _map_stage(target: LatentTarget, z: Tensor, it: int, stage_end: int, s: Flow
 
 
 def _map_search(target: LatentTarget, s: FlowSettings, generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
-    """The screened multi-start MAP search: ``(survivors [m, k] after map_iter, the starts the screen dropped
-    [n, k] as they were at the screen, the screen's iteration)``."""
+    """The screened multi-start MAP search: ``(survivors [m, k] after map_iter and the warm restarts, the starts
+    the screen dropped [n, k] as they were at the screen, the screen's iteration)``."""
     z = torch.randn(s.map_starts, target.latent_dim, generator=generator)
     # Screening: every start runs the first third of the iterations, then only the best quarter goes on. On a
     # multimodal posterior (phase retrieval) many starts find the good basin far more often than few, and
     # the screen makes 4x the starts cost about 2x the evaluations.
     screen = s.map_starts >= 8 and s.map_iter >= 3
     if not screen:
-        return _map_stage(target, z, 0, s.map_iter, s, generator), z[:0], s.map_iter
+        z = _map_stage(target, z, 0, s.map_iter, s, generator)
+        return _map_restart(target, z, s, generator), z[:0], s.map_iter
     it_screen = s.map_iter // 3
     z = _map_stage(target, z, 0, it_screen, s, generator)
     with torch.no_grad():
@@ -360,7 +369,33 @@ def _map_search(target: LatentTarget, s: FlowSettings, generator: torch.Generato
     order = torch.argsort(lp, descending=True)
     keep = max(1, s.map_starts // 4)
     survivors = _map_stage(target, z[order[:keep]], it_screen, s.map_iter, s, generator)
-    return survivors, z[order[keep:]], it_screen
+    return _map_restart(target, survivors, s, generator), z[order[keep:]], it_screen
+
+
+MAP_RESTART_TOL = 0.5  # nats: a warm restart that raises the best log p(y, z) by less ends the restarts
+
+
+def _map_restart(target: LatentTarget, z: Tensor, s: FlowSettings, generator: torch.Generator | None) -> Tensor:
+    """Up to ``map_restarts`` more cycles of the search's schedule from ``z`` (warm restarts), while each raises
+    the best ``log p(y, z)`` by at least `MAP_RESTART_TOL`. Each start keeps the better of its old and new
+    point, so no start ends lower than it began."""
+    if s.map_restarts == 0:
+        return z
+    lp = _log_joints(target, z)
+    for _ in range(s.map_restarts):
+        z_new = _map_stage(target, z.clone(), 0, s.map_iter, s, generator)  # it updates its input in place
+        lp_new = _log_joints(target, z_new)
+        gain = float(lp_new.max() - lp.max())
+        better = lp_new > lp
+        z, lp = torch.where(better[:, None], z_new, z), torch.where(better, lp_new, lp)
+        if not gain >= MAP_RESTART_TOL:
+            break
+    return z
+
+
+def _log_joints(target: LatentTarget, z: Tensor) -> Tensor:
+    with torch.no_grad():
+        return torch.nan_to_num(target.log_joint(z), nan=-math.inf)
 
 
 def _scale_tril(evals: Tensor, evecs: Tensor) -> Tensor:

@@ -113,7 +113,7 @@ class LangevinSettings:
         init: ``"laplace"`` (default: chains run in the whitened Laplace frame ``z = mu + L u``, started from
             ``u ~ N(0, I)``), ``"flow"`` (chains start from a fitted flow; the caller passes its sampler and
             may pass its affine frame) or ``"prior"`` (the seed's method: identity frame, prior start).
-        map_starts, map_iter: the MAP search of ``init = "laplace"`` (as `FlowSettings`).
+        map_starts, map_iter, map_restarts: the MAP search of ``init = "laplace"`` (as `FlowSettings`).
         mala: Metropolis-adjust every step (asymptotically exact; records the acceptance rate).
         resample: with a start sampler whose density is known (the refiner: ``init_log_prob``), draw
             ``resample_pool`` times the chains from it and importance-resample them by ``p(y, z) / q(z)``
@@ -139,6 +139,7 @@ class LangevinSettings:
     init: Literal["laplace", "flow", "prior"] = "laplace"
     map_starts: int = 8
     map_iter: int = 300
+    map_restarts: int = 0
     mala: bool = False
     resample: bool = True
     resample_pool: int = 4
@@ -176,6 +177,8 @@ class LangevinSettings:
             raise GanflowError(f"langevin.init must be 'laplace', 'flow' or 'prior', got {self.init!r}")
         if self.map_starts < 1 or self.map_iter < 1:
             raise GanflowError("langevin.map_starts and langevin.map_iter must be >= 1")
+        if self.map_restarts < 0:
+            raise GanflowError(f"langevin.map_restarts must be >= 0, got {self.map_restarts}")
         if self.resample_pool < 1:
             raise GanflowError(f"langevin.resample_pool must be >= 1, got {self.resample_pool}")
 
@@ -244,7 +247,8 @@ def laplace_frame(target: LatentTarget, settings: LangevinSettings, generator: t
     (`ganflow.posterior.flow.laplace_approximation`), ``L L^T = (-Hessian)^-1`` at the most massive mode."""
     from .flow import FlowSettings, laplace_approximation
 
-    fs = FlowSettings(map_starts=settings.map_starts, map_iter=settings.map_iter, progress=False)
+    fs = FlowSettings(map_starts=settings.map_starts, map_iter=settings.map_iter,
+                      map_restarts=settings.map_restarts, progress=False)
     loc, scale_tril, _ = laplace_approximation(target, fs, generator)
     return WhitenedTarget(target, loc, scale_tril)
 
