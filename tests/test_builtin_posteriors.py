@@ -35,9 +35,17 @@ def test_phase_retrieval_posterior_with_bundled_prior():
     problem = load_problem("phase_retrieval", n=32)
     G = _bundled(problem)
     op_kw = {"oversampling": 2, "mask_fraction": 0.5, "mask_seed": 0}
-    cfg = dict(SOLVE_FAST, flow={"batch_size": 16, "max_iter": 600, "patience": 150, "map_starts": 64,
-                                 "progress": False})
-    errs, covs, cov_twins, chi2s = [], [], [], []
+    # 256 screened MAP starts with warm restarts. With the clipped-read-out prior, the best MAP of the search (two
+    # search seeds each, error modulo the twin): 64 starts missed the truth's mode on truth seeds 5 (0.47, 0.59)
+    # and 7 (0.43 or 0.51), 256 on seed 4 (0.29, 0.30); 256 with up to 8 restarts found it on 4, 5 and 7
+    # (0.01-0.05), ~45 s a search.
+    cfg = dict(SOLVE_FAST, flow={"batch_size": 16, "max_iter": 600, "patience": 150, "map_starts": 256,
+                                 "map_restarts": 8, "progress": False})
+    # Coverage is counted where it says something. The clipped read-out draws the zero background exactly, so the
+    # 95 % band there is [0, 0] and holds a truth and its twin alike (85 % of the pixels): the calibration is
+    # judged on the pixels where the truth or its twin is non-zero, and "the truth's mode, not its twin's" on the
+    # pixels where the two differ by more than 0.05 (the phantoms' levels are 0.1-1).
+    errs, covs, cov_truth, cov_twins, chi2s = [], [], [], [], []
     for seed in (4, 5, 6):
         obs = simulate("phase_retrieval", prior=G, operator_kwargs=op_kw, problem_kwargs={"n": 32},
                        noise_relative=0.02, seed=seed)
@@ -45,20 +53,28 @@ def test_phase_retrieval_posterior_with_bundled_prior():
         x_true = torch.as_tensor(result.x_true)
         errs.append(float(error_modulo_twin(torch.as_tensor(result.mean), x_true)))
         lo, hi = result.credible_interval(0.95)
-        covs.append(np.mean((result.x_true >= lo) & (result.x_true <= hi)))
-        tw = twin(x_true).numpy()
-        cov_twins.append(np.mean((tw >= lo) & (tw <= hi)))
+        xt, tw = result.x_true, twin(x_true).numpy()
+        inside, inside_twin = (xt >= lo) & (xt <= hi), (tw >= lo) & (tw <= hi)
+        support, differ = (xt != 0) | (tw != 0), np.abs(xt - tw) > 0.05
+        covs.append(inside[support].mean())
+        cov_truth.append(inside[differ].mean())
+        cov_twins.append(inside_twin[differ].mean())
         chi2s.append(result.attrs["chi2_per_dof"])
-    print(f"phase retrieval: err mod twin {np.round(errs, 3)}, coverage {np.round(covs, 2)} "
-          f"(of the twin {np.round(cov_twins, 2)}), chi2/dof {np.round(chi2s, 2)}")
+    print(f"phase retrieval: err mod twin {np.round(errs, 3)}, coverage on the support {np.round(covs, 2)}; where "
+          f"truth and twin differ: of the truth {np.round(cov_truth, 2)}, of the twin {np.round(cov_twins, 2)}; "
+          f"chi2/dof {np.round(chi2s, 2)}")
     # Measured (bundled prior, 64 screened MAP starts): err mod twin 0.08 / 0.05 / 0.08, coverage
     # 0.89 / 0.95 / 0.80 (mean 0.88; seeds 7 and 8 give 0.85 and 0.92), of the twin 0.23-0.52: the posterior
     # sits on the truth's orientation. With 16 unscreened starts seed 4 fell into a poorer mode (coverage 0.41).
     # The 23,170-step prior (bundled since): err mod twin 0.038 / 0.040 / 0.040, coverage 0.79 / 0.98 / 0.87
     # (mean 0.88), of the twin 0.18-0.30, chi2/dof 1.00 / 0.91 / 1.05.
+    # The clipped-read-out prior (bundled since; 256 starts, 8 restarts): err mod twin 0.053 / 0.056 / 0.033,
+    # coverage on the support 0.98 / 0.97 / 0.99; where truth and twin differ, of the truth 0.80 / 0.74 / 0.91 and
+    # of the twin 0.02 / 0.01 / 0.05; chi2/dof 1.00 / 0.90 / 1.05 (4 min for the three on 2 cores). Counted over all
+    # pixels, the twin's coverage was 0.92 (the exact background): the old twin check could no longer fail.
     assert max(errs) < 0.2
     assert 0.75 < np.mean(covs) < 0.99  # two-sided: bands so wide they cover everything also fail
-    assert np.mean(covs) > np.mean(cov_twins) + 0.3  # one mode, the truth's, not a blur of both
+    assert np.mean(cov_truth) > np.mean(cov_twins) + 0.3  # one mode, the truth's, not a blur of both
     assert max(chi2s) < 1.5
 
 
