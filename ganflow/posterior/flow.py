@@ -296,6 +296,12 @@ def _latent_hessian_eig(target: LatentTarget, z: Tensor, fd_step: float, chunk: 
     return evals.clamp(min=1.0), evecs
 
 
+def _log_joints(target: LatentTarget, z: Tensor) -> Tensor:
+    """``log p(y, z)`` ``[n]`` without gradients, NaN read as ``-inf`` (a point to rank last, not to crash on)."""
+    with torch.no_grad():
+        return torch.nan_to_num(target.log_joint(z), nan=-math.inf)
+
+
 def most_massive_mode(target: LatentTarget, z: Tensor, fd_step: float = 1e-2, chunk: int = 32,
                       n_candidates: int = 4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Of the ``n_candidates`` points of ``z`` ``[n, k]`` with the highest ``log p(y, z)``, the one with the most
@@ -303,8 +309,7 @@ def most_massive_mode(target: LatentTarget, z: Tensor, fd_step: float = 1e-2, ch
     mass (on the elliptic posterior the highest-density mode gave coverage 0.44, the most massive 0.62).
     Returns ``(z*, eigenvalues, eigenvectors of -Hessian at z*, log p(y, z*))``.
     """
-    with torch.no_grad():
-        lp = torch.nan_to_num(target.log_joint(z), nan=-math.inf)
+    lp = _log_joints(target, z)
     best_mass, chosen, error = -math.inf, None, None
     for i in torch.argsort(lp, descending=True)[:n_candidates].tolist():
         if not math.isfinite(float(lp[i])):
@@ -364,8 +369,7 @@ def _map_search(target: LatentTarget, s: FlowSettings, generator: torch.Generato
         return _map_restart(target, z, s, generator), z[:0], s.map_iter
     it_screen = s.map_iter // 3
     z = _map_stage(target, z, 0, it_screen, s, generator)
-    with torch.no_grad():
-        lp = torch.nan_to_num(target.log_joint(z), nan=-math.inf)
+    lp = _log_joints(target, z)
     order = torch.argsort(lp, descending=True)
     keep = max(1, s.map_starts // 4)
     survivors = _map_stage(target, z[order[:keep]], it_screen, s.map_iter, s, generator)
@@ -391,11 +395,6 @@ def _map_restart(target: LatentTarget, z: Tensor, s: FlowSettings, generator: to
         if not gain >= MAP_RESTART_TOL:
             break
     return z
-
-
-def _log_joints(target: LatentTarget, z: Tensor) -> Tensor:
-    with torch.no_grad():
-        return torch.nan_to_num(target.log_joint(z), nan=-math.inf)
 
 
 def _scale_tril(evals: Tensor, evecs: Tensor) -> Tensor:
@@ -441,8 +440,7 @@ def _valleys(target: LatentTarget, z: Tensor, lp: float, anchors: Tensor, lp_anc
     (the hill-valley test, Ursem 1999): the two lie on different hills of ``log p(y, z)``."""
     t = torch.linspace(0, 1, n_points + 2, dtype=z.dtype, device=z.device)[1:-1]
     pts = z + t[None, :, None] * (anchors[:, None, :] - z)
-    with torch.no_grad():
-        lp_path = torch.nan_to_num(target.log_joint(pts.reshape(-1, z.shape[0])), nan=-math.inf)
+    lp_path = _log_joints(target, pts.reshape(-1, z.shape[0]))
     return lp_path.reshape(anchors.shape[0], n_points).amin(1) < torch.clamp(lp_anchors, max=lp) - barrier
 
 
@@ -450,8 +448,8 @@ def _distinct(target: LatentTarget, z: Tensor, s: FlowSettings, max_new: int,
               anchors: Tensor | None = None) -> Tensor:
     """The points of ``z`` ``[n, k]`` (best ``log p`` first) on hills that no anchor and no better point holds:
     at most ``max_new`` of them."""
+    lp = _log_joints(target, z)
     with torch.no_grad():
-        lp = torch.nan_to_num(target.log_joint(z), nan=-math.inf)
         lp_anchors = None if anchors is None else target.log_joint(anchors)
     kept: list[int] = []
     for i in torch.argsort(lp, descending=True).tolist():
