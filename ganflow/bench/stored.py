@@ -42,7 +42,8 @@ import torch
 
 from ..errors import GanflowError
 
-__all__ = ["StoredReference", "make_reference", "load_reference", "reference_path", "MAKE_COMMAND"]
+__all__ = ["StoredReference", "make_reference", "reference_from_draws", "load_reference", "reference_path",
+           "MAKE_COMMAND"]
 
 FORMAT, VERSION = "ganflow-reference", 1
 MAKE_COMMAND = "python scripts/make_references.py --problem {problem}"
@@ -171,6 +172,42 @@ def _stored(problem: str, seed: int, target, settings, fits: list, mass: np.ndar
         draws=[f.samples.double().numpy().reshape(C, S, -1) for f in fits],
         potential=[np.asarray(f.trace["potential_energy"]).reshape(C, S) for f in fits],
         mode_mass=mass, mode_attrs=per_mode, attrs=attrs)
+
+
+def reference_from_draws(target, problem: str, seed: int, draws: list[np.ndarray], log_joint: list[np.ndarray],
+                         runs: list[dict], command: str, settings: dict) -> StoredReference:
+    """A one-mode-per-entry reference from another sampler's chains (``draws`` ``[C, S, k]`` and ``log p(y, z)``
+    ``[C, S]`` per mode; ``runs`` per mode: ``step_size``, ``divergences``, ``n_gradients`` per chain,
+    ``wall_s``), e.g. the GPU's batched HMC (`scripts/gpu_elliptic_reference.py`). R-hat and ESS are those of
+    the stored draws. With more than one mode the masses are not estimated here: refused."""
+    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+    if len(draws) != 1:
+        raise GanflowError("bench: a reference from draws takes one mode (mode masses need make_reference)")
+    per_mode = []
+    for d, run in zip(draws, runs, strict=True):
+        t = torch.from_numpy(d)
+        per_mode.append({
+            "rhat_max": float(split_gelman_rubin(t, chain_dim=0, sample_dim=1).max()),
+            "ess_min": float(effective_sample_size(t, chain_dim=0, sample_dim=1).min()),
+            "wall_s": float(run["wall_s"]), "n_forward_evals": int(run["n_gradients"]) * int(settings["chains"]),
+            "divergences": int(run["divergences"]), "step_size": float(run["step_size"])})
+    attrs = {
+        **_identity(target),
+        "nuts_settings": json.dumps(settings),
+        "sampler": str(settings.get("sampler", "")),
+        "n_modes": len(draws),
+        "rhat_max": max(m["rhat_max"] for m in per_mode),
+        "ess_min": min(m["ess_min"] for m in per_mode),
+        "wall_s": sum(m["wall_s"] for m in per_mode),
+        "n_forward_evals": sum(m["n_forward_evals"] for m in per_mode),
+        "divergences": sum(m["divergences"] for m in per_mode),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+    }
+    return StoredReference(problem, seed, y=target.y.detach().double().numpy(), draws=draws,
+                           potential=[-lj for lj in log_joint], mode_mass=np.ones(1), mode_attrs=per_mode,
+                           attrs=attrs)
 
 
 def save_reference(ref: StoredReference, path: str) -> None:

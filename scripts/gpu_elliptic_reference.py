@@ -1,0 +1,204 @@
+"""The elliptic benchmark's reference posterior by batched HMC on a GPU (`ganflow.bench.batched_hmc`).
+
+Why: NUTS needs about 16 core-hours for a converged elliptic reference (rugged posterior, ~250 gradients a draw);
+a GPU runs a thousand chains in lock-step, each gradient solving all their PDEs at once
+(`problems.elliptic.BlockTridiagonalSolver`). Three steps, the middle one on the GPU:
+
+    python scripts/gpu_elliptic_reference.py modes -o .gpu/elliptic_modes.pt          # CPU, ~2 min
+    python scripts/gpu_elliptic_reference.py sample --modes .gpu/elliptic_modes.pt \\
+        --device cuda --budget-s 420 -o $OUT                                           # GPU
+    python scripts/gpu_elliptic_reference.py store --draws DIR                          # CPU: the .h5
+
+``modes`` finds the posterior's modes as `ganflow.bench.stored.make_reference` does (the flow's screened
+64-start MAP search, seed + 1). ``sample`` runs the chains of each mode from its Laplace approximation, in float64,
+for a wall-clock budget, and writes the draws in chunks (``draws_<j>_<c>.npz``: ``z`` [C', S, k] float32,
+``log_joint`` [C', S]) with a JSON summary. ``store`` keeps ``--keep-chains`` chains (spread over the run) and
+writes the reference that `ganflow bench` reads (``*.unconverged.h5`` unless split R-hat < 1.01 and bulk ESS >=
+1,000 on every coordinate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+CHUNK_BYTES = 12 * 2**20  # each returned file stays under the device tool's 16 MiB
+
+
+def _target(problem: str, seed: int, device: str | None = None):
+    """The benchmark's target as `make_reference` builds it, or (``device``) in float64 on that device."""
+    from ganflow.bench.cases import _make_case
+    from ganflow.posterior import LatentTarget
+
+    case = _make_case(problem, seed)
+    if isinstance(case, str):
+        raise SystemExit(case)
+    if device is None:
+        return LatentTarget(case.G, case.op, case.obs.y, case.obs.noise_sigma)
+    G = case.G.double().to(device)
+    return LatentTarget(G, case.op.to(device), case.obs.y.double().to(device), case.obs.noise_sigma, check=False)
+
+
+def cmd_modes(a) -> int:
+    from ganflow.posterior.flow import FlowSettings, _find_modes
+
+    target = _target(a.problem, a.seed)
+    modes, found = _find_modes(target, FlowSettings(map_starts=64), torch.Generator().manual_seed(a.seed + 1),
+                               target.n_forward_evals)
+    torch.save({"loc": torch.stack([m.loc for m in modes]).double(),
+                "scale_tril": torch.stack([m.scale_tril for m in modes]).double(),
+                "log_joint": torch.tensor([float(m.log_joint) for m in modes])}, a.output)
+    print(f"{len(modes)} mode(s), log p {[round(float(m.log_joint), 2) for m in modes]}; wrote {a.output}")
+    return 0
+
+
+def _subset(z: np.ndarray, lj: np.ndarray, chains: int, mb: float) -> tuple[np.ndarray, np.ndarray]:
+    """``chains`` chains spread over the run, every t-th draw so that they fit in ``mb`` MiB (what comes back)."""
+    keep = np.linspace(0, len(z) - 1, min(chains, len(z))).round().astype(int)
+    per_draw = len(keep) * (z.shape[2] * 4 + 8)
+    thin = max(1, int(np.ceil(per_draw * z.shape[1] / (mb * 2**20))))
+    return z[keep, ::thin], lj[keep, ::thin]
+
+
+def _save_chunks(out: str, j: int, z: np.ndarray, lj: np.ndarray) -> list[str]:
+    per_chain = max(1, z[0].nbytes + lj[0].nbytes)
+    step = max(1, CHUNK_BYTES // per_chain)
+    names = []
+    for c, start in enumerate(range(0, len(z), step)):
+        name = os.path.join(out, f"draws_{j}_{c}.npz")
+        np.savez(name, z=z[start:start + step], log_joint=lj[start:start + step])
+        names.append(name)
+    return names
+
+
+def cmd_sample(a) -> int:
+    from ganflow.bench.batched_hmc import HmcSettings, run_batched_hmc
+
+    t_start = time.perf_counter()
+    modes = torch.load(a.modes, weights_only=True)
+    target = _target(a.problem, a.seed, a.device)
+    gen = torch.Generator().manual_seed(a.seed + 11)
+    summary = {"chains": a.chains, "device": a.device, "modes": []}
+    K = len(modes["loc"])
+    if a.chains == 0:
+        a.chains = summary["chains"] = _choose_chains(target, modes["loc"][0].to(a.device))
+    for j in range(K):
+        loc, tril = modes["loc"][j].to(a.device), modes["scale_tril"][j].to(a.device)
+        z0 = loc + (torch.randn(a.chains, loc.numel(), generator=gen, dtype=torch.float64).to(a.device)) @ tril.T
+        remaining = a.budget_s - (time.perf_counter() - t_start)
+        share = remaining / (K - j) - 5  # warm-up windows: 15 %, 15 %, 10 % of the mode's time; then draws
+        settings = HmcSettings(windows=tuple(a.windows), num_samples=a.max_samples, trajectory=a.trajectory,
+                               deadline_s=share, window_s=tuple(f * share for f in (0.15, 0.15, 0.10)))
+        out = run_batched_hmc(target.log_joint_and_grad, z0, (loc, tril), settings, gen,
+                              progress=lambda s, j=j: print(f"[mode {j}] {s}", flush=True))
+        z, lj = out["draws"].numpy(), out["log_joint"].numpy()
+        files = _save_chunks(a.output, j, *_subset(z, lj, a.return_chains, a.return_mb / K))
+        rec = {k: out[k] for k in ("step_size", "divergences", "warmup_divergences", "n_gradients", "wall_s")}
+        rec.update(draws=int(z.shape[1]), accept=float(out["accept"].mean()) if z.shape[1] else None,
+                   leapfrog_last=int(out["n_leapfrog"][-1]), files=[os.path.basename(f) for f in files])
+        rec.update(_convergence(z))
+        summary["modes"].append(rec)
+        print(f"[mode {j}] {json.dumps(rec)}", flush=True)
+    with open(os.path.join(a.output, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return 0
+
+
+def _choose_chains(target, loc: torch.Tensor) -> int:
+    """1,024 chains when a batched gradient for them costs under twice one for 256 (the device is not yet
+    busy: more chains are nearly free), else 256 (longer chains for the same time)."""
+    times = {}
+    for c in (256, 1024):
+        z = loc + 0.1 * torch.randn(c, loc.numel(), dtype=loc.dtype, device=loc.device)
+        for rep in range(4):
+            if rep == 1:
+                torch.cuda.synchronize() if z.is_cuda else None
+                t0 = time.perf_counter()
+            target.log_joint_and_grad(z)
+        torch.cuda.synchronize() if z.is_cuda else None
+        times[c] = (time.perf_counter() - t0) / 3
+    print(f"batched value-and-gradient: {json.dumps({c: round(t * 1e3, 2) for c, t in times.items()})} ms",
+          flush=True)
+    return 1024 if times[1024] < 2 * times[256] else 256
+
+
+def _convergence(z: np.ndarray) -> dict:
+    """Split R-hat and bulk ESS over all chains (``z`` ``[C, S, k]``), as the stored references compute them."""
+    if z.shape[1] < 4:
+        return {"rhat_max": None, "ess_min": None}
+    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+    t = torch.from_numpy(z).double()
+    return {"rhat_max": float(split_gelman_rubin(t, chain_dim=0, sample_dim=1).max()),
+            "ess_min": float(effective_sample_size(t, chain_dim=0, sample_dim=1).min())}
+
+
+def cmd_store(a) -> int:
+    from ganflow.bench.cases import _make_case
+    from ganflow.bench.stored import reference_from_draws, reference_path, save_reference
+
+    with open(os.path.join(a.draws, "summary.json")) as f:
+        summary = json.load(f)
+    draws, log_joint = [], []
+    for j, rec in enumerate(summary["modes"]):
+        parts = [np.load(os.path.join(a.draws, name)) for name in rec["files"]]
+        z = np.concatenate([p["z"] for p in parts])
+        lj = np.concatenate([p["log_joint"] for p in parts])
+        keep = np.linspace(0, len(z) - 1, min(a.keep_chains, len(z))).round().astype(int)
+        draws.append(z[keep].astype(np.float64))
+        log_joint.append(lj[keep])
+        print(f"mode {j}: all {len(z)} chains x {z.shape[1]} draws: {_convergence(z)}; kept {len(keep)} chains")
+    case = _make_case(a.problem, a.seed)
+    target = _target(a.problem, a.seed)
+    command = ("python scripts/gpu_elliptic_reference.py modes/sample/store "
+               f"(chains {summary['chains']} on {summary['device']}, kept {a.keep_chains})")
+    ref = reference_from_draws(target, a.problem, a.seed, draws, log_joint, summary["modes"], command,
+                               {"sampler": "batched HMC (ganflow.bench.batched_hmc)", **summary})
+    path = a.output or reference_path(case.prior_path, a.problem, a.seed)
+    ok = ref.converged()
+    if not ok:
+        path = path[: -len(".h5")] + ".unconverged.h5"
+    save_reference(ref, path)
+    print(f"{'converged' if ok else 'NOT converged'}: R-hat max {ref.attrs['rhat_max']:.4f}, ESS min "
+          f"{ref.attrs['ess_min']:.0f} (kept chains); wrote {path}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("modes", "sample", "store"):
+        p = sub.add_parser(name)
+        p.add_argument("--problem", default="elliptic", choices=("elliptic", "phase_retrieval"))
+        p.add_argument("--seed", type=int, default=0, help="the benchmark's seed (its observation)")
+        p.add_argument("-o", "--output", default=None)
+    s = sub.choices["sample"]
+    s.add_argument("--modes", required=True)
+    s.add_argument("--device", default="cuda")
+    s.add_argument("--chains", type=int, default=0, help="0: 1,024 or 256 by a timing (`_choose_chains`)")
+    s.add_argument("--budget-s", type=float, default=420.0, help="wall-clock seconds for all modes")
+    s.add_argument("--windows", type=int, nargs=3, default=[300, 300, 200],
+                   help="warm-up windows (at most this many draws each; else 15/15/10 %% of the time)")
+    s.add_argument("--max-samples", type=int, default=2000)
+    s.add_argument("--trajectory", type=float, default=1.5)
+    s.add_argument("--return-chains", type=int, default=256, help="chains written out (all are diagnosed)")
+    s.add_argument("--return-mb", type=float, default=44.0, help="MiB of draws written out, all modes")
+    st = sub.choices["store"]
+    st.add_argument("--draws", required=True, help="the folder `sample` wrote")
+    st.add_argument("--keep-chains", type=int, default=64)
+    a = ap.parse_args(argv)
+    if a.cmd in ("modes", "sample") and a.output is None:
+        ap.error(f"{a.cmd} needs -o")
+    if a.cmd == "sample":
+        os.makedirs(a.output, exist_ok=True)
+    return {"modes": cmd_modes, "sample": cmd_sample, "store": cmd_store}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
