@@ -82,3 +82,30 @@ def test_stored_reference_round_trip_and_refusals(twin_reference, tmp_path):
         load_reference(path, _target(p), "twin", 1)
     with pytest.raises(GanflowError, match="no stored reference .*make_references.py"):
         load_reference(str(tmp_path / "missing.h5"), _target(p), "twin", 0)
+
+
+def test_reference_from_gpu_hmc_draws_round_trip_and_cost_not_judged(twin_reference, tmp_path):
+    """A reference from the batched HMC's chains (the GPU path) is stored and read back like a NUTS one; as its
+    seconds are not NUTS's, the cost targets that compare the flow with NUTS get no NUTS cost from it."""
+    from ganflow.bench.batched_hmc import HmcSettings, run_batched_hmc
+    from ganflow.bench.methods import _stored_cost
+    from ganflow.bench.stored import reference_from_draws
+
+    p, nuts_ref = twin_reference
+    major = nuts_ref.draws[int(np.argmax(nuts_ref.mode_mass))].reshape(-1, 2)
+    target = _target(p)
+    loc = torch.as_tensor(major.mean(0))
+    out = run_batched_hmc(target.log_joint_and_grad, loc.repeat(16, 1).float(), (loc.float(), torch.eye(2)),
+                          HmcSettings(windows=(30, 30), num_samples=100), torch.Generator().manual_seed(0))
+    run = {k: out[k] for k in ("step_size", "divergences", "n_gradients", "wall_s")}
+    ref = reference_from_draws(target, "twin", 0, [out["draws"].double().numpy()], [out["log_joint"].numpy()],
+                               [run], "a command", {"sampler": "batched HMC", "chains": 16})
+    path = str(tmp_path / "twin_hmc.h5")
+    save_reference(ref, path)
+    back = load_reference(path, target, "twin", 0)
+    assert back.attrs["sampler"] == "batched HMC" and back.draws[0].shape == (16, 100, 2)
+    np.testing.assert_allclose(back.potential[0], -out["log_joint"].numpy())
+    # the chains stay in the major mode: its mean agrees with NUTS's within both runs' Monte-Carlo error
+    assert abs(back.draws[0][..., 0].mean() - major[:, 0].mean()) < 0.1 * major[:, 0].std()
+    assert _stored_cost(back.attrs) == (None, None)
+    assert _stored_cost(nuts_ref.attrs)[1] == pytest.approx(1000 * nuts_ref.attrs["wall_s"] / nuts_ref.attrs["ess_min"])
