@@ -48,7 +48,7 @@ class HmcSettings:
     trajectory: float = 1.5
     target_accept: float = 0.8
     init_step: float = 0.1
-    max_leapfrog: int = 1000
+    max_leapfrog: int = 256  # NUTS's cap at its default tree depth 8
     deadline_s: float | None = None  # stop drawing (keeping the draws so far) this many seconds after the start
     window_s: tuple[float, ...] | None = None  # also end warm-up window i after window_s[i] s (>= MIN_WINDOW draws)
 
@@ -150,6 +150,9 @@ def run_batched_hmc(f: LogJointAndGrad, z0: Tensor, frame: tuple[Tensor, Tensor]
             leaps.append(n)
             step = da.update(float(acc.mean()))
             kept.append(v)
+            if progress and (i + 1) % 10 == 0:
+                progress(f"warm-up window {w + 1}, draw {i + 1}: acceptance {float(acc.mean()):.2f}, "
+                         f"{n} leapfrog steps, next step {step:.4g}, {time.perf_counter() - t0:.0f} s")
         step = da.final
         if w < len(settings.windows) - 1 and kept:  # the last window only tunes the step for the final frame
             z = fr.to_z(v)
