@@ -27,7 +27,7 @@ from .io import Observation, read_obs
 from .operators import check_compatible, check_observation
 from .plugins import check_spec_from_file, load_generator_spec, load_operator, normalize_spec
 from .posterior.base import LatentFit
-from .posterior.flow import FlowSettings, affine_frame, fit_flow
+from .posterior.flow import FlowSettings, fit_flow
 from .posterior.target import LatentTarget
 from .recalibration import recalibrate_summary, recalibration_applies, scaled_field_fn
 from .results import PosteriorResult, truth_metrics
@@ -162,16 +162,16 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
         # issue 9: periodic, resumable checkpoints of the fit (`checkpoint` = fit_flow's checkpoint options)
         return fit_flow(target, fs, gen, **(checkpoint or {}))
     if method == "langevin":
-        from .posterior.langevin import LangevinSettings, run_langevin
+        from .posterior.langevin import LangevinSettings, moment_frame, run_langevin
 
         ls = cfg.section(LangevinSettings, "langevin")
         init = frame = flow_fit = log_q = None
-        if ls.init == "flow":  # the refiner: chains from the flow, in its affine (Laplace) frame
+        if ls.init == "flow":  # the refiner: chains from the flow, in the frame of its draws' moments
             fs = cfg.section(FlowSettings, "flow")
             if not progress:
                 fs = dataclasses.replace(fs, progress=False)
             flow_fit = fit_flow(target, fs, gen)
-            init, frame, log_q = flow_fit.sampler, affine_frame(flow_fit.model), flow_fit.model.log_prob
+            init, frame, log_q = flow_fit.sampler, moment_frame(flow_fit.sampler, gen), flow_fit.model.log_prob
         evals_before = target.n_forward_evals
         fit = run_langevin(target, ls, gen, init=init, frame=frame, init_log_prob=log_q)
         if flow_fit is not None:

@@ -141,7 +141,7 @@ def _convergence(z: np.ndarray) -> dict:
 
 def cmd_store(a) -> int:
     from ganflow.bench.cases import _make_case
-    from ganflow.bench.stored import reference_from_draws, reference_path, save_reference
+    from ganflow.bench.stored import reference_from_draws, reference_path, save_checked
 
     with open(os.path.join(a.draws, "summary.json")) as f:
         summary = json.load(f)
@@ -161,10 +161,7 @@ def cmd_store(a) -> int:
     ref = reference_from_draws(target, a.problem, a.seed, draws, log_joint, summary["modes"], command,
                                {"sampler": "batched HMC (ganflow.bench.batched_hmc)", **summary})
     path = a.output or reference_path(case.prior_path, a.problem, a.seed)
-    ok = ref.converged()
-    if not ok:
-        path = path[: -len(".h5")] + ".unconverged.h5"
-    save_reference(ref, path)
+    ok, path = save_checked(ref, path)
     print(f"{'converged' if ok else 'NOT converged'}: R-hat max {ref.attrs['rhat_max']:.4f}, ESS min "
           f"{ref.attrs['ess_min']:.0f} (kept chains); wrote {path}")
     return 0 if ok else 1

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from ganflow.bench.cases import _make_case
-    from ganflow.bench.stored import make_reference, reference_path, save_reference
+    from ganflow.bench.stored import make_reference, reference_path, save_checked
     from ganflow.posterior import LatentTarget
     from ganflow.posterior.nuts import NutsSettings
 
@@ -46,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     # the benchmark's NUTS seed (`ganflow.bench.methods._run_nuts`): seed + 1
     ref = make_reference(target, a.problem, a.seed, settings, torch.Generator().manual_seed(a.seed + 1))
     path = a.output or reference_path(case.prior_path, a.problem, a.seed)
-    ok = ref.converged()
-    if not ok:
-        path = path[: -len(".h5")] + ".unconverged.h5"
-    save_reference(ref, path)
+    ok, path = save_checked(ref, path)
     print(f"{'converged' if ok else 'NOT converged'}: R-hat max {ref.attrs['rhat_max']:.4f}, ESS min "
           f"{ref.attrs['ess_min']:.0f}, {ref.attrs['n_modes']} mode(s) with masses {ref.mode_mass.round(4).tolist()}, "
           f"{time.perf_counter() - t0:.0f} s; wrote {path}")

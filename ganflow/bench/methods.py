@@ -196,9 +196,9 @@ def _run_langevin(case: _Case, method: str, ls, init_fit, flow_cpu: float, ref: 
                   seed: int, echo) -> dict:
     """Short-run Langevin: ``method`` ``"langevin"`` (the settings' init, by default the Laplace frame),
     ``"langevin-prior"`` (the seed's method: identity frame, prior start) or ``"flow+langevin"`` (from the flow
-    fit ``init_fit``, in its affine frame; the refinement's cost then includes the flow's, ``flow_cpu`` CPU s)."""
-    from ..posterior.flow import affine_frame
-    from ..posterior.langevin import LangevinSettings, run_langevin
+    fit ``init_fit``, in the frame of its draws' moments; the refinement's cost then includes the flow's,
+    ``flow_cpu`` CPU s)."""
+    from ..posterior.langevin import LangevinSettings, moment_frame, run_langevin
 
     name = case.name
     echo(f"[{name}] {method}")
@@ -207,11 +207,12 @@ def _run_langevin(case: _Case, method: str, ls, init_fit, flow_cpu: float, ref: 
     lset = ls
     if method == "langevin-prior":  # the seed's method: unadjusted, identity frame, default search range
         default = LangevinSettings()  # and at least 10 steps (the Laplace-frame rows may run fewer)
-        lset = dataclasses.replace(ls, init="prior", mala=False, search_min=default.search_min,
+        lset = dataclasses.replace(ls, init="prior", mala=False, leapfrog=1, search_min=default.search_min,
                                    search_max=default.search_max, n_steps=max(ls.n_steps, 10))
     if init_fit is not None:
         lset = dataclasses.replace(ls, init="flow")
-        init, frame, log_q = init_fit.sampler, affine_frame(init_fit.model), init_fit.model.log_prob
+        frame = moment_frame(init_fit.sampler, torch.Generator().manual_seed(seed + 11))
+        init, log_q = init_fit.sampler, init_fit.model.log_prob
     try:
         fit, _, cpu = _timed(functools.partial(
             run_langevin, target, lset, torch.Generator().manual_seed(seed + 7), init=init, frame=frame,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 __all__ = ["BENCH_PROBLEMS", "BenchPlan", "bench_plan"]
@@ -39,6 +40,13 @@ _CHEAP_SEARCH = {
     "batch_size": 500,
     "mala": True,
 }
+# Phase retrieval: the local curvature varies (the local Hessian's eigenvalues in the frame of the flow's moments
+# span 0.1 .. 30, up to 130), so MALA's step is small (s ~ 0.16 at 0.7 acceptance) and its moves diffusive: from
+# the flow (0.181 sd, 23.5 % sd error against the stored reference) 10 MALA steps gave 0.208 / 23.8 %, 100 steps
+# 0.17 / 17 %. HMC trajectories of 16 leapfrog steps (s ~ 0.11 by acceptance), 8 per chain, in the frame of the
+# flow's moments: 0.104 sd / 6.9 % (0.073 / 6.0 % in a run without the step jitter), 0.28 M evaluations and
+# ~100 s (the flow's fit 0.17 M, 65-70 s).
+_PHASE_HMC = {"leapfrog": 16, "n_steps": 8}
 # Langevin on the exact problems: the Laplace frame with MALA (the largest step within one standard error of
 # the best KL estimate), 3 steps and a small search (32 chains, 7 step sizes): ~4.5 evaluations per draw.
 # Measured (issue 18 target: within 0.2 sd and 15 % with fewer forward evaluations than the flow's fit):
@@ -75,6 +83,8 @@ class BenchPlan:
     elliptic_batch: int
     phase_sizes: tuple[tuple[int, int], ...]  # (n, batch)
     repeats: int
+    # per problem: LangevinSettings keys of the refiner row (flow+langevin) over its `langevin` table
+    refiner: dict = dataclasses.field(default_factory=dict)
 
 
 def bench_plan(quick: bool = False) -> BenchPlan:
@@ -107,6 +117,10 @@ def _default_plan() -> BenchPlan:
             "elliptic": dict(_CHEAP_SEARCH),
             "phase_retrieval": dict(_CHEAP_SEARCH, map_starts=64, map_restarts=8),
         },
+        # HMC transitions for the refiner only: in the Laplace frame (the `langevin` row) the step is set by the
+        # frame's narrowest direction (s 0.014 with 16 leapfrog steps: 1.01 sd at 5x the evaluations of 10 MALA
+        # steps' 1.07 sd), so that row keeps MALA.
+        refiner={"phase_retrieval": dict(_PHASE_HMC)},
         # Dense mass matrix (k <= 64) and a start in the best basin of a screened multi-start MAP search
         # (init "laplace"): with independently optimised starts ("optimize") the two chains settled in
         # different local modes of these multimodal GAN posteriors (R-hat 1.15 on phase retrieval, 1.38 on

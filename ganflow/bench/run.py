@@ -82,7 +82,8 @@ def _check_request(problems: list[str], overrides: dict) -> None:
 
 
 def _method_settings(name: str, plan: BenchPlan, overrides: dict):
-    """FlowSettings, LangevinSettings, NutsSettings of problem ``name``: the plan's, with ``overrides`` over them."""
+    """FlowSettings, LangevinSettings, NutsSettings and the refiner's LangevinSettings of problem ``name``: the
+    plan's, with ``overrides`` over them (a ``[langevin]`` override applies to the refiner too)."""
     from ..config import parse_settings
     from ..posterior.flow import FlowSettings
     from ..posterior.langevin import LangevinSettings
@@ -92,6 +93,7 @@ def _method_settings(name: str, plan: BenchPlan, overrides: dict):
         (FlowSettings, dict(plan.flow[name], progress=False, **overrides.get("flow", {}))),
         (LangevinSettings, dict(plan.langevin[name], **overrides.get("langevin", {}))),
         (NutsSettings, dict(plan.nuts[name], **overrides.get("nuts", {}))),
+        (LangevinSettings, {**plan.langevin[name], **plan.refiner.get(name, {}), **overrides.get("langevin", {})}),
     )
     return tuple(parse_settings(cls, dict(table), cls.__name__) for cls, table in tables)
 
@@ -100,12 +102,13 @@ def _bench_problem(case: _Case, plan: BenchPlan, seed: int, overrides: dict, ech
                    reference_run: bool = True) -> list[dict]:
     """Every method on one case: NUTS (and the reference), the flow, Langevin from the prior and from the
     flow, the flow overhead; one record each, labelled with the prior used."""
-    fs, ls, ns = _method_settings(case.name, plan, overrides)
+    fs, ls, ns, rs = _method_settings(case.name, plan, overrides)
     nuts_rec, ref = _run_nuts(case, ns, plan, seed, echo, reference_run)
     flow_rec, flow_fit, flow_cpu = _run_flow(case, fs, ref, plan, seed, echo)
     records = [nuts_rec, flow_rec]
-    for method, init_fit in (("langevin", None), ("langevin-prior", None), ("flow+langevin", flow_fit)):
-        records.append(_run_langevin(case, method, ls, init_fit, flow_cpu, ref, plan, seed, echo))
+    for method, init_fit, settings in (("langevin", None, ls), ("langevin-prior", None, ls),
+                                       ("flow+langevin", flow_fit, rs)):
+        records.append(_run_langevin(case, method, settings, init_fit, flow_cpu, ref, plan, seed, echo))
     # one training step against a bare A(G(z)) value-and-gradient on the same batch
     records.append(_flow_overhead(case, fs, plan, seed))
     for r in records:

@@ -42,8 +42,8 @@ import torch
 
 from ..errors import GanflowError
 
-__all__ = ["StoredReference", "make_reference", "reference_from_draws", "load_reference", "reference_path",
-           "MAKE_COMMAND"]
+__all__ = ["StoredReference", "make_reference", "reference_from_draws", "save_checked", "load_reference",
+           "reference_path", "MAKE_COMMAND"]
 
 FORMAT, VERSION = "ganflow-reference", 1
 MAKE_COMMAND = "python scripts/make_references.py --problem {problem}"
@@ -152,21 +152,36 @@ def _mode_attrs(fit) -> dict:
             "divergences": int(fit.attrs["divergences"]), "step_size": float(fit.attrs["step_size"])}
 
 
-def _stored(problem: str, seed: int, target, settings, fits: list, mass: np.ndarray) -> StoredReference:
-    C, S = settings.num_chains, settings.num_samples
-    per_mode = [_mode_attrs(f) for f in fits]
-    attrs = {
+def _run_attrs(target, per_mode: list[dict], settings_json: str, command: str) -> dict:
+    """The file's root attributes: what the reference is tied to, and the run's figures over its modes."""
+    return {
         **_identity(target),
-        "nuts_settings": json.dumps(dataclasses.asdict(settings)),
-        "n_modes": len(fits),
+        "nuts_settings": settings_json,
+        "n_modes": len(per_mode),
         "rhat_max": max(m["rhat_max"] for m in per_mode),
         "ess_min": min(m["ess_min"] for m in per_mode),
         "wall_s": sum(m["wall_s"] for m in per_mode),
         "n_forward_evals": sum(m["n_forward_evals"] for m in per_mode),
         "divergences": sum(m["divergences"] for m in per_mode),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": MAKE_COMMAND.format(problem=problem),
+        "command": command,
     }
+
+
+def save_checked(ref: StoredReference, path: str) -> tuple[bool, str]:
+    """Write ``ref`` at ``path`` when it converged, else beside it as ``*.unconverged.h5`` (never under the name
+    bench reads). Returns ``(converged, the path written)``."""
+    ok = ref.converged()
+    if not ok:
+        path = path[: -len(".h5")] + ".unconverged.h5"
+    save_reference(ref, path)
+    return ok, path
+
+
+def _stored(problem: str, seed: int, target, settings, fits: list, mass: np.ndarray) -> StoredReference:
+    C, S = settings.num_chains, settings.num_samples
+    per_mode = [_mode_attrs(f) for f in fits]
+    attrs = _run_attrs(target, per_mode, json.dumps(dataclasses.asdict(settings)), MAKE_COMMAND.format(problem=problem))
     return StoredReference(
         problem, seed, y=target.y.detach().double().numpy(),
         draws=[f.samples.double().numpy().reshape(C, S, -1) for f in fits],
@@ -192,19 +207,8 @@ def reference_from_draws(target, problem: str, seed: int, draws: list[np.ndarray
             "ess_min": float(effective_sample_size(t, chain_dim=0, sample_dim=1).min()),
             "wall_s": float(run["wall_s"]), "n_forward_evals": int(run["n_gradients"]) * int(settings["chains"]),
             "divergences": int(run["divergences"]), "step_size": float(run["step_size"])})
-    attrs = {
-        **_identity(target),
-        "nuts_settings": json.dumps(settings),
-        "sampler": str(settings.get("sampler", "")),
-        "n_modes": len(draws),
-        "rhat_max": max(m["rhat_max"] for m in per_mode),
-        "ess_min": min(m["ess_min"] for m in per_mode),
-        "wall_s": sum(m["wall_s"] for m in per_mode),
-        "n_forward_evals": sum(m["n_forward_evals"] for m in per_mode),
-        "divergences": sum(m["divergences"] for m in per_mode),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-    }
+    attrs = {**_run_attrs(target, per_mode, json.dumps(settings), command),
+             "sampler": str(settings.get("sampler", ""))}
     return StoredReference(problem, seed, y=target.y.detach().double().numpy(), draws=draws,
                            potential=[-lj for lj in log_joint], mode_mass=np.ones(1), mode_attrs=per_mode,
                            attrs=attrs)

@@ -13,10 +13,10 @@ p(y, mu + L u) + log|det L|``, so every KL below is the same in either frame). `
 takes ``mu`` and ``L L^T = (-Hessian)^-1`` from the flow's Laplace approximation and starts from ``u ~ N(0, I)``:
 the posterior of ``u`` has unit scale in every direction, so one step size suits all of them, where unpreconditioned
 chains from the prior cannot reach a posterior hundreds of times narrower in 20 steps. ``init = "flow"`` starts from
-a fitted flow in its affine frame (the refiner); ``init = "prior"`` is the seed's method (identity frame). An
-unadjusted step that is divergent (non-finite, or a Metropolis log ratio below ``-DIVERGENCE_NATS``) is refused
-and that chain's step halved. The step size ``s`` (``s_t =
-s``, or a geometric decrease ``s_t = s * decay^(t / (K-1))``) is chosen by minimising an estimate of
+a fitted flow, in the frame of its draws' moments (`moment_frame`; the refiner); ``init = "prior"`` is the seed's
+method (identity frame). An unadjusted step that is divergent (non-finite, or a Metropolis log ratio below
+``-DIVERGENCE_NATS``) is refused and that chain's step halved. The step size ``s`` (``s_t = s``, or a geometric
+decrease ``s_t = s * decay^(t / (K-1))``) is chosen by minimising an estimate of
 
     KL(q_s || p(z|y)) - log p(y) = E_q[log q_s(z_K) - log p(y, z_K)] = -H(q_s) - E_q[log p(y, z_K)]
 
@@ -55,6 +55,15 @@ as ``+inf``.  With ``mala = true`` each step is a Metropolis-adjusted Langevin p
 run longer chains); the step size is then still chosen on the unadjusted chain and the acceptance rate is
 recorded.
 
+With ``mala`` and ``leapfrog = L > 1`` each step is a Hamiltonian Monte Carlo transition instead: ``L`` leapfrog
+steps of size ``s`` from a fresh momentum ``p ~ N(0, I)``, then one Metropolis test on the energy (``L = 1`` is
+MALA). Where the local curvature varies across the posterior (phase retrieval: the local Hessian's eigenvalues
+in the frame of the flow's moments span 0.1 .. 30, up to 130), MALA's step is set by the stiffest
+direction and its moves are diffusive, so a soft direction takes ``~ 1 / (s^2 lambda)`` steps to relax; an HMC
+trajectory moves ``~ L`` steps' distance for its ``L`` gradients. The KL of the unadjusted one-step chain says
+nothing about an ``L``-step trajectory, so its step size is chosen by acceptance instead (`HMC_TARGET_ACCEPT`,
+`_acceptance_step_size`).
+
 Example:
     >>> import torch
     >>> from ganflow.problems.linear_gaussian import LinearGaussianProblem
@@ -85,7 +94,7 @@ from .base import LatentFit
 from .target import LatentTarget
 
 __all__ = ["LangevinSettings", "run_langevin", "langevin_kl_estimate", "HAND_SET_STEP_SIZE", "WhitenedTarget",
-           "identity_frame", "laplace_frame"]
+           "identity_frame", "laplace_frame", "moment_frame"]
 
 # A typical hand-set short-run step size (K = 20 .. 40 steps of s = 0.1 in the short-run inference
 # literature); what one would ship without the search, and the baseline the search is tested against.
@@ -112,9 +121,13 @@ class LangevinSettings:
         hessian_max_dim: largest latent dimension for which exact Hessians are used.
         init: ``"laplace"`` (default: chains run in the whitened Laplace frame ``z = mu + L u``, started from
             ``u ~ N(0, I)``), ``"flow"`` (chains start from a fitted flow; the caller passes its sampler and
-            may pass its affine frame) or ``"prior"`` (the seed's method: identity frame, prior start).
+            may pass a frame, e.g. `moment_frame`) or ``"prior"`` (the seed's method: identity frame, prior
+            start).
         map_starts, map_iter, map_restarts: the MAP search of ``init = "laplace"`` (as `FlowSettings`).
         mala: Metropolis-adjust every step (asymptotically exact; records the acceptance rate).
+        leapfrog: with ``mala``, leapfrog steps per Metropolis test: 1 = MALA; ``L > 1`` = each of ``n_steps``
+            is a Hamiltonian Monte Carlo trajectory of ``L`` gradients, its step size chosen by acceptance
+            (module docstring).
         resample: with a start sampler whose density is known (the refiner: ``init_log_prob``), draw
             ``resample_pool`` times the chains from it and importance-resample them by ``p(y, z) / q(z)``
             (Pareto-smoothed weights, systematic resampling) before the chains run: a flow that is too narrow
@@ -141,6 +154,7 @@ class LangevinSettings:
     map_iter: int = 300
     map_restarts: int = 0
     mala: bool = False
+    leapfrog: int = 1
     resample: bool = True
     resample_pool: int = 4
 
@@ -179,6 +193,10 @@ class LangevinSettings:
             raise GanflowError("langevin.map_starts and langevin.map_iter must be >= 1")
         if self.map_restarts < 0:
             raise GanflowError(f"langevin.map_restarts must be >= 0, got {self.map_restarts}")
+        if self.leapfrog < 1:
+            raise GanflowError(f"langevin.leapfrog must be >= 1, got {self.leapfrog}")
+        if self.leapfrog > 1 and not self.mala:
+            raise GanflowError("langevin.leapfrog > 1 (Hamiltonian Monte Carlo) needs mala = true")
         if self.resample_pool < 1:
             raise GanflowError(f"langevin.resample_pool must be >= 1, got {self.resample_pool}")
 
@@ -251,6 +269,24 @@ def laplace_frame(target: LatentTarget, settings: LangevinSettings, generator: t
                       map_restarts=settings.map_restarts, progress=False)
     loc, scale_tril, _ = laplace_approximation(target, fs, generator)
     return WhitenedTarget(target, loc, scale_tril)
+
+
+def moment_frame(sampler: InitSampler, generator: torch.Generator, n: int = 4000) -> tuple[Tensor, Tensor]:
+    """``(loc, scale_tril)``: the sample mean and the Cholesky factor of the sample covariance of ``n`` draws of
+    ``sampler`` (a fitted flow's; no target evaluations), the frame for chains that refine it.
+
+    A flow is fitted to the whole posterior, its Laplace affine map only to the curvature at the MAP: on the
+    non-Gaussian phase-retrieval posterior the reference covariance in the flow's Laplace frame has variances
+    0.085 .. 46 (the chains' step is set by the narrowest direction, so the widest does not mix in hundreds of
+    steps), in the frame of the flow's own moments 0.77 .. 3.5."""
+    z = torch.as_tensor(sampler(n, generator)).detach().double()
+    if z.ndim != 2 or z.shape[0] <= z.shape[1] or not _finite(z):
+        raise GanflowError(f"langevin moment frame: need finite [n, k] draws with n > k, got {tuple(z.shape)}")
+    k = z.shape[1]
+    cov = torch.cov(z.T).reshape(k, k)
+    # relative jitter: a (nearly) degenerate sampler still gives a usable factor
+    cov = cov + 1e-10 * float(torch.diagonal(cov).mean()) * torch.eye(k, dtype=cov.dtype)
+    return z.mean(0), torch.linalg.cholesky(cov)
 
 
 def _schedule(step_size: float, n_steps: int, decay: float) -> list[float]:
@@ -627,8 +663,82 @@ def _mala_step(target: WhitenedTarget, z: Tensor, lp: Tensor, g: Tensor, s: floa
     return z, torch.where(accept, lp_new, lp), torch.where(accept[:, None], g_new, g), accept
 
 
+def _trajectory(target: WhitenedTarget, z: Tensor, g: Tensor, p: Tensor, s: Tensor | float, n_leapfrog: int):
+    """``n_leapfrog`` leapfrog steps of size ``s`` (a float or ``[N, 1]``) from ``(z, p)`` (``g`` the gradient at
+    ``z``): the end point, its log density, gradient and momentum."""
+    q, gq, lq = z, g, None
+    for _ in range(n_leapfrog):
+        p = p + 0.5 * s * gq
+        q = q + s * p
+        lq, gq = target.log_joint_and_grad(q)
+        p = p + 0.5 * s * gq
+    return q, lq, gq, p
+
+
+def _hmc_step(target: WhitenedTarget, z: Tensor, lp: Tensor, g: Tensor, s: float, n_leapfrog: int,
+              generator: torch.Generator):
+    """One Hamiltonian Monte Carlo transition (fresh momentum, ``n_leapfrog`` leapfrog steps of each chain's
+    jittered step, see `HMC_STEP_JITTER`; Metropolis test on the energy). Returns ``(z, lp, g, accepted [N]
+    bool)``."""
+    p = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    u = torch.rand(z.shape[0], 1, generator=generator, dtype=z.dtype)
+    q, lq, gq, p_end = _trajectory(target, z, g, p, s * (1 + HMC_STEP_JITTER * (2 * u - 1)), n_leapfrog)
+    u = torch.rand(z.shape[0], generator=generator, dtype=z.dtype)
+    log_alpha = lq - lp - 0.5 * ((p_end * p_end).sum(1) - (p * p).sum(1))
+    ok = torch.isfinite(lq) & torch.isfinite(gq).all(1)
+    accept = ok & (torch.log(u) < torch.nan_to_num(log_alpha, nan=-math.inf))
+    z = torch.where(accept[:, None], q, z)
+    return z, torch.where(accept, lq, lp), torch.where(accept[:, None], gq, g), accept
+
+
+# HMC's acceptance rate at its optimal step is 0.651 on product targets as k -> inf (Beskos et al., Bernoulli 2013);
+# rough targets want more (Stan's NUTS adapts to 0.8). Measured on phase retrieval (L = 16): 0.70 at s = 0.12 in
+# the flow's moment frame, 0.61 at s = 0.15.
+HMC_TARGET_ACCEPT = 0.7
+# A fixed trajectory length turns a near-Gaussian direction by the same angle every transition and can come back
+# where it started (measured: 8-d linear Gaussian, L = 8 at s = 3.0, still 0.29 sd off after 20 transitions
+# where MALA was 0.05): each chain's step is drawn uniformly within +-HMC_STEP_JITTER of ``s`` (Neal 2011, 5.4.2.2).
+HMC_STEP_JITTER = 0.2
+# the bisection stops when its bracket is this narrow (relative): ~8 trajectories per chain from [1e-3, 2]
+ACCEPT_SEARCH_TOL = 0.05
+
+
+def _acceptance_step_size(target: WhitenedTarget, settings: LangevinSettings, init: InitSampler | None,
+                          generator: torch.Generator, dtype) -> tuple[float, dict]:
+    """The HMC step size whose mean Metropolis acceptance probability over one trajectory from
+    ``search_chains`` start points is `HMC_TARGET_ACCEPT`: bisection in ``log s`` over ``[search_min,
+    search_max]`` with common random numbers (the same starts and momenta for every ``s``, so the acceptance is
+    a smooth and, up to its Monte-Carlo noise, decreasing function of ``s``); returns the lower end of the final
+    bracket and the curve."""
+    z0 = _draw_start(settings.search_chains, target, init, generator, dtype)
+    p0 = torch.randn(z0.shape, generator=generator, dtype=dtype)
+    lp0, g0 = target.log_joint_and_grad(z0)
+    curve: dict[float, float] = {}
+
+    def acceptance(s: float) -> float:
+        _, lq, _, p = _trajectory(target, z0, g0, p0, s, settings.leapfrog)
+        log_alpha = torch.nan_to_num(lq - lp0 - 0.5 * ((p * p).sum(1) - (p0 * p0).sum(1)), nan=-math.inf)
+        curve[s] = float(torch.exp(log_alpha.clamp(max=0.0)).double().mean())
+        return curve[s]
+
+    if settings.step_size is not None:
+        acceptance(settings.step_size)
+        chosen = settings.step_size
+    else:
+        lo, hi = math.log(settings.search_min), math.log(settings.search_max)
+        while hi - lo > math.log1p(ACCEPT_SEARCH_TOL):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if acceptance(math.exp(mid)) >= HMC_TARGET_ACCEPT else (lo, mid)
+        chosen = math.exp(lo)
+    ordered = sorted(curve)
+    info = {"step_sizes": np.array(ordered, dtype=np.float64),
+            "search_acceptance": np.array([curve[s] for s in ordered], dtype=np.float64),
+            "kl_estimate": math.nan, "psis_khat": None}
+    return chosen, info
+
+
 def _run_chains(target: WhitenedTarget, z: Tensor, steps: list[float], mala: bool, generator: torch.Generator,
-                sums: dict[str, np.ndarray]) -> tuple[Tensor, int]:
+                sums: dict[str, np.ndarray], leapfrog: int = 1) -> tuple[Tensor, int]:
     """Run one batch of chains; accumulate the per-step sums of the log joint, (MALA) acceptances and
     non-finite proposals in ``sums``. Returns the end points and the number of chains that backed off."""
     lp, g = target.log_joint_and_grad(z)
@@ -637,7 +747,10 @@ def _run_chains(target: WhitenedTarget, z: Tensor, steps: list[float], mala: boo
     scale = torch.ones(z.shape[0], dtype=z.dtype)  # per-chain step multiplier (halved on a non-finite step)
     for t, s in enumerate(steps):
         if mala:
-            z, lp, g, accept = _mala_step(target, z, lp, g, s, generator)
+            if leapfrog > 1:
+                z, lp, g, accept = _hmc_step(target, z, lp, g, s, leapfrog, generator)
+            else:
+                z, lp, g, accept = _mala_step(target, z, lp, g, s, generator)
             sums["accept"][t] += float(accept.double().sum())
         else:
             z, lp, g, step, failed = _ula_step(target, z, lp, g, s * scale, generator)
@@ -700,18 +813,19 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
         generator: the source of all randomness (MAP starts, start points, search noise, chain noise).
         init: ``init(n, generator) -> [n, k]`` start points (e.g. a fitted flow's sampler); None = ``N(0, I)``
             in the chain's frame (the Laplace approximation for ``init = "laplace"``, the prior for ``"prior"``).
-        frame: ``(loc [k], scale_tril [k, k])``: run the chains in ``z = loc + L u`` (e.g. a flow's Laplace
-            affine map, ``flow.loc, flow.scale_tril``); None = the Laplace frame for ``init = "laplace"``
-            without a sampler, else the identity.
+        frame: ``(loc [k], scale_tril [k, k])``: run the chains in ``z = loc + L u`` (e.g. `moment_frame` of a
+            flow's sampler, or its Laplace affine map ``flow.loc, flow.scale_tril``); None = the Laplace frame
+            for ``init = "laplace"`` without a sampler, else the identity.
         init_log_prob: ``log q(z)`` ``[n]`` of ``init``'s draws (e.g. ``flow.log_prob``); with
             ``settings.resample`` the starts are importance-resampled from a pool (`importance_resampler`).
 
     Returns:
         A `LatentFit` with ``samples`` ``[n_samples, k]``; ``trace``: ``step_sizes``, ``kl_estimates``,
-        ``kl_path_bound`` (sorted by ``s``), ``loss`` (the search objective in evaluation order),
-        ``mean_log_joint`` per step of the final run (and ``acceptance`` per step with MALA); ``attrs``:
-        ``step_size``, ``n_steps``, ``kl_estimate`` (``KL - log p(y)`` at the chosen ``s``), ``entropy``,
-        ``step_decay``, ``mala``, ``init`` (``"sampler"`` when one is given), ``frame`` (``"laplace"``,
+        ``kl_path_bound`` (sorted by ``s``), ``loss`` (the search objective in evaluation order; with
+        ``leapfrog > 1`` ``step_sizes`` and ``search_acceptance`` instead), ``mean_log_joint`` per step of the
+        final run (and ``acceptance`` per step with MALA); ``attrs``: ``step_size``, ``n_steps``,
+        ``kl_estimate`` (``KL - log p(y)`` at the chosen ``s``; nan with ``leapfrog > 1``), ``entropy``,
+        ``step_decay``, ``mala``, ``leapfrog``, ``init`` (``"sampler"`` when one is given), ``frame`` (``"laplace"``,
         ``"given"``, ``"identity"``), ``backed_off_chains`` (and ``acceptance_rate`` with MALA; ``psis_khat``
         with the linearised entropy: the PSIS shape of the search's chains at the chosen ``s``, weights from
         their linearised laws; with resampled starts ``start_khat``, ``start_ess_ratio`` and
@@ -730,11 +844,15 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
     if init is not None and init_log_prob is not None and settings.resample:
         init = importance_resampler(target, init, init_log_prob, chain_target, settings.resample_pool,
                                     settings.batch_size, resampling)
-    step_size, info = _search_step_size(chain_target, settings, entropy, init, generator, dtype,
-                                        warn_low=frame_name == "identity" and init is None)
+    if settings.leapfrog > 1:
+        step_size, info = _acceptance_step_size(chain_target, settings, init, generator, dtype)
+    else:
+        step_size, info = _search_step_size(chain_target, settings, entropy, init, generator, dtype,
+                                            warn_low=frame_name == "identity" and init is None)
     steps = _schedule(step_size, settings.n_steps, settings.step_decay)
     samples, sums, n_backed = _final_run(chain_target, settings, steps, init, generator, dtype)
-    trace = {key: info[key] for key in ("step_sizes", "kl_estimates", "kl_path_bound", "loss")}
+    trace = {key: info[key] for key in ("step_sizes", "kl_estimates", "kl_path_bound", "loss",
+                                        "search_acceptance") if key in info}
     trace["mean_log_joint"] = sums["log_joint"] / settings.n_samples - chain_target.log_det  # log p(y, z)
     attrs = {
         "step_size": float(step_size),
@@ -743,6 +861,7 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
         "entropy": entropy,
         "step_decay": settings.step_decay,
         "mala": settings.mala,
+        "leapfrog": settings.leapfrog,
         "init": settings.init if init is None else "sampler",
         "frame": frame_name,
         "backed_off_chains": n_backed,
@@ -773,7 +892,7 @@ def _final_run(target: WhitenedTarget, settings: LangevinSettings, steps: list[f
     for start in range(0, settings.n_samples, settings.batch_size):
         n = min(settings.batch_size, settings.n_samples - start)
         u0 = _draw_start(n, target, init, generator, dtype)
-        u, backed = _run_chains(target, u0, steps, settings.mala, generator, sums)
+        u, backed = _run_chains(target, u0, steps, settings.mala, generator, sums, settings.leapfrog)
         draws.append(u)
         n_backed += backed
     _check_backoff(n_backed, settings.n_samples, sums, steps)
