@@ -8,6 +8,7 @@ References that do not come from the code under test: the Gaussian-process momen
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,16 +49,32 @@ enabled = false
 """
 
 
-def torchrun(nproc: int, *args, timeout: int = 300, script=None) -> subprocess.CompletedProcess:
+# An abort inside torch's own worker threads (C++ `std::terminate` on a joinable thread, SIGABRT of one rank) seen
+# once in ~12 suite runs on 2026-11-30, in a run whose three reruns passed; ganflow's code raises Python errors,
+# never this, so one rerun on exactly this signature keeps the test about ganflow.
+TORCH_ABORT = "terminate called without an active exception"
+
+
+def torchrun(nproc: int, *args, timeout: int = 300, script=None, outputs=()) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N -m ganflow ARGS`` as users run it (free port, gloo); with
-    ``script``, that Python file instead of ``-m ganflow``."""
+    ``script``, that Python file instead of ``-m ganflow``. Rerun once (``outputs`` removed first) when a rank
+    died of `TORCH_ABORT`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
     target = [str(script)] if script is not None else ["-m", "ganflow"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
-    return subprocess.run(
-        cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
-    )
+    for attempt in range(2):
+        r = subprocess.run(
+            cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+        )
+        if r.returncode == 0 or TORCH_ABORT not in r.stderr or attempt:
+            return r
+        for path in outputs:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    return r
 
 
 def _adam_second_moment(ckpt: dict, key: str) -> float:
@@ -71,7 +88,8 @@ def test_train_prior_two_processes_matches_single_and_resumes_with_one(tmp_path)
     cfg.write_text(GP_TRAIN)
     out = tmp_path / "prior2.pt"
     steps = GP_SETTINGS.steps
-    r = torchrun(2, "train-prior", "--data", data, "-o", out, "--config", cfg, "--no-progress", "--no-report")
+    r = torchrun(2, "train-prior", "--data", data, "-o", out, "--config", cfg, "--no-progress", "--no-report",
+                 outputs=[out])
     assert r.returncode == 0, r.stderr[-3000:]
     # Rank 0 alone speaks and writes: one summary line, one checkpoint, no temporary files.
     assert r.stdout.count(f"trained {steps} generator steps") == 1, r.stdout
@@ -204,7 +222,7 @@ def test_stacked_solve_two_processes_resume_and_max_obs(tmp_path):
 
     # 2 processes, stopped after 2 observations (observation 0 on rank 0, 1 on rank 1): parts only, no result.
     out = tmp_path / "post.h5"
-    r = torchrun(2, "solve", *common, "-o", out, "--max-obs", 2)
+    r = torchrun(2, "solve", *common, "-o", out, "--max-obs", 2, outputs=[out])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 of 4 observations finished" in r.stdout and r.stdout.count("finished") == 1, r.stdout
     assert not out.exists() and sorted(os.listdir(f"{out}.parts")) == [
