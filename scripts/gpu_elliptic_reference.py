@@ -31,16 +31,18 @@ import torch
 CHUNK_BYTES = 12 * 2**20  # each returned file stays under the device tool's 16 MiB
 
 
-def _target(problem: str, seed: int, device: str | None = None):
-    """The benchmark's target as `make_reference` builds it, or (``device``) in float64 on that device."""
+def _target(problem: str, seed: int, device: str | None = None, float32: bool = False):
+    """The benchmark's target as `make_reference` builds it, or (``device``) in float64 on that device
+    (``float32``: the generator and ``y`` as bench has them, faster on a CPU)."""
     from ganflow.bench.cases import _make_case
     from ganflow.posterior import LatentTarget
 
     case = _make_case(problem, seed)
     if isinstance(case, str):
         raise SystemExit(case)
-    if device is None:
-        return LatentTarget(case.G, case.op, case.obs.y, case.obs.noise_sigma)
+    if device is None or float32:
+        return LatentTarget(case.G.to(device or "cpu"), case.op.to(device or "cpu"),
+                            case.obs.y.to(device or "cpu"), case.obs.noise_sigma)
     G = case.G.double().to(device)
     return LatentTarget(G, case.op.to(device), case.obs.y.double().to(device), case.obs.noise_sigma, check=False)
 
@@ -82,15 +84,16 @@ def cmd_sample(a) -> int:
 
     t_start = time.perf_counter()
     modes = torch.load(a.modes, weights_only=True)
-    target = _target(a.problem, a.seed, a.device)
+    target = _target(a.problem, a.seed, a.device, a.float32)
+    dtype = torch.float32 if a.float32 else torch.float64
     gen = torch.Generator().manual_seed(a.seed + 11)
-    summary = {"chains": a.chains, "device": a.device, "modes": []}
+    summary = {"chains": a.chains, "device": a.device, "float32": a.float32, "modes": []}
     K = len(modes["loc"])
     if a.chains == 0:
-        a.chains = summary["chains"] = _choose_chains(target, modes["loc"][0].to(a.device))
+        a.chains = summary["chains"] = _choose_chains(target, modes["loc"][0].to(a.device, dtype))
     for j in range(K):
-        loc, tril = modes["loc"][j].to(a.device), modes["scale_tril"][j].to(a.device)
-        z0 = loc + (torch.randn(a.chains, loc.numel(), generator=gen, dtype=torch.float64).to(a.device)) @ tril.T
+        loc, tril = modes["loc"][j].to(a.device, dtype), modes["scale_tril"][j].to(a.device, dtype)
+        z0 = loc + (torch.randn(a.chains, loc.numel(), generator=gen, dtype=dtype).to(a.device)) @ tril.T
         remaining = a.budget_s - (time.perf_counter() - t_start)
         share = remaining / (K - j) - 5  # warm-up windows: 15 %, 15 %, 10 % of the mode's time; then draws
         settings = HmcSettings(windows=tuple(a.windows), num_samples=a.max_samples, trajectory=a.trajectory,
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="warm-up windows (at most this many draws each; else 15/15/10 %% of the time)")
     s.add_argument("--max-samples", type=int, default=2000)
     s.add_argument("--trajectory", type=float, default=1.5)
+    s.add_argument("--float32", action="store_true", help="the generator in float32, as bench runs it (CPU)")
     s.add_argument("--return-chains", type=int, default=256, help="chains written out (all are diagnosed)")
     s.add_argument("--return-mb", type=float, default=44.0, help="MiB of draws written out, all modes")
     st = sub.choices["store"]
