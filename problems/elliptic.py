@@ -196,6 +196,11 @@ class FiniteVolumeSolver:
         return grad.reshape(m.shape)
 
 
+# The cells along each side of a batch of fields [B, n, n] (row 0 at the bottom): an index for reading or writing.
+_SIDE_CELLS = {"bottom": (slice(None), 0), "top": (slice(None), -1),
+               "left": (slice(None), slice(None), 0), "right": (slice(None), slice(None), -1)}
+
+
 class BlockTridiagonalSolver:
     """The same system as `FiniteVolumeSolver`, in torch on any device, batched: ``K(m) u = b(m)`` factorised by
     block Cholesky over the rows of cells.
@@ -221,17 +226,14 @@ class BlockTridiagonalSolver:
         k = torch.exp(m)
         tx = 2.0 * k[:, :, :-1] * k[:, :, 1:] / (k[:, :, :-1] + k[:, :, 1:])
         ty = 2.0 * k[:, :-1, :] * k[:, 1:, :] / (k[:, :-1, :] + k[:, 1:, :])
-        cells = {"bottom": k[:, 0, :], "top": k[:, -1, :], "left": k[:, :, 0], "right": k[:, :, -1]}
-        faces = {side: (2.0 * cells[side], g.to(m.device)) for side, g in self.dirichlet.items()}
+        faces = {side: (2.0 * k[_SIDE_CELLS[side]], g.to(m.device)) for side, g in self.dirichlet.items()}
         return tx, ty, faces
 
     @staticmethod
     def _on_side(side: str, values: Tensor, like: Tensor) -> Tensor:
         """``values`` ``[B, n]`` placed on the cells along ``side`` of a ``[B, n, n]`` zero field."""
         out = torch.zeros_like(like)
-        index = {"bottom": (slice(None), 0), "top": (slice(None), -1),
-                 "left": (slice(None), slice(None), 0), "right": (slice(None), slice(None), -1)}[side]
-        out[index] = values
+        out[_SIDE_CELLS[side]] = values
         return out
 
     def residual(self, m: Tensor, u: Tensor) -> Tensor:
@@ -242,12 +244,8 @@ class BlockTridiagonalSolver:
         pad = torch.nn.functional.pad
         r = pad(fx, (0, 1)) - pad(fx, (1, 0)) + pad(fy, (0, 0, 0, 1)) - pad(fy, (0, 0, 1, 0))
         for side, (t, g) in faces.items():
-            r = r + self._on_side(side, t * (self._side_values(side, u) - g), u)
+            r = r + self._on_side(side, t * (u[_SIDE_CELLS[side]] - g), u)
         return r - self.rhs_source.to(u.device)
-
-    @staticmethod
-    def _side_values(side: str, u: Tensor) -> Tensor:
-        return {"bottom": u[:, 0, :], "top": u[:, -1, :], "left": u[:, :, 0], "right": u[:, :, -1]}[side]
 
     def assemble(self, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The row blocks: ``A`` ``[B, n, n, n]`` (block ``i`` = row ``i``), the couplings ``c`` ``[B, n-1, n]``

@@ -675,6 +675,11 @@ def _trajectory(target: WhitenedTarget, z: Tensor, g: Tensor, p: Tensor, s: Tens
     return q, lq, gq, p
 
 
+def _hmc_log_ratio(lp: Tensor, p: Tensor, lp_end: Tensor, p_end: Tensor) -> Tensor:
+    """``log`` of the Metropolis ratio of a trajectory: minus the change of the energy ``-log p + |p|^2 / 2``."""
+    return lp_end - lp - 0.5 * ((p_end * p_end).sum(1) - (p * p).sum(1))
+
+
 def _hmc_step(target: WhitenedTarget, z: Tensor, lp: Tensor, g: Tensor, s: float, n_leapfrog: int,
               generator: torch.Generator):
     """One Hamiltonian Monte Carlo transition (fresh momentum, ``n_leapfrog`` leapfrog steps of each chain's
@@ -684,7 +689,7 @@ def _hmc_step(target: WhitenedTarget, z: Tensor, lp: Tensor, g: Tensor, s: float
     u = torch.rand(z.shape[0], 1, generator=generator, dtype=z.dtype)
     q, lq, gq, p_end = _trajectory(target, z, g, p, s * (1 + HMC_STEP_JITTER * (2 * u - 1)), n_leapfrog)
     u = torch.rand(z.shape[0], generator=generator, dtype=z.dtype)
-    log_alpha = lq - lp - 0.5 * ((p_end * p_end).sum(1) - (p * p).sum(1))
+    log_alpha = _hmc_log_ratio(lp, p, lq, p_end)
     ok = torch.isfinite(lq) & torch.isfinite(gq).all(1)
     accept = ok & (torch.log(u) < torch.nan_to_num(log_alpha, nan=-math.inf))
     z = torch.where(accept[:, None], q, z)
@@ -717,7 +722,7 @@ def _acceptance_step_size(target: WhitenedTarget, settings: LangevinSettings, in
 
     def acceptance(s: float) -> float:
         _, lq, _, p = _trajectory(target, z0, g0, p0, s, settings.leapfrog)
-        log_alpha = torch.nan_to_num(lq - lp0 - 0.5 * ((p * p).sum(1) - (p0 * p0).sum(1)), nan=-math.inf)
+        log_alpha = torch.nan_to_num(_hmc_log_ratio(lp0, p0, lq, p), nan=-math.inf)
         curve[s] = float(torch.exp(log_alpha.clamp(max=0.0)).double().mean())
         return curve[s]
 
