@@ -79,6 +79,35 @@ def _save_chunks(out: str, j: int, z: np.ndarray, lj: np.ndarray) -> list[str]:
     return names
 
 
+def _starts(a, j: int, modes: dict, dtype: torch.dtype, gen: torch.Generator):
+    """Mode ``j``'s chain starts ``[C, k]``, starting frame ``(loc, tril)``, initial step and warm-up windows.
+
+    Three ways, by the options: from the mode's Laplace approximation (default: three windows that refit the frame);
+    ``--start-from DIR``: at draws of an earlier run (the second half of each of its returned chains, pooled), in
+    the frame of their moments, with its step and one step-only window (its chains had left the Laplace
+    starts, 130-540 nats below the mode on the elliptic case, so a new run need not walk in again); ``--resume
+    DIR``: that run's own chains continued exactly from its end states (``state_<j>.pt``), frame and step, no
+    warm-up."""
+    dev = a.device
+    if a.resume:
+        st = torch.load(os.path.join(a.resume, f"state_{j}.pt"), weights_only=True)
+        frame = (st["loc"].to(dev, dtype), st["tril"].to(dev, dtype))
+        return st["z"].to(dev, dtype), frame, float(st["step"]), a.windows if a.windows is not None else []
+    if a.start_from:
+        z, _ = _load_draws(a.start_from, j)
+        pool = torch.from_numpy(z[:, z.shape[1] // 2:].reshape(-1, z.shape[2])).to(dev, dtype)
+        cov = torch.cov(pool.T) + 1e-10 * torch.eye(pool.shape[1], dtype=dtype, device=dev)
+        pick = torch.randperm(len(pool), generator=gen)[:a.chains] if len(pool) >= a.chains else \
+            torch.randint(len(pool), (a.chains,), generator=gen)
+        with open(os.path.join(a.start_from, "summary.json")) as f:
+            step = json.load(f)["modes"][j]["step_size"]
+        return pool[pick.to(dev)], (pool.mean(0), torch.linalg.cholesky(cov)), step, \
+            a.windows if a.windows is not None else [50]
+    loc, tril = modes["loc"][j].to(dev, dtype), modes["scale_tril"][j].to(dev, dtype)
+    z0 = loc + torch.randn(a.chains, loc.numel(), generator=gen, dtype=dtype).to(dev) @ tril.T
+    return z0, (loc, tril), 0.1, a.windows if a.windows is not None else [300, 300, 200]
+
+
 def cmd_sample(a) -> int:
     from ganflow.bench.batched_hmc import HmcSettings, run_batched_hmc
 
@@ -86,24 +115,36 @@ def cmd_sample(a) -> int:
     modes = torch.load(a.modes, weights_only=True)
     target = _target(a.problem, a.seed, a.device, a.float32)
     dtype = torch.float32 if a.float32 else torch.float64
-    gen = torch.Generator().manual_seed(a.seed + 11)
-    summary = {"chains": a.chains, "device": a.device, "float32": a.float32, "modes": []}
-    K = len(modes["loc"])
+    prior_grads = 0
+    if a.resume:  # a continued run draws new random numbers, fixed by where the chains stand
+        with open(os.path.join(a.resume, "summary.json")) as f:
+            earlier = json.load(f)
+        a.chains, prior_grads = earlier["chains"], sum(r["n_gradients_total"] for r in earlier["modes"])
+    gen = torch.Generator().manual_seed(a.seed + 11 + prior_grads)
     if a.chains == 0:
-        a.chains = summary["chains"] = _choose_chains(target, modes["loc"][0].to(a.device, dtype))
+        a.chains = _choose_chains(target, modes["loc"][0].to(a.device, dtype))
+    summary = {"chains": a.chains, "device": a.device, "float32": a.float32, "modes": [],
+               "start": "resume" if a.resume else "draws" if a.start_from else "laplace",
+               "continues": os.path.basename(os.path.normpath(a.resume)) if a.resume else None}
+    K = len(modes["loc"])
     for j in range(K):
-        loc, tril = modes["loc"][j].to(a.device, dtype), modes["scale_tril"][j].to(a.device, dtype)
-        z0 = loc + (torch.randn(a.chains, loc.numel(), generator=gen, dtype=dtype).to(a.device)) @ tril.T
+        z0, frame, step0, windows = _starts(a, j, modes, dtype, gen)
         remaining = a.budget_s - (time.perf_counter() - t_start)
-        share = remaining / (K - j) - 5  # warm-up windows: 15 %, 15 %, 10 % of the mode's time; then draws
-        settings = HmcSettings(windows=tuple(a.windows), num_samples=a.max_samples, trajectory=a.trajectory,
-                               deadline_s=share, window_s=tuple(f * share for f in (0.15, 0.15, 0.10)))
-        out = run_batched_hmc(target.log_joint_and_grad, z0, (loc, tril), settings, gen,
+        share = remaining / (K - j) - 5
+        warm = a.warmup_share if a.warmup_share is not None else 0.4 if len(windows) == 3 else 0.05
+        settings = HmcSettings(windows=tuple(windows), num_samples=a.max_samples, trajectory=a.trajectory,
+                               init_step=step0, deadline_s=share,
+                               window_s=tuple(warm * share / len(windows) for _ in windows))
+        out = run_batched_hmc(target.log_joint_and_grad, z0, frame, settings, gen,
                               progress=lambda s, j=j: print(f"[mode {j}] {s}", flush=True))
         z, lj = out["draws"].numpy(), out["log_joint"].numpy()
         files = _save_chunks(a.output, j, *_subset(z, lj, a.return_chains, a.return_mb / K))
+        total = out["n_gradients"] + (earlier["modes"][j]["n_gradients_total"] if a.resume else 0)
+        torch.save({"z": out["last"].double(), "loc": out["frame"][0].double(), "tril": out["frame"][1].double(),
+                    "step": out["step_size"]}, os.path.join(a.output, f"state_{j}.pt"))
         rec = {k: out[k] for k in ("step_size", "divergences", "warmup_divergences", "n_gradients", "wall_s")}
-        rec.update(draws=int(z.shape[1]), accept=float(out["accept"].mean()) if z.shape[1] else None,
+        rec.update(n_gradients_total=total, draws=int(z.shape[1]),
+                   accept=float(out["accept"].mean()) if z.shape[1] else None,
                    leapfrog_last=int(out["n_leapfrog"][-1]), files=[os.path.basename(f) for f in files])
         rec.update(_convergence(z))
         summary["modes"].append(rec)
@@ -142,25 +183,47 @@ def _convergence(z: np.ndarray) -> dict:
             "ess_min": float(effective_sample_size(t, chain_dim=0, sample_dim=1).min())}
 
 
+def _load_draws(folder: str, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mode ``j``'s returned draws ``[C', S, k]`` and log joints of one `sample` folder."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        rec = json.load(f)["modes"][j]
+    parts = [np.load(os.path.join(folder, name)) for name in rec["files"]]
+    return np.concatenate([p["z"] for p in parts]), np.concatenate([p["log_joint"] for p in parts])
+
+
+def _chained_draws(folders: list[str], j: int) -> tuple[np.ndarray, np.ndarray]:
+    """The draws of a run and its continuations (``--resume``, in order) joined along each chain."""
+    runs = [_load_draws(d, j) for d in folders]
+    if len({r[0].shape[0] for r in runs}) > 1:
+        raise SystemExit("store: the --draws folders return different chains; give one run and its continuations")
+    return np.concatenate([r[0] for r in runs], 1), np.concatenate([r[1] for r in runs], 1)
+
+
 def cmd_store(a) -> int:
     from ganflow.bench.cases import _make_case
     from ganflow.bench.stored import reference_from_draws, reference_path, save_checked
 
-    with open(os.path.join(a.draws, "summary.json")) as f:
-        summary = json.load(f)
+    summaries = []
+    for d in a.draws:
+        with open(os.path.join(d, "summary.json")) as f:
+            summaries.append(json.load(f))
+    for d, s in zip(a.draws[1:], summaries[1:], strict=True):
+        if s["start"] != "resume":
+            raise SystemExit(f"store: {d} does not continue the run before it (sample --resume)")
     draws, log_joint = [], []
-    for j, rec in enumerate(summary["modes"]):
-        parts = [np.load(os.path.join(a.draws, name)) for name in rec["files"]]
-        z = np.concatenate([p["z"] for p in parts])
-        lj = np.concatenate([p["log_joint"] for p in parts])
+    for j in range(len(summaries[0]["modes"])):
+        z, lj = _chained_draws(a.draws, j)
         keep = np.linspace(0, len(z) - 1, min(a.keep_chains, len(z))).round().astype(int)
-        draws.append(z[keep].astype(np.float64))
-        log_joint.append(lj[keep])
-        print(f"mode {j}: all {len(z)} chains x {z.shape[1]} draws: {_convergence(z)}; kept {len(keep)} chains")
+        draws.append(z[keep, ::a.thin].astype(np.float64))
+        log_joint.append(lj[keep, ::a.thin])
+        print(f"mode {j}: all {len(z)} chains x {z.shape[1]} draws: {_convergence(z)}; kept {len(keep)} chains, "
+              f"every {a.thin}. draw")
     case = _make_case(a.problem, a.seed)
     target = _target(a.problem, a.seed)
+    summary = summaries[-1]
     command = ("python scripts/gpu_elliptic_reference.py modes/sample/store "
-               f"(chains {summary['chains']} on {summary['device']}, kept {a.keep_chains})")
+               f"(chains {summary['chains']} on {summary['device']}, {len(a.draws)} run(s), kept {a.keep_chains}, "
+               f"thinned {a.thin})")
     ref = reference_from_draws(target, a.problem, a.seed, draws, log_joint, summary["modes"], command,
                                {"sampler": "batched HMC (ganflow.bench.batched_hmc)", **summary})
     path = a.output or reference_path(case.prior_path, a.problem, a.seed)
@@ -183,20 +246,29 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="cuda")
     s.add_argument("--chains", type=int, default=0, help="0: 1,024 or 256 by a timing (`_choose_chains`)")
     s.add_argument("--budget-s", type=float, default=420.0, help="wall-clock seconds for all modes")
-    s.add_argument("--windows", type=int, nargs=3, default=[300, 300, 200],
-                   help="warm-up windows (at most this many draws each; else 15/15/10 %% of the time)")
+    s.add_argument("--start-from", default=None, help="an earlier `sample` folder: start at its draws")
+    s.add_argument("--resume", default=None, help="an earlier `sample` folder: continue its chains exactly")
+    s.add_argument("--windows", type=int, nargs="*", default=None,
+                   help="warm-up windows, draws each (default 300 300 200; 50 with --start-from; none with "
+                        "--resume); the last only tunes the step")
+    s.add_argument("--warmup-share", type=float, default=None,
+                   help="share of the time for the warm-up (default 0.4 with three windows, else 0.05)")
     s.add_argument("--max-samples", type=int, default=2000)
     s.add_argument("--trajectory", type=float, default=1.5)
     s.add_argument("--float32", action="store_true", help="the generator in float32, as bench runs it (CPU)")
     s.add_argument("--return-chains", type=int, default=256, help="chains written out (all are diagnosed)")
     s.add_argument("--return-mb", type=float, default=44.0, help="MiB of draws written out, all modes")
     st = sub.choices["store"]
-    st.add_argument("--draws", required=True, help="the folder `sample` wrote")
+    st.add_argument("--draws", required=True, action="append",
+                    help="the folder `sample` wrote; repeat for its continuations (`--resume`), in order")
     st.add_argument("--keep-chains", type=int, default=64)
+    st.add_argument("--thin", type=int, default=1, help="keep every n-th draw (a small file; the chains mix slowly)")
     a = ap.parse_args(argv)
     if a.cmd in ("modes", "sample") and a.output is None:
         ap.error(f"{a.cmd} needs -o")
     if a.cmd == "sample":
+        if a.resume and a.start_from:
+            ap.error("give --resume or --start-from, not both")
         os.makedirs(a.output, exist_ok=True)
     return {"modes": cmd_modes, "sample": cmd_sample, "store": cmd_store}[a.cmd](a)
 

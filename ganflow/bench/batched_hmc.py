@@ -128,7 +128,9 @@ def run_batched_hmc(f: LogJointAndGrad, z0: Tensor, frame: tuple[Tensor, Tensor]
 
     ``generator`` is a CPU `torch.Generator` (the draws are moved to ``z0``'s device): the same seed gives the
     same chains on CPU. Returns ``draws`` ``[C, S, k]`` and ``log_joint`` ``[C, S]`` (CPU), ``accept``
-    ``[S]`` (mean acceptance probability per draw), ``step_size``, ``n_leapfrog`` (per draw, warm-up included),
+    ``[S]`` (mean acceptance probability per draw), ``last`` (the chains' end states ``[C, k]`` in ``z0``'s dtype,
+    CPU: with ``frame`` and ``step_size`` all a later run needs to continue them, ``windows=()`` and
+    ``init_step=step_size``), ``step_size``, ``n_leapfrog`` (per draw, warm-up included),
     ``divergences`` (in the kept draws), ``warmup_divergences``, ``n_gradients`` (per chain), ``frame`` (the
     adapted ``(loc, scale_tril)``), ``wall_s``.
     """
@@ -182,7 +184,8 @@ def run_batched_hmc(f: LogJointAndGrad, z0: Tensor, frame: tuple[Tensor, Tensor]
         "draws": torch.stack(draws, 1) if draws else torch.zeros(C, 0, k),
         "log_joint": torch.stack(log_joint, 1) if draws else torch.zeros(C, 0, dtype=torch.float64),
         "accept": torch.tensor(accept),
-        "step_size": step, "n_leapfrog": leaps, "divergences": divergences, "warmup_divergences": warm_div,
+        "last": fr.to_z(v).cpu(), "step_size": step, "n_leapfrog": leaps, "divergences": divergences,
+        "warmup_divergences": warm_div,
         "n_gradients": n_grad,
         "frame": (fr.loc.cpu(), fr.tril.cpu()), "wall_s": time.perf_counter() - t0,
     }
