@@ -224,7 +224,11 @@ def cmd_store(a) -> int:
     command = ("python scripts/gpu_elliptic_reference.py modes/sample/store "
                f"(chains {summary['chains']} on {summary['device']}, {len(a.draws)} run(s), kept {a.keep_chains}, "
                f"thinned {a.thin})")
-    ref = reference_from_draws(target, a.problem, a.seed, draws, log_joint, summary["modes"], command,
+    runs = [{**rec, "wall_s": sum(s["modes"][j]["wall_s"] for s in summaries),  # the whole chains' cost
+             "n_gradients": sum(s["modes"][j]["n_gradients"] for s in summaries),
+             "divergences": sum(s["modes"][j]["divergences"] for s in summaries)}
+            for j, rec in enumerate(summary["modes"])]
+    ref = reference_from_draws(target, a.problem, a.seed, draws, log_joint, runs, command,
                                {"sampler": "batched HMC (ganflow.bench.batched_hmc)", **summary})
     path = a.output or reference_path(case.prior_path, a.problem, a.seed)
     ok, path = save_checked(ref, path)

@@ -3,6 +3,8 @@ refuses to be read for another prior, noise level or observation."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,50 @@ def test_reference_from_gpu_hmc_draws_round_trip_and_cost_not_judged(twin_refere
     assert abs(back.draws[0][..., 0].mean() - major[:, 0].mean()) < 0.1 * major[:, 0].std()
     assert _stored_cost(back.attrs) == (None, None)
     assert _stored_cost(nuts_ref.attrs)[1] == pytest.approx(1000 * nuts_ref.attrs["wall_s"] / nuts_ref.attrs["ess_min"])
+
+
+def test_time_split_measures_drift_and_a_changing_spread():
+    """The reference's own split (first halves of its chains against second halves) sees a drift of the mean and a
+    change of the spread; numbers against the constructed shift, to the Monte-Carlo error of 6,400 draws a half."""
+    from ganflow.bench.stored import StoredReference
+
+    d = np.random.default_rng(0).normal(size=(64, 200, 3))
+    still = StoredReference("t", 0, None, [d.copy()], [None], np.ones(1), [{}], {}).time_split()
+    assert still["mean_sd"] < 0.06 and still["sd_rel"] < 0.06  # max of 3 coordinates, each ~ 0.018 sd
+    d[:, 100:, 1] += 0.5  # the mean moves by 0.5 (pooled sd sqrt(1 + 0.0625))
+    d[:, 100:, 2] *= 1.2  # the sd grows by 20 %: first / second - 1 = -1/6
+    split = StoredReference("t", 0, None, [d], [None], np.ones(1), [{}], {}).time_split()
+    assert split["mean_sd"] == pytest.approx(0.5 / np.sqrt(1.0625), abs=0.06)
+    assert split["sd_rel"] == pytest.approx(1 / 6, abs=0.03)
+
+
+def test_bench_falls_back_to_a_long_unconverged_run(tmp_path, monkeypatch):
+    """With no converged reference, bench reads the long run kept beside it (`*.unconverged.h5`), not NUTS."""
+    from types import SimpleNamespace
+
+    from ganflow.bench import methods
+    from ganflow.bench.stored import long_run_path, reference_path
+
+    case = SimpleNamespace(name="twin", prior_path=str(tmp_path / "twin.pt"))
+    path = long_run_path(reference_path(case.prior_path, "twin", 0))
+    os.makedirs(os.path.dirname(path))
+    open(path, "w").close()
+    monkeypatch.setattr(methods, "_stored_nuts", lambda case, p, plan, seed, echo: ("read", p))
+    lines = []
+    assert methods._run_nuts(case, None, None, 0, lines.append, reference_run=False) == ("read", path)
+    assert "long unconverged run" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["phase_retrieval_seed0.h5", "elliptic_seed0.unconverged.h5"])
+def test_bundled_references_belong_to_the_bundled_priors(name):
+    """Each bundled reference reads back for the benchmark case it was made for (prior weights, operator,
+    observation, noise): a retrained prior or a changed operator without a remade reference fails here."""
+    from ganflow.bench.cases import _make_case
+    from ganflow.bench.methods import _new_target
+    from ganflow.bench.stored import reference_path
+
+    problem = name.split("_seed")[0]
+    case = _make_case(problem, 0)
+    path = os.path.join(os.path.dirname(reference_path(case.prior_path, problem, 0)), name)
+    ref = load_reference(path, _new_target(case), problem, 0)
+    assert ref.draws[0].shape[-1] == case.G.latent_dim

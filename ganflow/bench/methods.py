@@ -81,6 +81,7 @@ def _stored_nuts(case: _Case, path: str, plan: BenchPlan, seed: int, echo) -> tu
         "n_modes": int(a["n_modes"]),
         "mode_mass": [float(v) for v in sref.mode_mass],
         "settings": json.loads(a["nuts_settings"]),
+        "reference_self_split": sref.time_split(),
     })
     if case.z_true is not None:
         rec["z_true_err_sd"] = float(np.max(np.abs(ref.mean - case.z_true) / ref.sd))
@@ -96,13 +97,19 @@ def _run_nuts(case: _Case, ns, plan: BenchPlan, seed: int, echo, reference_run: 
     elsewhere it is the reference, read from the stored converged run where there is one unless
     ``reference_run``. Returns its record and the reference."""
     from ..posterior.nuts import run_nuts
-    from .stored import reference_path
+    from .stored import long_run_path, reference_path
 
     name = case.name
     if not reference_run and name not in EXACT_PROBLEMS:
         path = reference_path(case.prior_path, name, seed)
         if os.path.isfile(path):
             return _stored_nuts(case, path, plan, seed, echo)  # refused (one line) when stale
+        long_run = long_run_path(path)
+        if os.path.isfile(long_run):  # a long run that did not converge beats the plan's short one
+            echo(f"[{name}] no converged stored reference: the long unconverged run {os.path.relpath(long_run)}"
+                 " is the reference (the flow's accuracy targets are not judged against it; the refiner's are, "
+                 "beyond twice its own uncertainty)")
+            return _stored_nuts(case, long_run, plan, seed, echo)
         echo(f"[{name}] no stored reference ({os.path.relpath(path)}): NUTS runs with the plan's settings and is "
              f"the reference, converged or not")
     echo(f"[{name}] nuts: {ns.num_chains} chains x ({ns.warmup_steps} warm-up + {ns.num_samples})")

@@ -43,7 +43,7 @@ import torch
 from ..errors import GanflowError
 
 __all__ = ["StoredReference", "make_reference", "reference_from_draws", "save_checked", "load_reference",
-           "reference_path", "MAKE_COMMAND"]
+           "reference_path", "long_run_path", "MAKE_COMMAND"]
 
 FORMAT, VERSION = "ganflow-reference", 1
 MAKE_COMMAND = "python scripts/make_references.py --problem {problem}"
@@ -80,6 +80,20 @@ class StoredReference:
         a, b = (_resample(f, self.mode_mass, min(len(x) for x in f), rng) for f in flat)
         return a, b
 
+    def time_split(self) -> dict:
+        """The reference's disagreement with itself: each mode's chains cut in time, first halves against second
+        halves (pooled over chains), as ``mean_sd`` (the largest mean difference in the mode's sd) and ``sd_rel``
+        (the largest relative sd difference), over the modes. For a run that has not converged this is what
+        its own draws say about its error: Monte-Carlo noise (twice that of the whole run's mean) plus any drift
+        still under way. It cannot see a region no chain has reached."""
+        mean_sd = sd_rel = 0.0
+        for d in self.draws:
+            first, second = (h.reshape(-1, d.shape[-1]) for h in (d[:, : d.shape[1] // 2], d[:, d.shape[1] // 2 :]))
+            sd = d.reshape(-1, d.shape[-1]).std(0, ddof=1)
+            mean_sd = max(mean_sd, float(np.max(np.abs(first.mean(0) - second.mean(0)) / sd)))
+            sd_rel = max(sd_rel, float(np.max(np.abs(first.std(0, ddof=1) / second.std(0, ddof=1) - 1))))
+        return {"mean_sd": mean_sd, "sd_rel": sd_rel}
+
     def converged(self) -> bool:
         """Every mode: split R-hat < 1.01 and bulk ESS >= 1,000, from at least 4 chains."""
         return bool(self.attrs["rhat_max"] < RHAT_GOAL and self.attrs["ess_min"] >= ESS_GOAL
@@ -91,6 +105,12 @@ def _resample(parts: list[np.ndarray], mass: np.ndarray, n: int, rng: np.random.
     counts = rng.multinomial(n, mass / mass.sum())
     return np.concatenate([p[rng.choice(len(p), size=c, replace=c > len(p))]
                            for p, c in zip(parts, counts, strict=True)])
+
+
+def long_run_path(path: str) -> str:
+    """Where a reference that did not converge is kept beside the converged one's ``path``: bench falls back to
+    it (as a long run in the posterior's mode, judged with its own uncertainty) when there is no converged one."""
+    return path[: -len(".h5")] + ".unconverged.h5"
 
 
 def reference_path(prior_path: str, problem: str, seed: int) -> str:
@@ -173,7 +193,7 @@ def save_checked(ref: StoredReference, path: str) -> tuple[bool, str]:
     bench reads). Returns ``(converged, the path written)``."""
     ok = ref.converged()
     if not ok:
-        path = path[: -len(".h5")] + ".unconverged.h5"
+        path = long_run_path(path)
     save_reference(ref, path)
     return ok, path
 
