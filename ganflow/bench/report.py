@@ -194,6 +194,8 @@ def _method_table(records: list[dict]) -> list[str]:
         extra = ""
         if r["method"] == "nuts":
             stored = "stored, " if r.get("reference") == "stored" else ""
+            if r.get("reference_sampler", "NUTS") != "NUTS":  # another sampler's run is the reference
+                stored = f"stored {r['reference_sampler'].split(' (')[0]}, "
             extra = f" ({stored}R-hat {_f(r.get('rhat_max'), '{:.3f}')}, ESS {_f(r.get('ess_min'), '{:.0f}')})"
         elif r["method"] == "flow" and "time_to_target_s" in r:
             t_acc = r["time_to_target_s"]

@@ -116,7 +116,8 @@ def _flow_targets(problem: str, flow: dict, nuts: dict | None) -> list[dict]:
     # reference as much as the flow: it is reported, but neither met nor missed.
     unconverged = (nuts is not None and nuts.get("reference") in ("nuts", "stored")
                    and not nuts.get("rhat_max", math.inf) < 1.01)
-    tag = f" (NUTS reference not converged, R-hat {nuts['rhat_max']:.2f})" if unconverged else ""
+    sampler = "" if nuts is None or nuts.get("reference_sampler", "NUTS") == "NUTS" else "long-run "
+    tag = f" ({sampler or 'NUTS '}reference not converged, R-hat {nuts['rhat_max']:.2f})" if unconverged else ""
 
     def judged(ok):
         return None if unconverged else ok
