@@ -12,9 +12,16 @@ a GPU runs a thousand chains in lock-step, each gradient solving all their PDEs 
 ``modes`` finds the posterior's modes as `ganflow.bench.stored.make_reference` does (the flow's screened
 64-start MAP search, seed + 1). ``sample`` runs the chains of each mode from its Laplace approximation, in float64,
 for a wall-clock budget, and writes the draws in chunks (``draws_<j>_<c>.npz``: ``z`` [C', S, k] float32,
-``log_joint`` [C', S]) with a JSON summary. ``store`` keeps ``--keep-chains`` chains (spread over the run) and
-writes the reference that `ganflow bench` reads (``*.unconverged.h5`` unless split R-hat < 1.01 and bulk ESS >=
-1,000 on every coordinate).
+``log_joint`` [C', S]), the chains' end states (``state_<j>.pt``: ``z``, frame, step) and a JSON summary.
+``--start-from DIR`` starts new chains at an earlier run's draws; ``--resume DIR`` continues its chains exactly,
+so a reference can grow over several calls. ``store`` joins a run and its continuations (``--draws`` repeated,
+in order), keeps ``--keep-chains`` chains (spread over the run) and every ``--thin``-th draw, and writes the
+reference that `ganflow bench` reads (``*.unconverged.h5`` unless split R-hat < 1.01 and bulk ESS >= 1,000 on
+every coordinate; bench falls back to that long run while no converged one exists).
+
+The elliptic reference bundled in session 10: ``sample --device cpu --float32 --chains 64 --budget-s 3300``
+(session 9), then on an H200 ``sample --start-from`` it (450 s, 256 chains) and ``sample --resume`` that (285 s),
+then ``store --draws RUN2 --draws RUN3 --keep-chains 256 --thin 6``: R-hat 1.23, ESS 613 (docs/benchmark.md).
 """
 
 from __future__ import annotations
