@@ -189,8 +189,9 @@ def _run_attrs(target, per_mode: list[dict], settings_json: str, command: str) -
 
 
 def save_checked(ref: StoredReference, path: str) -> tuple[bool, str]:
-    """Write ``ref`` at ``path`` when it converged, else beside it as ``*.unconverged.h5`` (never under the name
-    bench reads). Returns ``(converged, the path written)``."""
+    """Write ``ref`` at ``path`` when it converged, else beside it as ``*.unconverged.h5`` (`long_run_path`: bench
+    reads it only while there is no converged one, and then judges no accuracy target of the flow against it).
+    Returns ``(converged, the path written)``."""
     ok = ref.converged()
     if not ok:
         path = long_run_path(path)

@@ -85,8 +85,9 @@ def _refiner_targets(problem: str, refined: dict, flow: dict, nuts: dict | None)
     """Issue 18: the refiner (flow + Langevin) no worse than the flow it starts from, in the latent mean and sd.
 
     Against a converged reference: judged as measured. Against a long stored run that has not converged (issue
-    18: "or, until they exist, against a long run in the same mode"): the reference is itself off by some
-    ``d``, which moves both errors by at most ``d`` (triangle inequality, coordinate by coordinate), so only a
+    18: "or, until they exist, against a long NUTS run in the same mode"; elliptic's is batched HMC started in
+    that mode): the reference is itself off by some ``d``, which moves both errors by at most ``d`` (triangle
+    inequality, coordinate by coordinate), so only a
     difference beyond ``2 d`` is judged: met where the refined error is below the flow's by more, missed where
     above by more, else not judged. ``d`` is the run's own time split (`StoredReference.time_split`), a lower
     bound of its error. Against anything else (the plan's short NUTS run): not judged."""
