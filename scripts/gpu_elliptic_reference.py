@@ -101,15 +101,13 @@ def _starts(a, j: int, modes: dict, dtype: torch.dtype, gen: torch.Generator):
         frame = (st["loc"].to(dev, dtype), st["tril"].to(dev, dtype))
         return st["z"].to(dev, dtype), frame, float(st["step"]), a.windows if a.windows is not None else []
     if a.start_from:
-        z, _ = _load_draws(a.start_from, j)
+        from ganflow.bench.batched_hmc import pooled_frame
+
+        z, _, rec = _load_draws(a.start_from, j)
         pool = torch.from_numpy(z[:, z.shape[1] // 2:].reshape(-1, z.shape[2])).to(dev, dtype)
-        cov = torch.cov(pool.T) + 1e-10 * torch.eye(pool.shape[1], dtype=dtype, device=dev)
         pick = torch.randperm(len(pool), generator=gen)[:a.chains] if len(pool) >= a.chains else \
             torch.randint(len(pool), (a.chains,), generator=gen)
-        with open(os.path.join(a.start_from, "summary.json")) as f:
-            step = json.load(f)["modes"][j]["step_size"]
-        return pool[pick.to(dev)], (pool.mean(0), torch.linalg.cholesky(cov)), step, \
-            a.windows if a.windows is not None else [50]
+        return pool[pick.to(dev)], pooled_frame(pool), rec["step_size"], a.windows if a.windows is not None else [50]
     loc, tril = modes["loc"][j].to(dev, dtype), modes["scale_tril"][j].to(dev, dtype)
     z0 = loc + torch.randn(a.chains, loc.numel(), generator=gen, dtype=dtype).to(dev) @ tril.T
     return z0, (loc, tril), 0.1, a.windows if a.windows is not None else [300, 300, 200]
@@ -190,17 +188,17 @@ def _convergence(z: np.ndarray) -> dict:
             "ess_min": float(effective_sample_size(t, chain_dim=0, sample_dim=1).min())}
 
 
-def _load_draws(folder: str, j: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mode ``j``'s returned draws ``[C', S, k]`` and log joints of one `sample` folder."""
+def _load_draws(folder: str, j: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Mode ``j``'s returned draws ``[C', S, k]``, log joints and summary record of one `sample` folder."""
     with open(os.path.join(folder, "summary.json")) as f:
         rec = json.load(f)["modes"][j]
     parts = [np.load(os.path.join(folder, name)) for name in rec["files"]]
-    return np.concatenate([p["z"] for p in parts]), np.concatenate([p["log_joint"] for p in parts])
+    return np.concatenate([p["z"] for p in parts]), np.concatenate([p["log_joint"] for p in parts]), rec
 
 
 def _chained_draws(folders: list[str], j: int) -> tuple[np.ndarray, np.ndarray]:
     """The draws of a run and its continuations (``--resume``, in order) joined along each chain."""
-    runs = [_load_draws(d, j) for d in folders]
+    runs = [_load_draws(d, j)[:2] for d in folders]
     if len({r[0].shape[0] for r in runs}) > 1:
         raise SystemExit("store: the --draws folders return different chains; give one run and its continuations")
     return np.concatenate([r[0] for r in runs], 1), np.concatenate([r[1] for r in runs], 1)

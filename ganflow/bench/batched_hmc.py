@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["HmcSettings", "run_batched_hmc"]
+__all__ = ["HmcSettings", "run_batched_hmc", "pooled_frame"]
 
 DIVERGENCE = 1000.0
 MIN_WINDOW = 10
@@ -110,11 +110,15 @@ def _trajectory(f: LogJointAndGrad, frame: _Frame, v: Tensor, lp: Tensor, g: Ten
     return v, torch.where(take, lp1, lp), torch.where(take[:, None], g1, g), accept_prob, divergent
 
 
-def _refit_frame(frame: _Frame, states: list[Tensor]) -> _Frame:
-    """The pooled mean and covariance (Cholesky factor) of the window's kept states ``[C, k]`` each, in z."""
-    z = torch.cat([frame.to_z(v) for v in states])
+def pooled_frame(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(loc, scale_tril)``: the mean and the Cholesky factor of the covariance of pooled states ``[N, k]``."""
     cov = torch.cov(z.T) + 1e-10 * torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-    return _Frame(z.mean(0), torch.linalg.cholesky(cov))
+    return z.mean(0), torch.linalg.cholesky(cov)
+
+
+def _refit_frame(frame: _Frame, states: list[Tensor]) -> _Frame:
+    """The frame of the window's kept states ``[C, k]`` each (`pooled_frame`, in z)."""
+    return _Frame(*pooled_frame(torch.cat([frame.to_z(v) for v in states])))
 
 
 def _n_leap(trajectory: float, step: float, cap: int) -> int:
