@@ -35,7 +35,7 @@ FREE_TABLES = ("operator", "problem", "generator")
 # Every table any command understands: one config file can serve the whole chain (data -> train-prior ->
 # simulate -> solve), and a misspelt table name is an error wherever the file is used.
 ALL_TABLES = FREE_TABLES + ("train", "data", "simulate", "solve", "flow", "langevin", "nuts", "predict",
-                            "calibrate", "bench", "diagnostics", "amortized")
+                            "calibrate", "bench", "diagnostics", "amortized", "smc")
 
 
 def load_toml(path: str | os.PathLike) -> dict:

@@ -35,7 +35,8 @@ from .results import PosteriorResult, truth_metrics
 __all__ = ["SolveSettings", "solve", "load_prior", "load_recorded_prior", "resolve_operator", "SOLVE_TABLES",
            "METHODS"]
 
-METHODS = ("flow", "langevin", "nuts")
+METHODS = ("flow", "langevin", "nuts", "smc")
+CHECKPOINTED = ("flow", "smc")  # the methods that write a resumable checkpoint
 # Config tables `ganflow solve` understands.
 SOLVE_TABLES = ALL_TABLES
 
@@ -44,7 +45,7 @@ SOLVE_TABLES = ALL_TABLES
 class SolveSettings:
     """Settings of the posterior summary (TOML table ``[solve]``)."""
 
-    method: Literal["flow", "langevin", "nuts"] = "flow"
+    method: Literal["flow", "langevin", "nuts", "smc"] = "flow"
     n_samples: int = 10_000  # posterior draws streamed for the field statistics
     n_quantile: int = 2_000  # of which the first n_quantile give the quantiles and the predictive mean
     n_field_samples: int = 64  # field draws stored in /field/samples
@@ -136,11 +137,11 @@ def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any
 
 
 def _checkpoint_options(method: str, checkpoint_path, resume: bool) -> dict | None:
-    """`fit_flow`'s checkpoint options; an option the method cannot use is an error, not ignored."""
-    if resume and method != "flow":
-        raise GanflowError(f"--resume of a single solve applies to --method flow, not {method}")
-    if checkpoint_path is not None and method != "flow":
-        raise GanflowError(f"checkpoint_path applies to method 'flow' (the one that checkpoints), not {method}")
+    """`fit_flow`'s (`run_smc`'s) checkpoint options; an option the method cannot use is an error, not ignored."""
+    if resume and method not in CHECKPOINTED:
+        raise GanflowError(f"--resume of a single solve applies to --method flow or smc, not {method}")
+    if checkpoint_path is not None and method not in CHECKPOINTED:
+        raise GanflowError(f"checkpoint_path applies to methods flow and smc (those that checkpoint), not {method}")
     if resume and checkpoint_path is None:
         raise GanflowError("resume=True needs the checkpoint_path of the interrupted fit")
     return {"checkpoint_path": checkpoint_path, "resume": resume} if checkpoint_path is not None else None
@@ -183,6 +184,13 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
         from .posterior.nuts import NutsSettings, run_nuts
 
         return run_nuts(target, cfg.section(NutsSettings, "nuts"), gen)
+    if method == "smc":  # issue 33: tempered SMC, checkpointed at stage boundaries
+        from .posterior.smc import SmcSettings, run_smc
+
+        ss = cfg.section(SmcSettings, "smc")
+        if not progress:
+            ss = dataclasses.replace(ss, progress=False)
+        return run_smc(target, ss, gen, **(checkpoint or {}))
     raise GanflowError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
 
 
@@ -208,12 +216,12 @@ def solve(
         prior: a generator module, a ganflow checkpoint, or a generator spec string.
         operator: a forward-operator module or spec string (overrides the observation's problem).
         problem: a problem spec or object whose ``make_operator`` builds the operator.
-        method: ``flow`` (default), ``langevin`` or ``nuts``; overrides ``[solve] method``.
+        method: ``flow`` (default), ``langevin``, ``nuts`` or ``smc``; overrides ``[solve] method``.
         config: a `Config`, a dict of tables, or a TOML path.
         seed: every random draw of the solve comes from ``torch.Generator().manual_seed(seed)``.
         checkpoint_path: where ``method="flow"`` writes its fit state every ``[flow] checkpoint_every_s``
-            (atomically; the other methods do not checkpoint and refuse it); ``resume=True`` continues from it
-            (bit-identical on CPU). The caller deletes it after saving the result.
+            (``smc``: at every stage boundary; atomically; the other methods do not checkpoint and refuse it);
+            ``resume=True`` continues from it (bit-identical on CPU). The caller deletes it after saving the result.
         amortized: an amortised posterior (``amortized.pt`` from ``ganflow train-posterior``, or a loaded
             `AmortizedPosterior`) used instead of a fit (method ``amortized``); ``prior`` may then be None (the
             one it records). It must have been trained for this prior, operator, noise level and observation

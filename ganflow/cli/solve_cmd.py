@@ -8,7 +8,7 @@ import numpy as np
 from ..config import Config
 from ..errors import GanflowError
 from ..io import check_output_path, is_obs_stack
-from ..solve import METHODS, SOLVE_TABLES, SolveSettings, resolve_amortized
+from ..solve import CHECKPOINTED, METHODS, SOLVE_TABLES, SolveSettings, resolve_amortized
 from ..solve import solve as solve_posterior
 from .common import config_option, force_option, kw_option, parse_kv, seed_option
 
@@ -30,8 +30,8 @@ from .common import config_option, force_option, kw_option, parse_kv, seed_optio
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 # --- issue 10: stacks of observations (ganflow.multi), --device ---
 @click.option("--resume", is_flag=True,
-              help="Continue an interrupted run: the flow fit checkpointed in <output>.ckpt; for a stacked obs.h5, "
-                   "keep the observations already finished (<output>.parts/) and solve the rest.")
+              help="Continue an interrupted run: the flow fit (or SMC) checkpointed in <output>.ckpt; for a stacked "
+                   "obs.h5, keep the observations already finished (<output>.parts/) and solve the rest.")
 @click.option("--max-obs", type=int, default=None,
               help="Stacked obs.h5: stop after this many more observations (continue with --resume).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
@@ -76,8 +76,8 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
         raise GanflowError(f"--max-obs applies to stacked observation files; {obs_path} holds one")
     # --- end issue 10 ---
     check_output_path(output, force, "posterior")
-    # issue 9: the flow fit checkpoints beside the output; the other methods take no checkpoint
-    flow = (method or cfg.section(SolveSettings, "solve").method) == "flow" or refine
+    # issue 9: the flow fit (issue 33: and SMC) checkpoints beside the output; the other methods take no checkpoint
+    flow = (method or cfg.section(SolveSettings, "solve").method) in CHECKPOINTED or refine
     checkpoint = _fit_checkpoint(output, resume, force) if flow else None
     result = solve_posterior(obs_path, prior, operator=operator, problem=problem, method=method, config=cfg,
                              seed=seed, progress=not quiet, checkpoint_path=checkpoint, resume=resume,
