@@ -39,7 +39,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -51,10 +50,10 @@ from normflows.flows.neural_spline.coupling import PiecewiseRationalQuadraticCou
 from normflows.nets.resnet import ResidualNet
 from normflows.utils.splines import DEFAULT_MIN_DERIVATIVE
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..errors import GanflowError
+from ..progress import Progress
 from .base import LatentFit
 from .flow import FlowSettings, _lr_factor, _masks, fit_flow
 from .target import LatentTarget
@@ -593,8 +592,8 @@ def _train_loop(run: _AmortizedRun, out: str | None) -> None:
     """Forward-KL steps to the stopping rule or ``max_iter``, then ``reverse_iter`` reverse-KL steps, with
     checkpoints on the clock (rank 0)."""
     s = run.settings
-    bar = tqdm(total=s.max_iter + s.reverse_iter, initial=min(run.step, s.max_iter) + run.reverse_step,
-               desc="train-posterior", disable=not (s.progress and run.ctx.is_main), file=sys.stderr, leave=False)
+    bar = Progress(s.max_iter + s.reverse_iter, "train-posterior", enabled=s.progress and run.ctx.is_main,
+                   initial=min(run.step, s.max_iter) + run.reverse_step)
     t_save = time.perf_counter()
     while run.phase != "done":
         if run.phase == "forward":

@@ -45,7 +45,6 @@ import copy
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
@@ -57,9 +56,9 @@ from normflows.flows.neural_spline.coupling import PiecewiseRationalQuadraticCou
 from normflows.nets.resnet import ResidualNet
 from normflows.utils.splines import DEFAULT_MIN_DERIVATIVE
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..errors import GanflowError
+from ..progress import Progress
 from .base import LatentFit
 from .mixture import MixtureFlow, fit_mixture_weights
 from .target import LatentTarget
@@ -784,8 +783,7 @@ def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int, mixtu
 
     observe()
     t_last_save = time.perf_counter()
-    bar = tqdm(total=s.max_iter, initial=fit.step, desc=desc, disable=not s.progress, file=sys.stderr,
-               leave=False)
+    bar = Progress(s.max_iter, desc, enabled=s.progress, initial=fit.step)
     stopped = "max_iter"
     while fit.step < s.max_iter:
         lr = s.lr * _lr_factor(fit.step, s) * fit.lr_scale

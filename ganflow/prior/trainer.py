@@ -537,17 +537,10 @@ def _make_checkpoint(run: _Run, step: int, wall: float) -> dict:
 def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
     """Generator steps from ``run.start`` to ``settings.steps``, with periodic checkpoints (rank 0); returns
     ``(step, last logged Wasserstein estimate, seconds)``."""
-    from tqdm.auto import tqdm
+    from ..progress import Progress
 
     settings, ctx = run.settings, run.ctx
-    bar = tqdm(
-        total=settings.steps,
-        initial=run.start,
-        disable=not (progress and ctx.is_main),
-        desc="train-prior",
-        unit="step",
-        dynamic_ncols=True,
-    )
+    bar = Progress(settings.steps, "train-prior", enabled=progress and ctx.is_main, initial=run.start, unit="step")
     t_start = time.perf_counter()
     t_last_save = t_start
     w_est = float("nan")
