@@ -43,6 +43,8 @@ __all__ = [
     "all_reduce_mean",
     "broadcast_module",
     "check_in_sync",
+    "replica_summary",
+    "replicas_agree",
     "shard",
     "shard_tensor",
     "check_device",
@@ -198,30 +200,44 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src=src)
 
 
+def replica_summary(module: nn.Module) -> Tensor:
+    """``[||w||, s_1 . w, s_2 . w]`` of a module's parameters (float64; `ganflow.fingerprint`'s summary): two
+    replicas that differ by more than rounding differ here by about ``||w_a - w_b||``."""
+    from .fingerprint import _summary
+
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in module.parameters()])
+    return torch.tensor(_summary(flat.numpy()), dtype=torch.float64)
+
+
+def replicas_agree(lo: Tensor, hi: Tensor) -> bool:
+    """Whether per-module summaries ``[M, 3]`` reduced by MIN (``lo``) and MAX (``hi``) across ranks agree to
+    rounding (`ganflow.fingerprint.RTOL` of ``||w||``). Ranks on different CPU models round differently in the
+    last bit; a missed or rank-dependent gradient update moves the weights by ~1e-3 of their norm or more."""
+    from .fingerprint import RTOL
+
+    return bool(torch.all(hi - lo <= RTOL * hi[:, :1]))
+
+
 @torch.no_grad()
 def check_in_sync(modules: dict[str, nn.Module], device: torch.device | str = "cpu") -> None:
-    """Raise `GanflowError` when the ranks' weights differ (data-parallel replicas must stay identical).
+    """Raise `GanflowError` when the ranks' weights differ beyond rounding (data-parallel replicas must stay
+    identical); replicas that differ only by rounding (ranks on different CPU models) take rank 0's weights.
 
-    Compares, per module, the sum and the sum of squares of all parameters (float64) across ranks with a MIN
-    and a MAX all-reduce: any drift (a missed gradient all-reduce, a rank-dependent update) shows up.
+    Compares per module a summary of all parameters (`replica_summary`) with a MIN and a MAX all-reduce.
     """
     if not _active():
         return
-    stats = []
-    for m in modules.values():
-        flat = torch.cat([p.detach().reshape(-1).double() for p in m.parameters()])
-        stats += [flat.sum(), (flat * flat).sum()]
-    t = torch.stack(stats).to(device)
+    t = torch.stack([replica_summary(m) for m in modules.values()]).to(device)
     lo, hi = t.clone(), t.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        bad = [
-            name
-            for i, name in enumerate(modules)
-            if not torch.equal(lo[2 * i : 2 * i + 2], hi[2 * i : 2 * i + 2])
-        ]
+    if torch.equal(lo, hi):
+        return
+    bad = [name for i, name in enumerate(modules) if not replicas_agree(lo[i : i + 1], hi[i : i + 1])]
+    if bad:
         raise GanflowError(f"data-parallel replicas diverged ({', '.join(bad)} differ across ranks)")
+    for m in modules.values():
+        broadcast_module(m)
 
 
 def shard(items: Sequence, rank_: int | None = None, world: int | None = None) -> list:

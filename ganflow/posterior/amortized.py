@@ -18,7 +18,7 @@ where ``embed`` standardises the flattened observation (moments of a simulated p
 an MLP plus a linear skip, so that a posterior mean linear in ``y`` (a linear-Gaussian problem) is easy.
 
 Checkpoints (``amortized.pt``) hold tensors and plain types only and load with ``weights_only=True``; they
-record the prior's SHA-1 (`prior_sha1`), the operator's fingerprint (`operator_fingerprint`), ``noise_sigma``
+record the prior's and the operator's fingerprints (`ganflow.fingerprint`, compared to rounding), ``noise_sigma``
 and ``obs_shape``, which `AmortizedPosterior.check` compares with an observation before any use.
 
 Example:
@@ -53,13 +53,14 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..errors import GanflowError
+from ..fingerprint import operator_fingerprint, prior_fingerprint, same_fingerprint, short_fingerprint
 from ..progress import Progress
 from .base import LatentFit
 from .flow import FlowSettings, _lr_factor, _masks, fit_flow
 from .target import LatentTarget
 
 __all__ = ["AmortizedSettings", "ConditionalLatentFlow", "AmortizedPosterior", "AmortizedTrainResult",
-           "train_amortized", "load_amortized", "prior_sha1", "operator_fingerprint", "AMORTIZED_KIND"]
+           "train_amortized", "load_amortized", "AMORTIZED_KIND"]
 
 AMORTIZED_KIND = "ganflow.amortized"
 AMORTIZED_VERSION = 1
@@ -295,29 +296,6 @@ def _refine_settings(settings: FlowSettings) -> FlowSettings:
     return dataclasses.replace(settings, lr=min(settings.lr, REFINE_LR), lr_final=min(settings.lr_final, REFINE_LR))
 
 
-# --- fingerprints: what a checkpoint must agree with -------------------------------------------------------
-def _hash_state(h, module: nn.Module) -> None:
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-
-
-def prior_sha1(generator: nn.Module) -> str:
-    """SHA-1 of the generator's weights and buffers, latent dimension and field shape (file-name free)."""
-    h = hashlib.sha1(f"{int(generator.latent_dim)}|{tuple(generator.field_shape)}".encode())
-    _hash_state(h, generator)
-    return h.hexdigest()
-
-
-def operator_fingerprint(operator: nn.Module) -> str:
-    """SHA-1 of the operator's class, ``extra_repr``, shapes and buffers/parameters: its settings as far as
-    they show (a setting held only in a plain attribute and absent from ``extra_repr`` is not seen)."""
-    h = hashlib.sha1(f"{type(operator).__qualname__}|{operator.extra_repr()}|{tuple(operator.field_shape)}|"
-                     f"{tuple(operator.obs_shape)}".encode())
-    _hash_state(h, operator)
-    return h.hexdigest()
-
-
 # --- simulation --------------------------------------------------------------------------------------------
 def _substream(seed: int, *keys: int) -> int:
     # Independent, reproducible streams from one seed (validation set, pool, each step of each rank).
@@ -410,7 +388,7 @@ def _set_up(generator: nn.Module, operator: nn.Module, noise_sigma: float, s: Am
     dev = ctx.device
     meta = {"latent_dim": int(generator.latent_dim), "obs_shape": [int(d) for d in operator.obs_shape],
             "field_shape": [int(d) for d in generator.field_shape], "noise_sigma": float(noise_sigma),
-            "prior_sha1": prior_sha1(generator), "operator_fingerprint": operator_fingerprint(operator),
+            "prior_sha1": prior_fingerprint(generator), "operator_fingerprint": operator_fingerprint(operator),
             "record": dict(record)}
     val = simulate_pairs(generator, operator, noise_sigma, s.n_val, torch.Generator().manual_seed(
         _substream(seed, 0)), s.sim_batch, dev)
@@ -557,8 +535,8 @@ def _check_resume(ckpt: dict, run: _AmortizedRun, out: str) -> None:
     """A resume continues only the same training: settings (stopping points aside), prior, operator, noise."""
     saved, now = dict(ckpt["settings"]), asdict(run.settings)
     bad = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
-    bad += [k for k in ("prior_sha1", "operator_fingerprint", "noise_sigma", "obs_shape", "latent_dim")
-            if ckpt.get(k) != run.meta[k]]
+    bad += [k for k in ("noise_sigma", "obs_shape", "latent_dim") if ckpt.get(k) != run.meta[k]]
+    bad += [k for k in ("prior_sha1", "operator_fingerprint") if not same_fingerprint(ckpt.get(k), run.meta[k])]
     if int(ckpt.get("seed", -1)) != run.seed:
         bad.append("seed")
     if bad:
@@ -701,10 +679,11 @@ class AmortizedPosterior:
         if list(y.shape) != list(self.meta["obs_shape"]):
             raise GanflowError(f"{where} was trained for observations of shape {tuple(self.meta['obs_shape'])}, "
                                f"got {tuple(y.shape)}")
-        if prior_sha1(generator) != self.meta["prior_sha1"]:
-            raise GanflowError(f"{where} was trained with another prior (SHA-1 {self.meta['prior_sha1'][:12]}, "
-                               f"this one {prior_sha1(generator)[:12]})")
-        if operator_fingerprint(operator) != self.meta["operator_fingerprint"]:
+        now = prior_fingerprint(generator)
+        if not same_fingerprint(self.meta["prior_sha1"], now):
+            raise GanflowError(f"{where} was trained with another prior (fingerprint "
+                               f"{short_fingerprint(self.meta['prior_sha1'])}, this one {short_fingerprint(now)})")
+        if not same_fingerprint(self.meta["operator_fingerprint"], operator_fingerprint(operator)):
             shown = operator.extra_repr() or type(operator).__name__
             raise GanflowError(f"{where} was trained with other operator settings ({shown} differs from the "
                                "trained one)")
