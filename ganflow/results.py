@@ -3,6 +3,8 @@
 Schema (docs/files.md; extended, never changed):
 
     /latent/samples                 [N, k]            posterior latent draws
+    /latent/chains                  [C, S, k]         the MCMC draws chain by chain, in order (NUTS; Langevin:
+                                                      its independent end points as [1, N, k]); for ArviZ
     /field/mean, /field/std         [*field_shape]
     /field/q025, /field/q25, /field/q50, /field/q75, /field/q975   [*field_shape]
     /field/samples                  [M, *field_shape]
@@ -205,6 +207,7 @@ class PosteriorResult:
     field_fn: Any = None  # z [B, k] -> field draws [B, *field_shape] (with r | z, y); in the solving process
     # the representation-error noise model of the solve (RepresentationNoise.state(); /representation/state)
     representation_state: dict[str, Tensor] = field(default_factory=dict)
+    latent_chains: np.ndarray | None = None  # [C, S, k] /latent/chains (`LatentFit.chains`)
 
     # statistics -----------------------------------------------------------------------------------
     @property
@@ -289,6 +292,8 @@ class PosteriorResult:
         s = self.summary
         with atomic_h5(path) as f:
             f.create_dataset("latent/samples", data=np.asarray(s.latent_samples, np.float32))
+            if self.latent_chains is not None:
+                f.create_dataset("latent/chains", data=np.asarray(self.latent_chains, np.float32))
             f.create_dataset("field/mean", data=s.mean)
             f.create_dataset("field/std", data=s.std)
             for q, arr in s.quantiles.items():
@@ -390,6 +395,7 @@ class PosteriorResult:
                     path=path,
                     qois=qois,
                     diagnostic_arrays=diagnostic_arrays,
+                    latent_chains=f["latent/chains"][()] if "latent/chains" in f else None,
                 )
             except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError) as e:
                 raise GanflowError(f"{path}: cannot read posterior file ({e})") from None

@@ -183,7 +183,7 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
     if method == "nuts":
         from .posterior.nuts import NutsSettings, run_nuts
 
-        return run_nuts(target, cfg.section(NutsSettings, "nuts"), gen)
+        return run_nuts(target, cfg.section(NutsSettings, "nuts"), gen, progress=progress)
     if method == "smc":  # issue 33: tempered SMC, checkpointed at stage boundaries
         from .posterior.smc import SmcSettings, run_smc
 
@@ -241,6 +241,7 @@ def solve(
     ckpt = _checkpoint_options("flow" if refine else method, checkpoint_path, resume)
     target, re_attrs = _likelihood(target, amortized, generator_module, op, obs, cfg, ss, seed)
     fit = _run_method(method, target, cfg, gen, progress, ckpt, amortized, refine)
+    chains = fit.chains()  # the MCMC draws in chain order, for ArviZ (`ganflow.arviz_export`)
     summary, field_fn, rec_attrs = _field_posterior(fit, target, op, ss, gen, generator_module, op_info, re_attrs,
                                                     seed)
     y = obs.y.cpu().numpy()
@@ -271,6 +272,7 @@ def solve(
         generator=generator_module,
         field_fn=field_fn,
         representation_state=target.noise.state() if hasattr(target.noise, "residual_draws") else {},
+        latent_chains=chains,
     )
 
 

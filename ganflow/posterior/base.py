@@ -48,3 +48,19 @@ class LatentFit:
         else:
             idx = torch.randint(N, (n,), generator=generator)
         return self.samples[idx]
+
+    def chains(self) -> np.ndarray | None:
+        """``[C, S, k]``: the stored draws chain by chain, in the order drawn: by ``trace["chain"]`` (NUTS); the
+        end points of short-run Langevin's independent chains as one chain ``[1, N, k]``; else None (a flow
+        draws afresh; other samplers' draws are not chains)."""
+        if self.samples is None:
+            return None
+        z = self.samples.detach().cpu().numpy()
+        if "chain" in self.trace:
+            chain = np.asarray(self.trace["chain"])
+            ids = np.unique(chain)
+            counts = {int((chain == c).sum()) for c in ids}
+            if len(counts) != 1 or len(chain) != len(z):
+                return None
+            return np.stack([z[chain == c] for c in ids])
+        return z[None] if self.method == "langevin" else None

@@ -8,8 +8,10 @@ The gold standard against which the flow and short-run Langevin are validated: p
 with Stan-style windowed warm-up adapting the step size (dual averaging to ``target_accept_prob``) and the
 mass matrix (dense when ``k <= dense_max_dim``, diagonal beyond). Several chains start from over-dispersed
 points (prior draws, as the Gelman-Rubin diagnostic assumes) or from a seeded partial optimisation; the draws
-of all chains are concatenated. Convergence is summarised by the largest split R-hat and the smallest
-effective sample size over the latent coordinates (``pyro.ops.stats``); R-hat above ``rhat_threshold`` warns.
+of all chains are concatenated. Convergence is summarised by the largest rank-normalised split R-hat and the
+smallest bulk effective sample size over the latent coordinates (`ganflow.chain_stats`, ArviZ's default
+estimators); R-hat above ``rhat_threshold`` warns. Each chain reports its progress (`ganflow.progress`: warm-up or
+sampling, draws done, divergences so far).
 
 Chains run one after another in this process, or with ``jobs > 1`` in that many forked worker processes
 of one torch thread each (the long reference runs of the benchmark). pyro's own ``num_chains > 1`` is not
@@ -46,9 +48,10 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer.mcmc import MCMC, NUTS
-from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
+from ..chain_stats import ess_bulk, rhat_rank
 from ..errors import GanflowError
+from ..progress import Progress, progress_mode
 from .base import LatentFit
 from .target import LatentTarget
 
@@ -174,7 +177,8 @@ def _initial_points(target: LatentTarget, settings: NutsSettings, generator: tor
 
 
 def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
-             generator: torch.Generator | None = None, modes: list | None = None) -> LatentFit:
+             generator: torch.Generator | None = None, modes: list | None = None,
+             progress: bool = True) -> LatentFit:
     """NUTS draws of the latent posterior (see the module docstring).
 
     Args:
@@ -183,10 +187,13 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
         generator: seeds the start points and each chain's pyro seed.
         modes: with init = "laplace", the `LaplaceMode` s to start in instead of a new mode search (one mode:
             every chain in it; the per-mode references of the benchmark).
+        progress: report each chain's progress on stderr (`ganflow.progress`).
 
     Returns:
         A `LatentFit` with ``samples`` ``[num_chains * num_samples, k]`` (chain after chain); ``trace``:
-        ``potential_energy`` (= ``loss``) ``-log p(y, z)`` of every draw and ``chain`` (its chain index);
+        ``potential_energy`` (= ``loss``) ``-log p(y, z)`` of every draw, ``chain`` (its chain index),
+        ``diverging`` (1 where the transition to it diverged), ``accept_prob`` (its mean Metropolis acceptance
+        probability over the tree) and ``step_size`` (its chain's adapted step size);
         ``attrs``: ``rhat_max``, ``ess_min``, ``rhat_potential``, ``num_chains``, ``num_samples``,
         ``n_start_modes`` (modes the chains start in; 0 unless init = "laplace"),
         ``warmup_steps``, ``step_size`` (mean adapted step size), ``mass_matrix``, ``divergences``,
@@ -208,9 +215,9 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
         return -target.log_joint(to_z(params["z"].unsqueeze(0)))[0]
 
     seeds = torch.randint(0, 2**31 - 1, (settings.num_chains,), generator=generator).tolist()
-    runs = _run_chains(target, potential_fn, u_init, [int(x) for x in seeds], settings, dense)
+    runs = _run_chains(target, potential_fn, u_init, [int(x) for x in seeds], settings, dense, progress)
     chains, step_sizes, divergences, accept = [], [], 0, []
-    for c, (draws, step_size, n_divergent, chain_accept) in enumerate(runs):
+    for c, (draws, step_size, n_divergent, chain_accept, _) in enumerate(runs):
         draws = to_z(draws.reshape(settings.num_samples, k))
         if not bool(torch.isfinite(draws).all()):
             raise GanflowError(
@@ -233,6 +240,9 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
             "loss": potential.numpy(),
             "potential_energy": potential.numpy(),
             "chain": np.repeat(np.arange(settings.num_chains), settings.num_samples),
+            "diverging": np.concatenate([r[4]["diverging"] for r in runs]),
+            "accept_prob": np.concatenate([r[4]["accept_prob"] for r in runs]),
+            "step_size": np.repeat(step_sizes, settings.num_samples),
         },
         attrs={
             **convergence,
@@ -275,30 +285,35 @@ def _chain_coordinates(target: LatentTarget, settings: NutsSettings, generator: 
     return to_z, torch.linalg.solve_triangular(L, (z_init - loc).T, upper=False).T, len(frame)
 
 
-# (target, potential_fn, u_init, seeds, settings, dense) of the running `_run_chains`, inherited by its workers
+# (target, potential_fn, u_init, seeds, settings, dense, progress) of the running `_run_chains`, inherited by its
+# workers
 _WORKER_JOB: tuple | None = None
 
 
 def _worker_chain(c: int) -> tuple[tuple, int]:
     """Chain ``c`` of `_WORKER_JOB` in a forked worker: its `_run_chain` result and the forward evaluations."""
     torch.set_num_threads(1)  # one core per worker
-    target, potential_fn, u_init, seeds, settings, dense = _WORKER_JOB
+    target, potential_fn, u_init, seeds, settings, dense, progress = _WORKER_JOB
     evals0 = target.n_forward_evals
-    return _run_chain(potential_fn, u_init[c], seeds[c], settings, dense), target.n_forward_evals - evals0
+    # bars of several processes would overwrite each other's line: workers report in plain lines
+    mode = "lines" if progress_mode(progress) == "bar" else None
+    return (_run_chain(potential_fn, u_init[c], seeds[c], settings, dense, c, progress, mode),
+            target.n_forward_evals - evals0)
 
 
 def _run_chains(target: LatentTarget, potential_fn: Callable[[dict], torch.Tensor], u_init: torch.Tensor,
-                seeds: list[int], settings: NutsSettings, dense: bool) -> list[tuple]:
+                seeds: list[int], settings: NutsSettings, dense: bool, progress: bool = True) -> list[tuple]:
     """Every chain's `_run_chain` result, in chain order: here, or in ``settings.jobs`` forked workers (fork, so
     the target need not be picklable: the workers inherit it; their forward evaluations are added to the
     target's count here)."""
     jobs = min(settings.jobs, settings.num_chains)
     if jobs == 1:
-        return [_run_chain(potential_fn, u_init[c], seeds[c], settings, dense) for c in range(len(seeds))]
+        return [_run_chain(potential_fn, u_init[c], seeds[c], settings, dense, c, progress)
+                for c in range(len(seeds))]
     import multiprocessing
 
     global _WORKER_JOB
-    _WORKER_JOB = (target, potential_fn, u_init, seeds, settings, dense)
+    _WORKER_JOB = (target, potential_fn, u_init, seeds, settings, dense, progress)
     try:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
             results = pool.map(_worker_chain, range(len(seeds)), chunksize=1)
@@ -308,10 +323,34 @@ def _run_chains(target: LatentTarget, potential_fn: Callable[[dict], torch.Tenso
     return [r for r, _ in results]
 
 
+class _ChainMonitor:
+    """pyro's MCMC hook for chain ``c``: its progress (warm-up or sampling, draws done, divergences so far) and the
+    mean acceptance probability of every kept draw (from the kernel's running mean over the sampling phase)."""
+
+    def __init__(self, c: int, settings: NutsSettings, progress: bool, mode: str | None = None):
+        self.bar = Progress(settings.warmup_steps + settings.num_samples, f"nuts chain {c + 1}/{settings.num_chains}",
+                            enabled=progress, unit="draw", mode=mode)
+        self.accept_prob: list[float] = []
+        self._mean = 0.0
+
+    def __call__(self, kernel, params, stage: str, i: int) -> None:
+        sampling = stage.startswith("Sample")
+        if sampling:  # pyro's running mean restarts with the sampling phase: recover each draw's term
+            mean = float(kernel._mean_accept_prob)
+            self.accept_prob.append((i + 1) * mean - i * self._mean)
+            self._mean = mean
+        self.bar.set_postfix(phase="sampling" if sampling else "warm-up", draws=i + 1 if sampling else 0,
+                             divergences=len(kernel._divergences), step=f"{float(kernel.step_size):.3g}")
+        self.bar.update(1)
+
+
 def _run_chain(potential_fn: Callable[[dict], torch.Tensor], u_init: torch.Tensor, seed: int,
-               settings: NutsSettings, dense: bool) -> tuple[torch.Tensor, float, int, list[float]]:
-    """One chain from ``u_init`` ``[k]`` under pyro's global RNG seeded with ``seed``: its kept draws
-    ``[num_samples, k]`` (chain coordinates), adapted step size, divergent transitions and acceptance rates."""
+               settings: NutsSettings, dense: bool, c: int = 0, progress: bool = True,
+               mode: str | None = None) -> tuple[torch.Tensor, float, int, list[float], dict]:
+    """One chain (number ``c``) from ``u_init`` ``[k]`` under pyro's global RNG seeded with ``seed``: its kept
+    draws ``[num_samples, k]`` (chain coordinates), adapted step size, divergent transitions, acceptance rates
+    and per-draw statistics (``diverging``, ``accept_prob``: ``[num_samples]``)."""
+    monitor = _ChainMonitor(c, settings, progress, mode)
     kernel = NUTS(
         potential_fn=potential_fn,
         adapt_step_size=True,
@@ -326,15 +365,22 @@ def _run_chain(potential_fn: Callable[[dict], torch.Tensor], u_init: torch.Tenso
         warmup_steps=settings.warmup_steps,
         initial_params={"z": u_init.clone()},
         num_chains=1,
-        disable_progbar=True,
+        disable_progbar=True,  # its bar is a terminal's only; `_ChainMonitor` reports in the form that fits
+        hook_fn=monitor,
     )
     with _seeded_global_rng(seed):
-        mcmc.run()
+        try:
+            mcmc.run()
+        finally:
+            monitor.bar.close()
     # the kernel resets its counters after a run; MCMC keeps each chain's diagnostics
     diag = mcmc.diagnostics()
-    divergences = sum(len(v) for v in diag["divergences"].values())
+    divergent = [int(i) for v in diag["divergences"].values() for i in v]
     accept = [float(v) for v in diag["acceptance rate"].values()]
-    return mcmc.get_samples()["z"].detach(), float(kernel.step_size), divergences, accept
+    diverging = np.zeros(settings.num_samples, np.int8)
+    diverging[[i for i in divergent if 0 <= i < settings.num_samples]] = 1
+    stats = {"diverging": diverging, "accept_prob": np.asarray(monitor.accept_prob, np.float64)}
+    return mcmc.get_samples()["z"].detach(), float(kernel.step_size), len(divergent), accept, stats
 
 
 def _convergence(grouped: torch.Tensor, potential: torch.Tensor, settings: NutsSettings,
@@ -342,9 +388,9 @@ def _convergence(grouped: torch.Tensor, potential: torch.Tensor, settings: NutsS
     """``rhat_max``, ``ess_min`` over the latent coordinates of the draws ``grouped`` ``[C, S, k]`` and
     ``rhat_potential`` of their potential energies ``[C * S]``; warns on R-hat above the threshold and on
     divergent transitions."""
-    rhat = split_gelman_rubin(grouped.double(), chain_dim=0, sample_dim=1)
-    ess = effective_sample_size(grouped.double(), chain_dim=0, sample_dim=1)
-    rhat_pot = split_gelman_rubin(potential.reshape(settings.num_chains, settings.num_samples, 1))
+    draws = grouped.double().cpu().numpy()
+    rhat, ess = rhat_rank(draws), ess_bulk(draws)
+    rhat_pot = rhat_rank(potential.cpu().numpy().reshape(settings.num_chains, settings.num_samples))
     rhat_max, ess_min = float(rhat.max()), float(ess.min())
     # stacklevel 3: the warning points at run_nuts' caller, as before the split
     if not rhat_max <= settings.rhat_threshold:

@@ -12,11 +12,11 @@ latent posterior through the tempered laws
 2. **Evidence**: ``log Z_b' / Z_b ~ log mean_i w_i``, and ``log p(y) = sum_t`` of these (unbiased in ``Z``).
 3. **Resample** by ``w`` (systematic or multinomial): ``N`` equally weighted particles of ``pi_b'``.
 4. **Move**: MCMC transitions that leave ``pi_b'`` invariant, with the gradient (MALA, or HMC with ``leapfrog``
-   steps: the kernels of `ganflow.posterior.langevin`), in the frame ``z = m + L u`` of the resampled particles'
-   mean and covariance (`ganflow.posterior.langevin.moment_frame`, re-estimated every stage, so the metric follows
-   the population as it narrows onto the ridge; ``frame = "identity"`` for comparison). The step size (in ``u``)
-   is multiplied by ``exp(ADAPT_GAIN (acceptance - target_accept))`` after every transition and carried to the
-   next stage. Transitions repeat until the particles have forgotten where the stage put them: the mean over
+   steps: the kernels of `ganflow.posterior.langevin`), in the frame ``z = m + L u`` of the particles' weighted
+   mean and covariance (re-estimated every stage before resampling, so the metric follows the population as it
+   narrows onto the ridge; ``frame = "identity"`` for comparison). The step size (in ``u``) is multiplied by
+   ``exp(ADAPT_GAIN (acceptance - target_accept))`` after every transition and carried to the next stage.
+   Transitions repeat until the particles have forgotten where the stage put them: the mean over
    the frame's coordinates of the correlation (across particles) between ``u`` now and at the stage's start is
    below ``max_correlation`` (pocoMC's criterion, Karamanis et al. 2022), at least ``min_moves`` and at most
    ``max_moves`` times.
@@ -65,7 +65,7 @@ from torch import Tensor
 from ..errors import GanflowError
 from .base import LatentFit
 from .flow import _target_fingerprint
-from .langevin import WhitenedTarget, _hmc_step, _mala_step, _systematic_resample, moment_frame
+from .langevin import WhitenedTarget, _hmc_step, _mala_step, _systematic_resample
 from .target import LatentTarget
 
 __all__ = ["SmcSettings", "run_smc", "SMC_CHECKPOINT_KIND"]
@@ -205,12 +205,22 @@ def _resample(log_w: Tensor, kind: str, generator: torch.Generator) -> Tensor:
     return torch.multinomial(torch.exp(log_w - log_w.max()), n, replacement=True, generator=generator)
 
 
-def _frame(z: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """``(loc [k], scale_tril [k, k])`` of the moves: the particles' mean and covariance factor, or the identity."""
+def _frame(z: Tensor, log_w: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """``(loc [k], scale_tril [k, k])`` of the moves: the weighted mean and covariance factor of the particles
+    ``z`` ``[N, k]`` with weights ``exp(log_w)`` (before resampling, so every distinct particle counts), or the
+    identity (also when the weights sit on too few particles for a covariance)."""
+    k = z.shape[1]
+    eye = torch.eye(k, dtype=torch.float64)
+    w = torch.softmax(log_w, 0)[:, None]
+    loc = (w * z.double()).sum(0)
     if kind == "identity":
-        k = z.shape[1]
-        return torch.zeros(k, dtype=torch.float64), torch.eye(k, dtype=torch.float64)
-    return moment_frame(lambda n, _: z, torch.Generator(), n=z.shape[0])  # draws as they are, no sampling
+        return torch.zeros(k, dtype=torch.float64), eye
+    d = z.double() - loc
+    cov = (w * d).T @ d / max(1e-12, 1.0 - float((w * w).sum()))
+    cov = cov + 1e-10 * float(torch.diagonal(cov).mean()) * eye  # relative jitter, as `moment_frame`
+    tril, info = torch.linalg.cholesky_ex(cov)
+    ok = int(info) == 0 and bool(torch.isfinite(tril).all()) and bool((torch.diagonal(tril) > 0).all())
+    return (loc, tril) if ok else (loc, eye)
 
 
 def _correlation(u0: Tensor, u: Tensor) -> float:
@@ -220,12 +230,12 @@ def _correlation(u0: Tensor, u: Tensor) -> float:
     return float(((a * b).sum(0) / denom).mean())
 
 
-def _move(target: LatentTarget, z: Tensor, beta: float, step: float, s: SmcSettings,
+def _move(target: LatentTarget, z: Tensor, frame: tuple[Tensor, Tensor], beta: float, step: float, s: SmcSettings,
           generator: torch.Generator) -> tuple[Tensor, float, dict]:
-    """MCMC transitions of every particle that leave ``pi_beta`` invariant, in the particles' frame, until
+    """MCMC transitions of every particle that leave ``pi_beta`` invariant, in ``frame`` (`_frame`), until
     `_correlation` with the start is below ``max_correlation`` (``min_moves`` .. ``max_moves``). Returns the
     particles, the adapted step and ``moves``, ``acceptance`` (mean over the transitions), ``correlation``."""
-    wt = WhitenedTarget(_Tempered(target, beta), *_frame(z, s.frame))
+    wt = WhitenedTarget(_Tempered(target, beta), *frame)
     u0 = wt.to_frame(z)
     u, (lp, g) = u0, wt.log_joint_and_grad(u0)
     accepted, corr, m = [], 1.0, 0
@@ -255,8 +265,9 @@ def _stage(target: LatentTarget, st: _SmcState, s: SmcSettings, generator: torch
     ess = _ess(log_w)
     st.log_z += float(torch.logsumexp(log_w, 0)) - math.log(n)
     st.log_z_var += max(0.0, 1.0 / ess - 1.0 / n)
+    frame = _frame(st.z, log_w, s.frame)
     z = st.z[_resample(log_w, s.resampling, generator)]
-    st.z, st.step, info = _move(target, z, beta_new, st.step, s, generator)
+    st.z, st.step, info = _move(target, z, frame, beta_new, st.step, s, generator)
     st.log_lik, st.beta = _log_likelihood(target, st.z), beta_new
     loss = -float((st.log_lik + target.log_prior(st.z).double()).mean())
     return {"beta": beta_new, "ess": ess, "step_size": st.step, "log_evidence": st.log_z, "loss": loss, **info}
