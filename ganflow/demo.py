@@ -21,7 +21,7 @@ import torch
 from .config import Config
 from .errors import GanflowError
 from .io import write_obs
-from .plots import plot_posterior
+from .plots import plot_posterior, save_figure
 from .plugins import load_problem
 from .simulate import simulate
 from .solve import load_prior, solve
@@ -102,8 +102,7 @@ def run_demo(outdir: str = "demo_output", problem: str = "phase_retrieval", seed
     figdir = os.path.join(outdir, "figures")
     figures = plot_posterior(result, figdir, force=True)  # a demo rerun replaces its own outputs
     operator = prob.make_operator(**spec.operator_kwargs)
-    if hasattr(prob, "figures"):
-        figures += prob.figures(result, operator, figdir)
+    figures += _problem_figures(prob, result, operator, figdir)
     row = {"problem": problem, "method": "flow"}
     row.update(result.metrics)
     if hasattr(prob, "metrics") and result.x_true is not None:
@@ -144,3 +143,15 @@ def run_demo(outdir: str = "demo_output", problem: str = "phase_retrieval", seed
             echo(f"{label:36s} {v:.4g}" if isinstance(v, float) else f"{label:36s} {v}")
     echo(f"wrote {obs_path}, {post_path} and {len(figures)} figures in {figdir}")
     return row
+
+
+def _problem_figures(prob, result, operator, figdir: str) -> list[str]:
+    """The problem's own figures (optional hook ``figures(result, operator, outdir)``): a dict ``{file name:
+    matplotlib Figure}`` that is written here (so a problem needs nothing of ganflow's plotting), or, as before,
+    the list of paths the hook wrote itself."""
+    if not hasattr(prob, "figures"):
+        return []
+    out = prob.figures(result, operator, figdir)
+    if isinstance(out, dict):
+        return [save_figure(fig, os.path.join(figdir, name)) for name, fig in out.items()]
+    return list(out)

@@ -409,14 +409,10 @@ class PhaseRetrievalProblem:
             "rel_l2_error_mod_twin_shift": float(error_modulo_twin(x_est, x_true, translations=True)),
         }
 
-    def figures(self, result, operator, outdir: str) -> list[str]:
-        """``measurements.png``: log-magnitudes of the truth's spectrum, the mask, and the data."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from ganflow.plots import save_figure
+    def figures(self, result, operator, outdir: str) -> dict:
+        """``{"measurements.png": figure}``: log-magnitudes of the truth's spectrum, the mask, and the data
+        (`ganflow demo` writes it into ``outdir``)."""
+        from matplotlib.figure import Figure
 
         mask = operator.mask.cpu().numpy()
         panels = []
@@ -430,11 +426,11 @@ class PhaseRetrievalProblem:
         data = np.full(mask.shape, np.nan)
         data[mask] = np.asarray(result.y).ravel()
         panels.append(("log10 data y (masked)", np.log10(np.abs(data) + 1e-6)))
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2))
-        for ax, (title, img) in zip(np.atleast_1d(axes), panels, strict=True):
+        fig = Figure(figsize=(3.4 * len(panels), 3.2))  # no pyplot: nothing global to select or close
+        for ax, (title, img) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
             im = ax.imshow(np.fft.fftshift(img), cmap="magma")
             ax.set_title(title + " (fftshifted)", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-            plt.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        return [save_figure(fig, os.path.join(outdir, "measurements.png"))]
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        return {"measurements.png": fig}

@@ -526,7 +526,7 @@ def _checkpoint(run: _AmortizedRun) -> dict:
 
 def _save(run: _AmortizedRun, out: str | None) -> None:
     if out is not None and run.ctx.is_main:
-        from ..prior.checkpoint import save_checkpoint
+        from ..checkpoint import save_checkpoint
 
         save_checkpoint(out, _checkpoint(run))
 
@@ -645,7 +645,7 @@ def _load_for_resume(out: str | None, resume: bool, force: bool) -> dict | None:
 
 
 def _load_checkpoint(path: str) -> dict:
-    from ..prior.checkpoint import load_of_kind
+    from ..checkpoint import load_of_kind
 
     return load_of_kind(path, "amortized checkpoint", "ganflow amortized-posterior checkpoint (train-posterior)",
                         AMORTIZED_KIND, AMORTIZED_VERSION)

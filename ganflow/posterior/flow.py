@@ -519,7 +519,7 @@ def _target_fingerprint(target: LatentTarget) -> str:
 
 def load_flow_checkpoint(path: str | os.PathLike) -> dict:
     """Load a flow-fit checkpoint with ``weights_only=True`` (a pickle payload is refused, never run)."""
-    from ..prior.checkpoint import load_of_kind
+    from ..checkpoint import load_of_kind
 
     return load_of_kind(path, "flow checkpoint", "ganflow flow-fit checkpoint", FLOW_CHECKPOINT_KIND,
                         FLOW_CHECKPOINT_VERSION)
@@ -651,7 +651,7 @@ def _restore_fit(fit: _FlowFit, ckpt: dict, checkpoint_path) -> None:
 def _save_fit_checkpoint(fit: _FlowFit, checkpoint_path, mixture: dict | None = None) -> None:
     """Write the whole fit state atomically (tensors and plain types: ``weights_only``-loadable); for a
     mixture, ``mixture`` holds its modes and finished components and ``fit`` is the component in progress."""
-    from ..prior.checkpoint import save_checkpoint
+    from ..checkpoint import save_checkpoint
 
     cpu = lambda sd: copy.deepcopy({k_: v for k_, v in sd.items()})  # noqa: E731
     save_checkpoint(checkpoint_path, {
