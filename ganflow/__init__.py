@@ -9,6 +9,7 @@ operators and generators are plug-ins (see ``ganflow.operators`` and ``ganflow.p
 # file records it as ganflow_version.
 __version__ = "0.1.0"
 
+from .arviz_export import to_arviz  # noqa: E402
 from .errors import GanflowError  # noqa: E402
 from .operators import ForwardOperator, GaussianNoise, Generator, Problem  # noqa: E402
 from .plugins import load_operator, load_problem  # noqa: E402
@@ -29,4 +30,5 @@ __all__ = [
     "solve",
     "simulate",
     "PosteriorResult",
+    "to_arviz",
 ]

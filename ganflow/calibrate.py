@@ -39,6 +39,7 @@ from . import __version__
 from .config import Config, parse_settings
 from .errors import GanflowError
 from .io import atomic_path
+from .progress import Progress
 from .recalibration import central_interval, conformal_scale, interval_scores, scaled_coverage
 from .simulate import simulate
 from .solve import METHODS, SOLVE_TABLES, load_prior, solve
@@ -169,11 +170,14 @@ def calibrate(
     settings: CalibrateSettings | None = None,
     config: Config | dict | None = None,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
     truths: str | os.PathLike | None = None,
     recalibrate: bool = False,
 ) -> dict:
     """Run SBC and return the summary dict (written as ``calibration.json`` by `run_calibration_cli`).
+
+    ``progress``: True reports the truths done on stderr (`ganflow.progress`); a callable receives one line
+    per truth; None or False: nothing.
 
     Truth ``t`` is simulated with seed ``seed * 100_003 + t`` and solved with seed ``seed * 100_003 + t +
     50_000``. The truths are ``G(z)``, ``z ~ N(0, I)``, or with ``truths`` (a fields.h5 or .npy/.npz file of
@@ -204,6 +208,7 @@ def calibrate(
     per_truth, intervals = [], []
     L = None
     t_start = time.perf_counter()
+    bar = Progress(s.n_truths, "calibrate", enabled=progress is True, unit="truth")
     for t in range(s.n_truths):
         t0 = time.perf_counter()
         source = {"truth": held_out[t]} if held_out is not None else {"prior": G}
@@ -222,11 +227,14 @@ def calibrate(
         if recalibrate:
             intervals.append(({lvl: central_interval(draws["field"][0], lvl) for lvl in LEVELS}, draws["field"][1]))
             rec_context = result.attrs
-        if progress is not None:
-            row = per_truth[-1]
-            nan = float("nan")
+        row, nan = per_truth[-1], float("nan")
+        bar.set_postfix(rel_l2_error=f"{row.get('rel_l2_error', nan):.3f}",
+                        coverage_95=f"{row.get('coverage_95', nan):.3f}")
+        bar.update(1)
+        if callable(progress):
             progress(f"truth {t + 1}/{s.n_truths}: {row['wall_time_s']:.1f} s, rel. L2 error "
                      f"{row.get('rel_l2_error', nan):.3f}, 95 % coverage {row.get('coverage_95', nan):.3f}")
+    bar.close()
     out = _summary(problem, prior, truths, s, seed, solve_cfg, G, cover, ranks, L)
     out["per_truth"], out["wall_time_s"] = per_truth, time.perf_counter() - t_start
     out["warning"] = _verdict(out)
@@ -419,7 +427,7 @@ def run_calibration_cli(
     outdir: str,
     config_path: str | None,
     seed: int,
-    progress: Callable[[str], None] | None,
+    progress: bool | Callable[[str], None] | None,
     truths: str | None = None,
     recalibrate: bool = False,
 ) -> dict:

@@ -23,10 +23,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .diagnostics import KHAT_BAD  # noqa: E402
 from .errors import GanflowError  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
 __all__ = ["plot_posterior", "FIGURE_NAMES", "save_figure", "plot_qoi_hist", "plot_qois", "plot_diagnostics"]
+
+# the next step a fields figure names when the flow's PSIS k-hat says it is unreliable (`khat_warning`)
+KHAT_NEXT_STEP = "next: refine ([langevin] init = \"flow\"), check with --method nuts, or predict --reweight"
 
 
 def save_figure(fig, path: str) -> str:
@@ -53,7 +57,7 @@ def _title_diagnostics(result) -> str:
     a = result.attrs
     parts = []
     if "psis_khat" in a:
-        parts.append(f"k-hat {a['psis_khat']:.2f}" + (" (UNRELIABLE)" if a["psis_khat"] > 0.7 else ""))
+        parts.append(f"k-hat {a['psis_khat']:.2f}" + (" (UNRELIABLE)" if a["psis_khat"] > KHAT_BAD else ""))
     if "is_ess_ratio" in a:
         parts.append(f"ESS/N {a['is_ess_ratio']:.2f}")
     if "ppc_chi2_per_dof" in a:
@@ -192,6 +196,8 @@ def _suptitle(result) -> str:
     suptitle = f"{result.method} posterior" + (f" - {_title_metrics(result)}" if _title_metrics(result) else "")
     if _title_diagnostics(result):
         suptitle += "\n" + _title_diagnostics(result)
+    if result.attrs.get("psis_khat", 0.0) > KHAT_BAD:  # the figure a user shares says what to do, as the console does
+        suptitle += "\n" + KHAT_NEXT_STEP
     return suptitle
 
 

@@ -293,7 +293,8 @@ class PosteriorResult:
         with atomic_h5(path) as f:
             f.create_dataset("latent/samples", data=np.asarray(s.latent_samples, np.float32))
             if self.latent_chains is not None:
-                f.create_dataset("latent/chains", data=np.asarray(self.latent_chains, np.float32))
+                # the dtype the sampler ran in: ArviZ then recomputes its R-hat and ESS to the last digit
+                f.create_dataset("latent/chains", data=np.asarray(self.latent_chains))
             f.create_dataset("field/mean", data=s.mean)
             f.create_dataset("field/std", data=s.std)
             for q, arr in s.quantiles.items():

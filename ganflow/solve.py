@@ -174,7 +174,7 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
             flow_fit = fit_flow(target, fs, gen)
             init, frame, log_q = flow_fit.sampler, moment_frame(flow_fit.sampler, gen), flow_fit.model.log_prob
         evals_before = target.n_forward_evals
-        fit = run_langevin(target, ls, gen, init=init, frame=frame, init_log_prob=log_q)
+        fit = run_langevin(target, ls, gen, init=init, frame=frame, init_log_prob=log_q, progress=progress)
         if flow_fit is not None:
             fit.n_forward_evals = target.n_forward_evals - evals_before + flow_fit.n_forward_evals
             fit.wall_time_s += flow_fit.wall_time_s

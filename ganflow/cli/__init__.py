@@ -29,6 +29,7 @@ _COMMAND_MODULES = {
     "solve_cmd": ["solve"],
     "predict_cmd": ["predict", "calibrate"],
     "plot_cmd": ["plot"],
+    "export_cmd": ["export"],
     "demo_cmd": ["demo"],
     "bench_cmd": ["bench"],
     "check_cmd": ["check_operator"],

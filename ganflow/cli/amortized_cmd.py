@@ -25,7 +25,7 @@ __all__ = ["train_posterior"]
 @click.option("--resume", is_flag=True, help="Continue the checkpoint at -o.")
 @force_option()
 @click.option("--steps", type=int, default=None, help="Forward-KL steps at most (overrides [amortized] max_iter).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--quiet", "--no-progress", "no_progress", is_flag=True, help="No progress report.")
 def train_posterior(prior, problem, operator, noise_sigma, out, kw, config_path, seed, device, resume, force, steps,
                     no_progress):
     """Train q(z|y) on simulated pairs (forward KL, then optional reverse KL); writes amortized.pt.

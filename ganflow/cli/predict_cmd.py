@@ -146,7 +146,7 @@ def predict(posterior, qois, n, reweight, prior, problem, operator, batch_size, 
 )
 @config_option()
 @seed_option()
-@click.option("--quiet", is_flag=True, help="No per-truth progress lines.")
+@click.option("--quiet", is_flag=True, help="No progress report.")
 def calibrate(
     problem, prior, n_truths, truths, method, noise_sigma, noise_relative, shrink, outdir, recalibrate, config_path,
     seed, quiet
@@ -172,7 +172,7 @@ def calibrate(
         outdir=outdir,
         config_path=config_path,
         seed=seed,
-        progress=(lambda msg: click.echo(msg, err=True)) if not quiet else None,
+        progress=not quiet,
         recalibrate=recalibrate,
     )
     for kind in report["coverage"]:

@@ -29,7 +29,7 @@ __all__ = ["train_prior", "prior_report"]
 )
 @force_option()
 @click.option("--steps", type=int, default=None, help="Generator steps (overrides [train] steps).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--quiet", "--no-progress", "no_progress", is_flag=True, help="No progress report.")
 @click.option(
     "--no-report", is_flag=True, help="Skip the quality report (ganflow prior-report makes it later)."
 )

@@ -90,6 +90,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GanflowError
+from ..progress import Progress
 from .base import LatentFit
 from .target import LatentTarget
 
@@ -809,8 +810,9 @@ def _chain_frame(target: LatentTarget, settings: LangevinSettings, init: InitSam
 def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
                  generator: torch.Generator | None = None, init: InitSampler | None = None,
                  frame: tuple[Tensor, Tensor] | None = None,
-                 init_log_prob: Callable[[Tensor], Tensor] | None = None) -> LatentFit:
-    """Short-run Langevin posterior draws with a KL-optimal step size (see the module docstring).
+                 init_log_prob: Callable[[Tensor], Tensor] | None = None, progress: bool = True) -> LatentFit:
+    """Short-run Langevin posterior draws with a KL-optimal step size (see the module docstring); ``progress``
+    reports the final run's chains on stderr (`ganflow.progress`).
 
     Args:
         target: the latent posterior.
@@ -855,7 +857,7 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
         step_size, info = _search_step_size(chain_target, settings, entropy, init, generator, dtype,
                                             warn_low=frame_name == "identity" and init is None)
     steps = _schedule(step_size, settings.n_steps, settings.step_decay)
-    samples, sums, n_backed = _final_run(chain_target, settings, steps, init, generator, dtype)
+    samples, sums, n_backed = _final_run(chain_target, settings, steps, init, generator, dtype, progress)
     trace = {key: info[key] for key in ("step_sizes", "kl_estimates", "kl_path_bound", "loss",
                                         "search_acceptance") if key in info}
     trace["mean_log_joint"] = sums["log_joint"] / settings.n_samples - chain_target.log_det  # log p(y, z)
@@ -889,16 +891,20 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
 
 
 def _final_run(target: WhitenedTarget, settings: LangevinSettings, steps: list[float], init: InitSampler | None,
-               generator: torch.Generator, dtype) -> tuple[Tensor, dict, int]:
+               generator: torch.Generator, dtype, progress: bool = True) -> tuple[Tensor, dict, int]:
     """The ``n_samples`` chains in batches: end points in the frame, the per-step sums, chains backed off."""
     K = settings.n_steps
     sums = {"log_joint": np.zeros(K), "accept": np.zeros(K), "nonfinite": np.zeros(K)}
     draws, n_backed = [], 0
-    for start in range(0, settings.n_samples, settings.batch_size):
-        n = min(settings.batch_size, settings.n_samples - start)
-        u0 = _draw_start(n, target, init, generator, dtype)
-        u, backed = _run_chains(target, u0, steps, settings.mala, generator, sums, settings.leapfrog)
-        draws.append(u)
-        n_backed += backed
+    with Progress(settings.n_samples, "langevin", enabled=progress, unit="chain") as bar:
+        for start in range(0, settings.n_samples, settings.batch_size):
+            n = min(settings.batch_size, settings.n_samples - start)
+            u0 = _draw_start(n, target, init, generator, dtype)
+            u, backed = _run_chains(target, u0, steps, settings.mala, generator, sums, settings.leapfrog)
+            draws.append(u)
+            n_backed += backed
+            if settings.mala:
+                bar.set_postfix(acceptance=f"{sums['accept'].sum() / ((start + n) * K):.2f}")
+            bar.update(n)
     _check_backoff(n_backed, settings.n_samples, sums, steps)
     return torch.cat(draws), sums, n_backed
