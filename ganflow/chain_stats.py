@@ -12,10 +12,11 @@ computes them by default (``arviz.rhat``, ``arviz.ess``; tests/test_arviz.py che
   positive and monotone sequences on the autocorrelations ``rho_t = 1 - (W - mean_c acov_c(t)) / var+``
   (autocovariances by FFT, divided by S').
 
-These replace pyro's ``split_gelman_rubin`` (plain split R-hat: the same as ArviZ's ``method="split"``) and
-``effective_sample_size`` (its autocovariance divides lag t by S - t, not S, so it reads higher than Stan's and
-ArviZ's; on strongly autocorrelated draws by tens of percent). The rank normalisation makes R-hat see chains
-that differ in scale or in heavy tails, which the plain split R-hat misses.
+These replace pyro's ``split_gelman_rubin`` (plain split R-hat: ArviZ's ``method="split"``) and
+``effective_sample_size`` (ArviZ's ``method="identity"`` up to the autocovariance's normalisation: chains neither
+split nor rank-normalised, so a slow drift within a chain goes unseen; on 4 AR(1) chains of 200 draws with
+``phi = 0.9``, exact ESS 42, it reads 50 where the bulk ESS reads 23 to 29). The rank normalisation and the folded
+(tail) R-hat see chains that differ in scale or in heavy tails, which the plain split R-hat misses.
 
 Example:
     >>> import numpy as np

@@ -59,19 +59,23 @@ def test_chain_stats_equal_arviz_defaults():
         np.testing.assert_allclose(ess_bulk(x), az.ess(idata)["x"].values, rtol=1e-6)
 
 
-def test_pyro_split_rhat_is_arviz_split_but_its_ess_reads_high():
-    # why NUTS switched to ganflow.chain_stats: pyro's split R-hat is ArviZ's method="split" (no rank
-    # normalisation), and pyro's ESS divides lag-t autocovariances by S - t (Stan and ArviZ by S)
+def test_pyro_estimators_are_arvizs_plain_ones_not_its_defaults():
+    # why NUTS switched from pyro.ops.stats to ganflow.chain_stats: pyro's split R-hat is ArviZ's method="split"
+    # (no rank normalisation, blind to a chain of another scale) and its ESS is ArviZ's method="identity" up to
+    # the autocovariance's normalisation (chains not split, not rank-normalised), which misses a slow drift
+    # within a chain: on 4 AR(1) chains of 200 draws, phi = 0.9 (exact ESS 42), it reads 50 and 51 where the
+    # bulk ESS reads 29 and 23
     az = _arviz()
     from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
-    x = _ar1(0.9, (4, 1000, 2), seed=2)
+    x = _ar1(0.9, (4, 200, 2), seed=2)
     t = torch.from_numpy(x)
     idata = az.convert_to_inference_data(x)
     np.testing.assert_allclose(split_gelman_rubin(t, chain_dim=0, sample_dim=1).numpy(),
                                az.rhat(idata, method="split")["x"].values, atol=1e-9)
     pyro_ess = effective_sample_size(t, chain_dim=0, sample_dim=1).numpy()
-    assert np.all(pyro_ess > 1.02 * az.ess(idata, method="identity")["x"].values)
+    np.testing.assert_allclose(pyro_ess, az.ess(idata, method="identity")["x"].values, rtol=0.02)
+    assert np.all(pyro_ess > 1.5 * ess_bulk(x))
 
 
 def test_psis_equals_arviz_psislw():
