@@ -280,7 +280,8 @@ def train_prior(
         resume: continue from the checkpoint at ``out`` up to ``steps`` generator steps.
         force: overwrite an existing ``out`` when not resuming.
         steps: overrides ``settings.steps``.
-        progress: show a tqdm bar (Wasserstein estimate in the postfix).
+        progress: report progress on stderr (`ganflow.progress`: a bar on a terminal, else plain lines; the
+            Wasserstein estimate as its figure).
         report: write the prior-quality report at the end.
 
     Returns:
