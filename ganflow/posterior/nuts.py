@@ -77,7 +77,7 @@ class NutsSettings:
             chains cannot cross between the modes R-hat says so, and the warning names the modes).
         init_opt_steps: Adam steps for ``init = "optimize"``.
         init_map_starts: MAP starts for ``init = "laplace"``.
-        rhat_threshold: warn when the largest split R-hat exceeds it.
+        rhat_threshold: warn when the largest rank-normalised split R-hat exceeds it.
         jobs: worker processes running the chains (1: in this process). Each worker runs one torch thread,
             so ``jobs`` = the number of cores is the fast setting for a long run.
     """
@@ -394,7 +394,7 @@ def _convergence(grouped: torch.Tensor, potential: torch.Tensor, settings: NutsS
     rhat_max, ess_min = float(rhat.max()), float(ess.min())
     # stacklevel 3: the warning points at run_nuts' caller, as before the split
     if not rhat_max <= settings.rhat_threshold:
-        msg = (f"nuts: max split R-hat {rhat_max:.4f} > {settings.rhat_threshold} over {settings.num_chains} "
+        msg = (f"nuts: max R-hat {rhat_max:.4f} > {settings.rhat_threshold} over {settings.num_chains} "
                f"chains; the draws may not represent the posterior (more warmup_steps / num_samples)")
         if n_modes > 1:
             msg += f"; the chains started in {n_modes} distinct modes and may not cross between them"
