@@ -114,7 +114,8 @@ def _latent_chains(result: PosteriorResult, max_draws: int | None) -> tuple[np.n
     c, s = chains.shape[:2]
     n_keep = s if max_draws is None else max(1, min(s, max_draws // c))
     keep = np.unique(np.linspace(0, s - 1, n_keep).round().astype(int))
-    return np.asarray(chains[:, keep]), keep
+    # float64: ArviZ then folds the draws about their median in the same precision as `ganflow.chain_stats`
+    return np.asarray(chains[:, keep], np.float64), keep
 
 
 def _forward_model(result: PosteriorResult, prior: Any, problem: str | None, operator: Any
