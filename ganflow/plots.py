@@ -237,7 +237,9 @@ def _plot_field_maps(result, path: str) -> str:
     for ax, (title, img, cmap) in zip(axes, panels, strict=True):
         shared = title in ("truth", "posterior mean")
         _imshow(ax, img, title, cmap, vmin if shared else None, vmax if shared else None)
-    fig.suptitle(_suptitle(result), fontsize=10)
+    text = _suptitle(result)
+    # a third line (the next step) rises above the panels' titles; the tight bounding box keeps it on the page
+    fig.suptitle(text, fontsize=10, y=0.98 + 0.06 * max(0, text.count("\n") - 1))
     return save_figure(fig, path)
 
 
