@@ -97,10 +97,12 @@ def to_arviz(posterior: PosteriorResult | str | os.PathLike, *, prior: Any = Non
     return az.InferenceData(**groups)
 
 
-def export_arviz(posterior: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, **kwargs):
+def export_arviz(posterior: PosteriorResult | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                 prior: Any = None, problem: str | None = None, operator: Any = None,
+                 max_draws: int | None = DEFAULT_MAX_DRAWS, seed: int = 0):
     """Write `to_arviz` of ``posterior`` to the netCDF file ``out`` (atomically); returns the data object."""
     out = check_output_path(out, force, "export")
-    idata = to_arviz(posterior, **kwargs)
+    idata = to_arviz(posterior, prior=prior, problem=problem, operator=operator, max_draws=max_draws, seed=seed)
     with atomic_path(out) as tmp:
         idata.to_netcdf(tmp, engine="h5netcdf")
     return idata

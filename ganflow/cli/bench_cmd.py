@@ -43,15 +43,18 @@ from .common import config_option, seed_option
 @click.option("--reference-run", is_flag=True,
               help="Run NUTS as the reference on elliptic and phase_retrieval instead of reading the stored "
                    "converged references (problems/data/references/, made by scripts/make_references.py).")
+@click.option("--quiet", is_flag=True, help="No progress report (the result lines stay).")
 @seed_option()
 @config_option()
 def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed, config_path, amortized,
-          reference_run):
+          reference_run, quiet):
     """Benchmark the posterior methods against exact / NUTS references and the operators against numpy/scipy.
 
     A config file may hold [flow], [langevin] and [nuts] tables, merged over every problem's settings.
     --merge combines runs made separately (one problem per process or machine) into one table.
     """
+    import os
+
     import torch
 
     from ..bench import merge_results
@@ -64,6 +67,8 @@ def bench(output_dir, quick, problems, no_throughput, merge, threads, jobs, seed
         click.echo(f"merged {len(merge)} run(s) into {output_dir} ({len(missed)} target(s) missed)")
         return
 
+    if quiet:  # ganflow.progress reads it: every sampler here and in the --jobs processes stays silent
+        os.environ["GANFLOW_PROGRESS"] = "off"
     if threads is not None:
         if threads < 1:
             raise GanflowError(f"--threads must be >= 1, got {threads}")
