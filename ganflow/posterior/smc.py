@@ -287,7 +287,7 @@ def _start(target: LatentTarget, s: SmcSettings, generator: torch.Generator) -> 
 def _save(path, st: _SmcState, target: LatentTarget, s: SmcSettings, generator: torch.Generator, evals: int,
           wall: float) -> None:
     """The whole state at a stage boundary, atomically (weights-only loadable)."""
-    from ..prior.checkpoint import save_checkpoint
+    from ..checkpoint import save_checkpoint
 
     save_checkpoint(path, {
         "kind": SMC_CHECKPOINT_KIND, "format_version": SMC_CHECKPOINT_VERSION, "settings": asdict(s),
@@ -300,7 +300,7 @@ def _save(path, st: _SmcState, target: LatentTarget, s: SmcSettings, generator: 
 
 def _load(path, target: LatentTarget, s: SmcSettings, generator: torch.Generator) -> _SmcState:
     """The interrupted run's state, refused unless it ran with these settings on this target."""
-    from ..prior.checkpoint import load_of_kind
+    from ..checkpoint import load_of_kind
 
     if path is None or not os.path.exists(path):
         raise GanflowError(f"--resume: no SMC checkpoint at {path}")
