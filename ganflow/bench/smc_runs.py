@@ -1,0 +1,121 @@
+"""SMC reference runs of the benchmark's cases (issue 33): one seeded, resumable tempered-SMC run per call
+(`ganflow.posterior.smc`), the agreement of independent runs with each other and with a stored reference, and
+independent runs pooled into a stored reference (`ganflow.bench.stored.reference_from_draws`).
+
+A run file (HDF5, written atomically) holds ``draws`` ``[N, k]`` (the final particles), ``log_joint`` ``[N]``,
+``/trace/<name>`` (per stage) and attributes ``problem``, ``seed`` (the benchmark observation), ``run_seed``,
+``settings`` (JSON), ``log_evidence``, ``log_evidence_se``, ``n_stages``, ``n_forward_evals``, ``wall_s``.
+
+Agreement (issue 33, item 3): latent means within 0.1 reference sd, sds within 10 %, log-evidences within 0.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+
+__all__ = ["case_target", "run_case", "load_run", "agreement", "store_runs", "MEAN_SD_GOAL", "SD_REL_GOAL",
+           "LOG_Z_GOAL"]
+
+MEAN_SD_GOAL, SD_REL_GOAL, LOG_Z_GOAL = 0.1, 0.10, 0.5
+
+
+def case_target(problem: str, seed: int):
+    """The benchmark observation ``seed`` of ``problem`` as a `LatentTarget` (the generator as bench runs it)."""
+    from ..demo import DEMOS
+    from ..errors import GanflowError
+    from ..posterior import LatentTarget
+    from .cases import _make_case
+
+    if problem not in (*DEMOS, "curved"):
+        raise GanflowError(f"no benchmark case '{problem}' (choose from {', '.join((*DEMOS, 'curved'))})")
+    case = _make_case(problem, seed)
+    if isinstance(case, str):
+        raise GanflowError(case)
+    return LatentTarget(case.G, case.op, case.obs.y, case.obs.noise_sigma)
+
+
+def run_case(problem: str, seed: int, run_seed: int, settings, output: str, resume: bool = False) -> dict:
+    """One SMC run on the case, checkpointed at ``output + ".ckpt"`` at every stage (``resume``: continue it),
+    written to ``output``; returns the run (`load_run`). The checkpoint is removed once the run file exists."""
+    import h5py
+
+    from ..io import atomic_path
+    from ..posterior.smc import run_smc
+
+    target = case_target(problem, seed)
+    ckpt = output + ".ckpt"
+    fit = run_smc(target, settings, torch.Generator().manual_seed(run_seed), checkpoint_path=ckpt, resume=resume)
+    z = fit.samples.double()
+    with torch.no_grad():
+        log_joint = target.log_joint(fit.samples.to(target.y.dtype)).double().numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with atomic_path(output) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("draws", data=z.numpy())
+        f.create_dataset("log_joint", data=log_joint)
+        for key, v in fit.trace.items():
+            f.create_dataset(f"trace/{key}", data=v)
+        f.attrs.update({"problem": problem, "seed": seed, "run_seed": run_seed,
+                        "settings": json.dumps(dataclasses.asdict(settings)), "wall_s": fit.wall_time_s,
+                        "n_forward_evals": fit.n_forward_evals,
+                        **{k: fit.attrs[k] for k in ("log_evidence", "log_evidence_se", "n_stages")}})
+    os.remove(ckpt)
+    return load_run(output)
+
+
+def load_run(path: str) -> dict:
+    """A run file as ``{"draws", "log_joint", "trace", **attrs}``."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        run = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        run.update(draws=f["draws"][()], log_joint=f["log_joint"][()],
+                   trace={k: f[f"trace/{k}"][()] for k in f["trace"]})
+    return run
+
+
+def agreement(draws: np.ndarray, ref_draws: np.ndarray, log_z: float | None = None,
+              ref_log_z: float | None = None) -> dict:
+    """``mean_sd`` (largest latent mean difference in the reference's sd), ``sd_rel`` (largest relative sd
+    difference), ``log_z_diff`` when both evidences are given, and whether each meets the issue's bound."""
+    sd = ref_draws.std(0, ddof=1)
+    out = {"mean_sd": float(np.max(np.abs(draws.mean(0) - ref_draws.mean(0)) / sd)),
+           "sd_rel": float(np.max(np.abs(draws.std(0, ddof=1) / sd - 1)))}
+    out["means_agree"], out["sds_agree"] = out["mean_sd"] < MEAN_SD_GOAL, out["sd_rel"] < SD_REL_GOAL
+    if log_z is not None and ref_log_z is not None:
+        out["log_z_diff"] = float(abs(log_z - ref_log_z))
+        out["log_z_agree"] = out["log_z_diff"] < LOG_Z_GOAL
+    return out
+
+
+def store_runs(paths: list[str], output: str | None = None) -> tuple[bool, str]:
+    """Independent runs of one case pooled into the case's stored reference: each run's particles are one
+    "chain" (split R-hat across runs compares them; the ESS along a run's particle order sees the duplicates
+    resampling leaves side by side). Written beside the bundled prior unless ``output``; `save_checked` keeps
+    it as ``*.unconverged.h5`` when R-hat or ESS miss the goals. Returns ``(converged, path)``."""
+    from ..errors import GanflowError
+    from .cases import _make_case
+    from .stored import reference_from_draws, reference_path, save_checked
+
+    runs = [load_run(p) for p in paths]
+    problem, seed = runs[0]["problem"], int(runs[0]["seed"])
+    if any((r["problem"], int(r["seed"])) != (problem, seed) for r in runs):
+        raise GanflowError("store: the runs are of different cases")
+    n = min(len(r["draws"]) for r in runs)
+    draws = np.stack([r["draws"][:n] for r in runs])
+    log_joint = np.stack([r["log_joint"][:n] for r in runs])
+    run = {"step_size": float(np.mean([r["trace"]["step_size"][-1] for r in runs])), "divergences": 0,
+           "n_gradients": int(sum(r["n_forward_evals"] for r in runs) // len(runs)),
+           "wall_s": float(sum(r["wall_s"] for r in runs))}
+    settings = {"sampler": "smc", "chains": len(runs), "smc": json.loads(runs[0]["settings"]),
+                "run_seeds": [int(r["run_seed"]) for r in runs],
+                "log_evidence": [float(r["log_evidence"]) for r in runs],
+                "log_evidence_se": [float(r["log_evidence_se"]) for r in runs]}
+    target = case_target(problem, seed)
+    ref = reference_from_draws(target, problem, seed, [draws], [log_joint], [run],
+                               f"python scripts/smc_reference.py store {' '.join(paths)}", settings)
+    return save_checked(ref, output or reference_path(_make_case(problem, seed).prior_path, problem, seed))

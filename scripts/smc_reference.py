@@ -1,0 +1,111 @@
+"""Reference posteriors of the benchmark cases by tempered SMC (issue 33; logic in `ganflow.bench.smc_runs`).
+
+    # one seeded run, checkpointed at every stage in OUT.ckpt; after a crash or kill, the same line + --resume
+    python scripts/smc_reference.py run --problem elliptic --run-seed 1 -o runs/smc/elliptic_r1.h5
+    # independent runs against each other (and against the stored reference, when one exists)
+    python scripts/smc_reference.py compare runs/smc/elliptic_r1.h5 runs/smc/elliptic_r2.h5 [--reference]
+    # pool runs into the case's stored reference (beside the bundled prior; *.unconverged.h5 unless it converged)
+    python scripts/smc_reference.py store runs/smc/elliptic_r*.h5 [-o PATH]
+
+``--config FILE.toml`` takes an ``[smc]`` table (`ganflow.posterior.smc.SmcSettings`); ``--particles`` and
+``--leapfrog`` override it. Run heavy runs under ``flock /tmp/ganflow-cpu.lock`` on the shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def _settings(a):
+    from ganflow.config import Config
+    from ganflow.posterior.smc import SmcSettings
+
+    s = Config.from_file(a.config, known=("smc",)).section(SmcSettings, "smc")
+    over = {k: v for k, v in (("n_particles", a.particles), ("leapfrog", a.leapfrog)) if v is not None}
+    s = dataclasses.replace(s, **over)
+    s.validate()
+    return s
+
+
+def cmd_run(a) -> int:
+    from ganflow.bench.smc_runs import run_case
+
+    run = run_case(a.problem, a.seed, a.run_seed, _settings(a), a.output, resume=a.resume)
+    print(f"{a.problem} run seed {a.run_seed}: log Z {run['log_evidence']:.3f} +- {run['log_evidence_se']:.3f}, "
+          f"{run['n_stages']} stages, {run['n_forward_evals']} forward evaluations, {run['wall_s']:.0f} s; "
+          f"wrote {a.output}")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from ganflow.bench.smc_runs import agreement, case_target, load_run
+    from ganflow.bench.stored import load_reference, long_run_path, reference_path
+
+    runs = [load_run(p) for p in a.runs]
+    rows = {}
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            rows[f"{a.runs[i]} vs {a.runs[j]}"] = agreement(runs[i]["draws"], runs[j]["draws"],
+                                                           runs[i]["log_evidence"], runs[j]["log_evidence"])
+    if a.reference:
+        from ganflow.bench.cases import _make_case
+
+        problem, seed = runs[0]["problem"], int(runs[0]["seed"])
+        path = reference_path(_make_case(problem, seed).prior_path, problem, seed)
+        path = path if os.path.isfile(path) else long_run_path(path)
+        ref = load_reference(path, case_target(problem, seed), problem, seed).pooled(100_000, 0)
+        for p, r in zip(a.runs, runs, strict=True):
+            rows[f"{p} vs {os.path.basename(path)}"] = agreement(r["draws"], ref)
+        pooled = np.concatenate([r["draws"] for r in runs])
+        rows[f"pooled runs vs {os.path.basename(path)}"] = agreement(pooled, ref)
+    for name, row in rows.items():
+        print(f"{name}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})}")
+    return 0
+
+
+def cmd_store(a) -> int:
+    from ganflow.bench.smc_runs import store_runs
+
+    converged, path = store_runs(a.runs, a.output)
+    print(f"wrote {path} ({'converged' if converged else 'not converged: split R-hat or ESS miss the goals'})")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="one seeded, resumable SMC run on a benchmark case")
+    r.add_argument("--problem", required=True)
+    r.add_argument("--seed", type=int, default=0, help="the benchmark observation [0]")
+    r.add_argument("--run-seed", type=int, required=True, help="the run's own seed (independent runs differ)")
+    r.add_argument("--config", default=None, help="TOML with an [smc] table")
+    r.add_argument("--particles", type=int, default=None)
+    r.add_argument("--leapfrog", type=int, default=None)
+    r.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUTPUT.ckpt")
+    r.add_argument("-o", "--output", required=True)
+    c = sub.add_parser("compare", help="agreement of runs with each other (and the stored reference)")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--reference", action="store_true", help="also against the case's stored reference")
+    s = sub.add_parser("store", help="pool runs into the case's stored reference")
+    s.add_argument("runs", nargs="+")
+    s.add_argument("-o", "--output", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from ganflow.errors import GanflowError
+
+    try:
+        return {"run": cmd_run, "compare": cmd_compare, "store": cmd_store}[a.cmd](a)
+    except GanflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
