@@ -179,3 +179,15 @@ def test_missing_extra_is_one_line_naming_it(nuts_posterior, tmp_path, monkeypat
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "ganflow[arviz]" in lines[0]
     assert not (tmp_path / "p.nc").exists()
+
+
+def test_chain_layout_of_each_method():
+    from ganflow.posterior.base import LatentFit
+
+    z = torch.arange(24.0).reshape(12, 2)
+    nuts = LatentFit("nuts", samples=z, trace={"chain": np.repeat([0, 1, 2], 4)}).chains()
+    assert nuts.shape == (3, 4, 2) and np.array_equal(nuts[1], z[4:8].numpy())  # chain after chain, in order
+    assert LatentFit("langevin", samples=z).chains().shape == (1, 12, 2)  # independent end points: one chain
+    assert LatentFit("flow", sampler=lambda n, g: torch.zeros(n, 2)).chains() is None
+    uneven = LatentFit("nuts", samples=z, trace={"chain": np.repeat([0, 1], [5, 7])})
+    assert uneven.chains() is None  # not a [C, S, k] block: no chain layout rather than a wrong one
