@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -63,6 +62,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GanflowError
+from ..progress import Progress
 from .base import LatentFit
 from .flow import _target_fingerprint
 from .langevin import WhitenedTarget, _hmc_step, _mala_step, _systematic_resample
@@ -94,7 +94,7 @@ class SmcSettings:
             stage's start is below this.
         min_moves, max_moves: bounds on the transitions per stage.
         max_stages: stop with an error when ``b`` has not reached 1 after this many stages.
-        progress: a line per stage on stderr.
+        progress: a line per stage on stderr (`ganflow.progress`; a bar on a terminal).
     """
 
     n_particles: int = 1000
@@ -319,10 +319,11 @@ def _load(path, target: LatentTarget, s: SmcSettings, generator: torch.Generator
                      trace={key: ck["trace"][key].tolist() for key in TRACE_KEYS})
 
 
-def _report(rec: dict, stage: int, n: int, wall: float) -> None:
-    print(f"smc stage {stage}: beta {rec['beta']:.4g}, ESS {rec['ess']:.0f}/{n}, {rec['moves']} moves, "
-          f"acceptance {rec['acceptance']:.2f}, step {rec['step_size']:.3g}, correlation {rec['correlation']:.2f}, "
-          f"log Z {rec['log_evidence']:.2f}, {wall:.0f} s", file=sys.stderr, flush=True)
+def _figures(rec: dict, n: int) -> dict:
+    """A stage's figures for the progress report."""
+    return {"beta": f"{rec['beta']:.4g}", "ESS": f"{rec['ess']:.0f}/{n}", "moves": rec["moves"],
+            "acceptance": f"{rec['acceptance']:.2f}", "step": f"{rec['step_size']:.3g}",
+            "correlation": f"{rec['correlation']:.2f}", "logZ": f"{rec['log_evidence']:.2f}"}
 
 
 def _result(st: _SmcState, s: SmcSettings, n_evals: int, wall: float) -> LatentFit:
@@ -354,15 +355,18 @@ def run_smc(target: LatentTarget, settings: SmcSettings | None = None, generator
     def wall() -> float:
         return st.wall_before + time.perf_counter() - t0
 
-    while st.beta < 1.0:
-        if len(st.trace["beta"]) >= s.max_stages:
-            raise GanflowError(f"smc: b = {st.beta:.3g} after max_stages = {s.max_stages} stages (raise "
-                               "smc.max_stages, or lower smc.target_ess)")
-        rec = _stage(target, st, s, generator)
-        for key in TRACE_KEYS:
-            st.trace[key].append(rec[key])
-        if s.progress:
-            _report(rec, len(st.trace["beta"]), s.n_particles, wall())
-        if checkpoint_path is not None:
-            _save(checkpoint_path, st, target, s, generator, evals(), wall())
+    # a line per stage (ganflow.progress's plain lines with no interval; a bar on a terminal)
+    with Progress(None, "smc stage", enabled=s.progress, initial=len(st.trace["beta"]), unit="stage",
+                  max_interval_s=0.0) as bar:
+        while st.beta < 1.0:
+            if len(st.trace["beta"]) >= s.max_stages:
+                raise GanflowError(f"smc: b = {st.beta:.3g} after max_stages = {s.max_stages} stages (raise "
+                                   "smc.max_stages, or lower smc.target_ess)")
+            rec = _stage(target, st, s, generator)
+            for key in TRACE_KEYS:
+                st.trace[key].append(rec[key])
+            if checkpoint_path is not None:
+                _save(checkpoint_path, st, target, s, generator, evals(), wall())
+            bar.set_postfix(**_figures(rec, s.n_particles))
+            bar.update(1)
     return _result(st, s, evals(), wall())
