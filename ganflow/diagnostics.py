@@ -335,6 +335,9 @@ def diagnose_draws(
                 "is_n_draws": int(n),
             }
         )
+        from .tails import tail_attrs  # issue 38: raw draws against their weighted statistics
+
+        out.attrs.update(tail_attrs(z, res))
         ppc_w = posterior_predictive_check(d_obs, d_rep, m, res.log_weights)
         out.attrs["ppc_p_value_psis"] = ppc_w["ppc_p_value"]
         out.attrs["ppc_chi2_per_dof_psis"] = ppc_w["ppc_chi2_per_dof"]
@@ -374,7 +377,8 @@ def solve_diagnostics(target, fit, table: dict | None, seed: int) -> dict:
 
     ``table`` is the config table ``[diagnostics]`` (`DiagnosticSettings`; ``enabled = false`` skips them).
     The draws come from their own generator (seeded from ``seed``), so adding diagnostics leaves every other
-    output of the solve unchanged. A flow with ``k_hat > 0.7`` raises a ``RuntimeWarning``.
+    output of the solve unchanged. A flow with ``k_hat > 0.7`` or a failed tail check (`ganflow.tails`) raises a
+    ``RuntimeWarning``.
     """
     import warnings
 
@@ -389,6 +393,9 @@ def solve_diagnostics(target, fit, table: dict | None, seed: int) -> dict:
     if flow is None:
         samples = fit.samples if fit.samples is not None else fit.draw(s.n_draws, g)
     res = posterior_diagnostics(target, flow=flow, samples=samples, settings=s, generator=g)
-    if res.warning:
-        warnings.warn(res.warning, RuntimeWarning, stacklevel=2)
+    from .tails import tail_warning
+
+    for message in (res.warning, tail_warning(res.attrs)):
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
     return res.attrs

@@ -237,22 +237,27 @@ def solve(
     if not isinstance(obs, Observation):
         obs = read_obs(obs)
     generator_module, op, op_info, target = _set_up(obs, prior, operator, problem, cfg, ss.device)
+    x_true = _truth_field(obs, generator_module)  # bad input fails before the fit, not after it
     gen = torch.Generator().manual_seed(seed)
     ckpt = _checkpoint_options("flow" if refine else method, checkpoint_path, resume)
     target, re_attrs = _likelihood(target, amortized, generator_module, op, obs, cfg, ss, seed)
     fit = _run_method(method, target, cfg, gen, progress, ckpt, amortized, refine)
     chains = fit.chains()  # the MCMC draws in chain order, for ArviZ (`ganflow.arviz_export`)
+    # PSIS k-hat and ESS/N of a flow, the tail check, the predictive check for every method: own seeded draws
+    # (ganflow.diagnostics); before the summary, which a failed tail check importance-resamples (issue 38)
+    from .diagnostics import solve_diagnostics
+    from .tails import needs_resampling, resampled_fit
+    diag_attrs = solve_diagnostics(target, fit, cfg.data.get("diagnostics"), seed)
+    if needs_resampling(diag_attrs):
+        fit = resampled_fit(fit, target, ss.n_samples, torch.Generator().manual_seed(seed + 0x7A11), ss.batch_size)
     summary, field_fn, rec_attrs = _field_posterior(fit, target, op, ss, gen, generator_module, op_info, re_attrs,
                                                     seed)
     y = obs.y.cpu().numpy()
-    x_true = _truth_field(obs, generator_module)
     attrs = _result_attrs(fit, {**re_attrs, **rec_attrs}, op_info, prior, obs, seed)
     if x_true is not None:
         attrs.update(truth_metrics(summary.mean, summary.quantiles[0.025], summary.quantiles[0.975], x_true,
                                    y, summary.obs_pred_mean, obs.noise_sigma))
-    # PSIS k-hat and ESS/N of a flow, the predictive check for every method: own seeded draws (ganflow.diagnostics)
-    from .diagnostics import solve_diagnostics
-    attrs.update(solve_diagnostics(target, fit, cfg.data.get("diagnostics"), seed))
+    attrs.update(diag_attrs)
     attrs["wall_time_s"] = float(time.perf_counter() - t0)
     return PosteriorResult(
         method=method,
