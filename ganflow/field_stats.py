@@ -2,16 +2,17 @@
 of posterior draws (`StreamingMoments`, `summarize_fields`).
 
 For ``N`` latent draws ``z_i`` (fresh from a flow, or stored MCMC draws) the fields ``x_i = G(z_i)`` are pushed
-through in batches; mean and standard deviation are accumulated exactly (Chan et al.'s parallel update of
-the Welford sums, in float64), so ``[N, *field_shape]`` never sits in memory. Quantiles come from the first
-``n_quantile`` draws (at least 2,000 by default), which are kept.
+through in batches; mean and standard deviation (``N - 1`` in the variance) are accumulated exactly (Chan et
+al.'s parallel update of the Welford sums, in float64), so ``[N, *field_shape]`` never sits in memory. Quantiles
+come from the first ``n_quantile`` draws (at least 2,000 by default), which are kept. `WeightedMoments` and
+`weighted_quantiles` are the same under importance weights (``ganflow predict --reweight``).
 
 Example:
     >>> import torch
     >>> s = StreamingMoments((2,))
     >>> for b in torch.arange(10.).reshape(5, 2, 1).expand(5, 2, 2): s.update(b)
     >>> s.mean.tolist(), round(float(s.std[0]), 4)
-    ([4.5, 4.5], 2.8723)
+    ([4.5, 4.5], 3.0277)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from .errors import GanflowError
 
-__all__ = ["StreamingMoments", "FieldSummary", "summarize_fields", "QUANTILES"]
+__all__ = ["StreamingMoments", "WeightedMoments", "weighted_quantiles", "FieldSummary", "summarize_fields", "QUANTILES"]
 
 QUANTILES = (0.025, 0.25, 0.5, 0.75, 0.975)
 
@@ -65,6 +66,61 @@ class StreamingMoments:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.var)
+
+
+class WeightedMoments:
+    """Exact running weighted mean and variance of batches ``[B, *shape]`` with weights ``[B]`` (West 1979).
+
+    ``var = M2 / (W - sum w^2 / W)`` (the unbiased estimator for reliability weights), which equals the sample
+    variance of `StreamingMoments` when all weights are equal.
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        self.w_sum = 0.0
+        self.w2_sum = 0.0
+        self._mean = np.zeros(self.shape)
+        self._m2 = np.zeros(self.shape)
+
+    def update(self, batch: np.ndarray, weights: np.ndarray) -> None:
+        b = np.asarray(batch, np.float64)
+        w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * len(self.shape))
+        wb = float(w.sum())
+        if wb <= 0:
+            return
+        mb = (w * b).sum(0) / wb
+        m2b = (w * (b - mb) ** 2).sum(0)
+        W = self.w_sum + wb
+        delta = mb - self._mean
+        self._mean = self._mean + delta * wb / W
+        self._m2 = self._m2 + m2b + delta**2 * self.w_sum * wb / W
+        self.w_sum = W
+        self.w2_sum += float((w * w).sum())
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._mean.copy()
+
+    @property
+    def std(self) -> np.ndarray:
+        denom = self.w_sum - self.w2_sum / self.w_sum if self.w_sum > 0 else 0.0
+        return np.sqrt(self._m2 / denom) if denom > 0 else np.zeros(self.shape)
+
+
+def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs=QUANTILES) -> dict[float, np.ndarray]:
+    """Quantiles of weighted draws ``values`` ``[N, *shape]``, ``weights`` ``[N]`` (>= 0): the weighted
+    empirical CDF through the midpoints ``(cumsum(w) - w/2) / sum(w)``, linearly interpolated, per element."""
+    v = np.asarray(values, np.float64)
+    flat = v.reshape(v.shape[0], -1)
+    w = np.asarray(weights, np.float64)
+    out = {q: np.empty(flat.shape[1]) for q in qs}
+    for j in range(flat.shape[1]):
+        order = np.argsort(flat[:, j], kind="stable")
+        ws = w[order]
+        cdf = (np.cumsum(ws) - 0.5 * ws) / ws.sum()
+        for q in qs:
+            out[q][j] = np.interp(q, cdf, flat[order, j])
+    return {q: a.reshape(v.shape[1:]) for q, a in out.items()}
 
 
 @dataclass

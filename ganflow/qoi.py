@@ -14,11 +14,10 @@ solve applied one (the same field draws the solve summarised):
 and written under ``/qoi/NAME/`` (see `ganflow.results`). With a known truth ``x*`` (``/truth/x``), also
 ``f(x*)``, the error ``mean - f(x*)`` and whether ``f(x*)`` lies in the central 95 % interval.
 
-With ``reweight=True`` (flow only) every statistic is taken under the Pareto-smoothed importance weights of
-the draws (`ganflow.diagnostics.psis`): ``E_p[f] ~= sum_i w_i f(G(z_i))``, which corrects a flow that is
-slightly
-off; PSIS-reweighted field statistics go to ``/psis/field``. The diagnostics (PSIS ``k_hat``, ESS/N,
-posterior-predictive check) are recomputed from the same draws and replace the solve's attributes.
+With ``reweight=True`` (flow only) every statistic is taken under the Pareto-smoothed importance weights of the
+draws (`ganflow.diagnostics.psis`): ``E_p[f] ~= sum_i w_i f(G(z_i))``, which corrects a flow that is slightly off;
+PSIS-reweighted field statistics go to ``/psis/field``. The diagnostics (PSIS ``k_hat``, ESS/N, posterior-predictive
+check) are recomputed from the same draws and replace the solve's attributes.
 
 posterior.h5 is updated safely: everything is computed first, then the file is copied to a temporary name
 beside it, modified, and renamed into place; on any error the original file is untouched.
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 
 from .diagnostics import DiagnosticsResult, diagnose_draws, draw_flow, khat_warning
 from .errors import GanflowError
-from .field_stats import QUANTILES, StreamingMoments
+from .field_stats import QUANTILES, StreamingMoments, WeightedMoments, weighted_quantiles
 from .io import atomic_path
 from .plugins import check_spec_from_file, load_problem, resolve_spec
 from .posterior.flow import flow_from_state
@@ -60,62 +59,6 @@ __all__ = [
 ]
 
 DEFAULT_FLOW_DRAWS = 4_000
-
-
-class WeightedMoments:
-    """Exact running weighted mean and variance of batches ``[B, *shape]`` with weights ``[B]`` (West 1979).
-
-    ``var = M2 / (W - sum w^2 / W)`` (the unbiased estimator for reliability weights), which equals the sample
-    variance of `StreamingMoments` when all weights are equal.
-    """
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = tuple(shape)
-        self.w_sum = 0.0
-        self.w2_sum = 0.0
-        self._mean = np.zeros(self.shape)
-        self._m2 = np.zeros(self.shape)
-
-    def update(self, batch: np.ndarray, weights: np.ndarray) -> None:
-        b = np.asarray(batch, np.float64)
-        w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * len(self.shape))
-        wb = float(w.sum())
-        if wb <= 0:
-            return
-        mb = (w * b).sum(0) / wb
-        m2b = (w * (b - mb) ** 2).sum(0)
-        W = self.w_sum + wb
-        delta = mb - self._mean
-        self._mean = self._mean + delta * wb / W
-        self._m2 = self._m2 + m2b + delta**2 * self.w_sum * wb / W
-        self.w_sum = W
-        self.w2_sum += float((w * w).sum())
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self._mean.copy()
-
-    @property
-    def std(self) -> np.ndarray:
-        denom = self.w_sum - self.w2_sum / self.w_sum if self.w_sum > 0 else 0.0
-        return np.sqrt(self._m2 / denom) if denom > 0 else np.zeros(self.shape)
-
-
-def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs=QUANTILES) -> dict[float, np.ndarray]:
-    """Quantiles of weighted draws ``values`` ``[N, *shape]``, ``weights`` ``[N]`` (>= 0): the weighted
-    empirical
-    CDF through the midpoints ``(cumsum(w) - w/2) / sum(w)``, linearly interpolated, per element."""
-    v = np.asarray(values, np.float64)
-    flat = v.reshape(v.shape[0], -1)
-    w = np.asarray(weights, np.float64)
-    out = {q: np.empty(flat.shape[1]) for q in qs}
-    for j in range(flat.shape[1]):
-        order = np.argsort(flat[:, j], kind="stable")
-        ws = w[order]
-        cdf = (np.cumsum(ws) - 0.5 * ws) / ws.sum()
-        for q in qs:
-            out[q][j] = np.interp(q, cdf, flat[order, j])
-    return {q: a.reshape(v.shape[1:]) for q, a in out.items()}
 
 
 def _qoi_name(spec: str) -> str:

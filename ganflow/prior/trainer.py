@@ -52,145 +52,23 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__, distributed
-from ..config import Config
 from ..data import FieldData, load_fields
 from ..errors import GanflowError
 from ..io import check_output_path
 from .checkpoint import FORMAT_VERSION, generator_from_checkpoint, load_checkpoint, save_checkpoint
 from .nets import PriorGenerator, build_critic, build_generator_net, default_arch, set_clamp
+from .settings import (
+    RESUME_OVERRIDES,
+    TrainSettings,
+    anneal_factor,
+    clamp_level,
+    in_annealing,
+    load_train_settings,
+    settings_mismatch,
+)
+from .wgan_gp import all_finite, ema_update, gradient_penalty, optimizer_state_cpu, restore_snapshot, snapshot
 
 __all__ = ["TrainSettings", "TrainResult", "train_prior", "load_train_settings", "split_indices"]
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """WGAN-GP training settings (the ``[train]`` config table).
-
-    Args:
-        latent_dim: latent dimension ``k``.
-        steps: generator steps (each preceded by ``n_critic`` critic steps).
-        batch_size: fields per batch.
-        n_critic: critic steps per generator step.
-        gp_weight: gradient-penalty weight ``lambda``.
-        lr_g, lr_d: Adam learning rates of the generator and the critic.
-        betas: Adam ``(beta1, beta2)`` for both.
-        ema_decay: EMA decay of the generator weights (the prior uses the EMA weights).
-        val_fraction: held-out fraction of the fields (for the report; never trained on).
-        checkpoint_every_s: save a checkpoint after this many seconds of training (and at the end).
-        base_channels: channels of the finest conv layer (2-D fields).
-        mlp_hidden, mlp_depth: width and number of hidden layers of the MLP pair (1-D fields).
-        output: the generator's read-out: ``"linear"`` (unbounded) or ``"tanh"`` (bounded to the training
-            fields' range ``[min, max]``; the fields are then normalised by the range, ``mu = (max + min) / 2``,
-            ``s = (max - min) / 2``). Bounded or binary fields (channels, phantoms) want ``"tanh"``: a linear
-            read-out spreads its values over the gap between the levels.
-        tanh_margin: with ``output = "tanh"``, widen the range by this fraction (``s = (1 + margin)
-            (max - min) / 2``), so the data's extreme levels are reached at finite pre-activations. A field that
-            sits mostly at one extreme (the phantoms' zero background) needs it: pinned at -1, the read-out
-            saturated and the generator collapsed to the background.
-        clamp: ``"off"``, ``"on"`` or ``"anneal"``: with ``output = "tanh"`` and ``tanh_margin > 0``, clip the
-            widened read-out back to the training fields' range (`ganflow.prior.nets.set_clamp`), from the start
-            or from the first step of the annealing phase. A level that many pixels sit at exactly (the phantoms'
-            zero background) becomes an atom the generator reaches at finite pre-activations, where a tanh alone
-            leaves faint noise about it (docs/prior.md). Pixels beyond the clip get no gradient, so a generator
-            that starts clipped can stay pinned at a level: ``"anneal"`` switches it on once the generator has
-            formed. May be changed on resume (the clip has no parameters).
-        log_every: record the Wasserstein estimate every this many generator steps.
-        representation_fields: held-out fields (at most) projected onto the range of the trained generator to
-            estimate its representation error (`ganflow.prior.residuals`, stored in the checkpoint); 0 skips it.
-        anneal_steps: the last ``anneal_steps`` generator steps decay both learning rates linearly to
-            ``anneal_final`` times their value (0: constant rates). A GAN's generator keeps oscillating about the
-            equilibrium at a constant rate, and the EMA of an oscillating generator varies less than the data
-            (docs/prior.md: the phantoms' brightness); annealing lets it settle. May be added on resume.
-        anneal_final: the learning-rate factor at the last step, in ``(0, 1]``.
-        anneal_shape: ``"linear"`` or ``"geometric"`` (the factor falls by the same ratio every step: to
-            ``anneal_final = 0.01`` a decade in each half of the phase, so half the phase runs below 0.1x, where
-            the phantom generator settled; docs/prior.md).
-        max_failures: non-finite generator steps tolerated; each is undone (networks, EMA and optimisers go
-            back to the last good step) and halves both learning rates; one more stops the run with the last
-            good state saved.
-    """
-
-    latent_dim: int = 64
-    steps: int = 2000
-    batch_size: int = 64
-    n_critic: int = 5
-    gp_weight: float = 10.0
-    lr_g: float = 1e-4
-    lr_d: float = 1e-4
-    betas: tuple[float, float] = (0.0, 0.9)
-    ema_decay: float = 0.999
-    val_fraction: float = 0.1
-    checkpoint_every_s: float = 300.0
-    base_channels: int = 16
-    mlp_hidden: int = 256
-    mlp_depth: int = 3
-    output: str = "linear"
-    tanh_margin: float = 0.0
-    # the critic also sees the batch's spread (ProGAN's minibatch sd feature; conv priors): against a generator
-    # whose draws vary less than the data (docs/prior.md)
-    critic_mbstd: bool = False
-    clamp: str = "off"
-    log_every: int = 10
-    representation_fields: int = 200
-    anneal_steps: int = 0
-    anneal_final: float = 0.1
-    anneal_shape: str = "linear"
-    max_failures: int = 20
-
-    def validate(self) -> None:
-        """Raise `GanflowError` naming the first bad setting."""
-        checks = [
-            ("latent_dim", self.latent_dim >= 1, ">= 1"),
-            ("steps", self.steps >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("n_critic", self.n_critic >= 1, ">= 1"),
-            ("gp_weight", self.gp_weight >= 0, ">= 0"),
-            ("lr_g", self.lr_g > 0, "> 0"),
-            ("lr_d", self.lr_d > 0, "> 0"),
-            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
-            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
-            ("val_fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
-            ("checkpoint_every_s", self.checkpoint_every_s > 0, "> 0"),
-            ("base_channels", self.base_channels >= 1, ">= 1"),
-            ("mlp_hidden", self.mlp_hidden >= 1, ">= 1"),
-            ("mlp_depth", self.mlp_depth >= 1, ">= 1"),
-            ("output", self.output in ("linear", "tanh"), "'linear' or 'tanh'"),
-            ("tanh_margin", 0 <= self.tanh_margin <= 1, "in [0, 1]"),
-            ("clamp", self.clamp in ("off", "on", "anneal"), "'off', 'on' or 'anneal'"),
-            ("clamp", self.clamp == "off" or (self.output == "tanh" and self.tanh_margin > 0),
-             "'off' unless output = 'tanh' with tanh_margin > 0 (else the read-out never leaves the range)"),
-            ("clamp", self.clamp != "anneal" or self.anneal_steps > 0, "'on' or 'off' without anneal_steps"),
-            ("log_every", self.log_every >= 1, ">= 1"),
-            ("representation_fields", self.representation_fields >= 0, ">= 0"),
-            ("max_failures", self.max_failures >= 0, ">= 0"),
-            ("anneal_steps", self.anneal_steps >= 0, ">= 0"),
-            ("anneal_final", 0 < self.anneal_final <= 1, "in (0, 1]"),
-            ("anneal_shape", self.anneal_shape in ("linear", "geometric"), "'linear' or 'geometric'"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise GanflowError(f"train.{name} must be {want}, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainSettings":
-        from ..config import parse_settings
-
-        return parse_settings(cls, d, "train")
-
-
-def load_train_settings(config_path: str | None, steps: int | None = None) -> TrainSettings:
-    """`TrainSettings` from a config's ``[train]`` table (unknown keys are errors), ``steps`` overriding."""
-    # One config file serves every command of a problem, so tables of other commands are allowed.
-    s = Config.from_file(config_path).section(TrainSettings, "train")
-    if steps is not None:
-        s = dataclasses.replace(s, steps=int(steps))
-        s.validate()
-    return s
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -222,37 +100,6 @@ class TrainResult:
     history: dict = field(default_factory=dict)
     rank: int = 0  # this process's rank under torchrun (only rank 0 wrote anything)
     world_size: int = 1
-
-
-def _gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, noise: torch.Generator) -> Tensor:
-    """``E[(||grad_u D(uhat)||_2 - 1)^2]`` on random per-sample interpolates of ``real``, ``fake``."""
-    eps = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), generator=noise, device=real.device)
-    mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
-
-
-@torch.no_grad()
-def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
-        pe.lerp_(p, 1.0 - decay)
-
-
-# on resume these come from the given settings, every other one from the checkpoint
-_RESUME_OVERRIDES = ("steps", "anneal_steps", "anneal_final", "anneal_shape", "clamp")
-
-
-def _settings_mismatch(a: dict, b: dict) -> list[str]:
-    # steps, checkpoint_every_s, max_failures, representation_fields and the annealing may change on resume
-    # (older checkpoints lack some); everything else shapes the computation. The annealing phase is defined from
-    # the last step, which may move on resume, so it may too: a run trained at constant rates can be continued
-    # with an annealing phase. The read-out clamp has no parameters, so it may be switched too. A key an older
-    # checkpoint lacks had its default then (output: linear).
-    free = {"steps", "checkpoint_every_s", "max_failures", "representation_fields", "anneal_steps", "anneal_final",
-            "anneal_shape", "clamp"}
-    defaults = TrainSettings().to_dict()
-    a, b = {**defaults, **a}, {**defaults, **b}
-    return sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
 
 
 def train_prior(
@@ -361,11 +208,11 @@ def _resolve_settings(settings: TrainSettings | None, steps: int | None, seed: i
     if ckpt is not None:
         saved = ckpt["settings"]
         if settings is not None:
-            bad = _settings_mismatch(settings.to_dict(), saved)
+            bad = settings_mismatch(settings.to_dict(), saved)
             if bad:
                 raise GanflowError(f"--resume: settings differ from the checkpoint's: {', '.join(bad)}")
         given = settings.to_dict() if settings else {}
-        settings = TrainSettings.from_dict({**saved, **{k: given[k] for k in _RESUME_OVERRIDES if k in given}})
+        settings = TrainSettings.from_dict({**saved, **{k: given[k] for k in RESUME_OVERRIDES if k in given}})
         seed = int(ckpt["seed"])
         if ckpt["data"].get("sha1") != fd.sha1:
             raise GanflowError(f"--resume: {fd.path} is not the data the checkpoint was trained on")
@@ -400,7 +247,7 @@ def _set_up(out: str, fd: FieldData, settings: TrainSettings, seed: int, device:
     if ckpt is not None and settings.steps <= start:
         raise GanflowError(f"--resume: checkpoint is already at step {start}; ask for more --steps")
     train_idx, val_idx, mean, std, u_train = _training_fields(fd, settings, seed, ckpt, ctx)
-    net_arch = arch if settings.clamp == "off" else set_clamp(dict(arch), _clamp_level(settings))
+    net_arch = arch if settings.clamp == "off" else set_clamp(dict(arch), clamp_level(settings))
     G, D, G_ema, opt_g, opt_d = _build_networks(net_arch, settings, seed, ctx.device)
     # Rank r > 0 gets its own streams; rank 0 (and a single process) keeps the original ones.
     noise = torch.Generator(device=ctx.device).manual_seed(_substream(seed, 3 + 100 * ctx.rank))
@@ -521,8 +368,8 @@ def _make_checkpoint(run: _Run, step: int, wall: float) -> dict:
         "G": cpu(run.G.state_dict()),
         "D": cpu(run.D.state_dict()),
         "G_ema": cpu(run.G_ema.state_dict()),
-        "opt_G": _optimizer_state_cpu(run.opt_g),
-        "opt_D": _optimizer_state_cpu(run.opt_d),
+        "opt_G": optimizer_state_cpu(run.opt_g),
+        "opt_D": optimizer_state_cpu(run.opt_d),
         "rng": rng,
         "history": {
             "step": torch.tensor(history["step"], dtype=torch.int64),
@@ -548,7 +395,7 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
     step = run.start
     run.G.train()
     run.D.train()
-    good = _snapshot(run.G, run.D, run.G_ema, run.opt_g, run.opt_d)
+    good = snapshot(run.G, run.D, run.G_ema, run.opt_g, run.opt_d)
     try:
         while step < settings.steps:
             step += 1
@@ -559,12 +406,12 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
                 step -= 1
                 _roll_back(run, good, step, t_start)
                 continue
-            _ema_update(run.G_ema, run.G, min(settings.ema_decay, (1.0 + step) / (10.0 + step)))
+            ema_update(run.G_ema, run.G, min(settings.ema_decay, (1.0 + step) / (10.0 + step)))
             if step % settings.log_every == 0 or step == settings.steps:
                 w_est = _log_step(run, step, d_real, d_fake, loss_g)
                 bar.set_postfix(W=f"{w_est:.3f}")
             bar.update(1)
-            good = _snapshot(run.G, run.D, run.G_ema, run.opt_g, run.opt_d)
+            good = snapshot(run.G, run.D, run.G_ema, run.opt_g, run.opt_d)
             now = time.perf_counter()
             if ctx.is_main and now - t_last_save >= settings.checkpoint_every_s and step < settings.steps:
                 save_checkpoint(run.out, _make_checkpoint(run, step, run.wall0 + now - t_start))
@@ -574,35 +421,14 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
     return step, w_est, time.perf_counter() - t_start
 
 
-def anneal_factor(settings: TrainSettings, step: int) -> float:
-    """The learning-rate factor at generator step ``step`` (1-based): 1, then linearly or geometrically (by
-    ``anneal_shape``) to ``anneal_final`` over the last ``anneal_steps`` steps."""
-    if not _annealing(settings, step):
-        return 1.0
-    t = (step - settings.steps + settings.anneal_steps) / settings.anneal_steps
-    if settings.anneal_shape == "geometric":
-        return settings.anneal_final**t
-    return 1.0 - (1.0 - settings.anneal_final) * t
-
-
-def _annealing(settings: TrainSettings, step: int) -> bool:
-    """Whether generator step ``step`` (1-based) is in the annealing phase (the last ``anneal_steps``)."""
-    return step > settings.steps - settings.anneal_steps
-
-
-def _clamp_level(settings: TrainSettings) -> float:
-    """The read-out clip in normalised units: the training range inside the tanh's widened one."""
-    return 1.0 / (1.0 + settings.tanh_margin)
-
-
 def _sync_clamp(run: _Run, step: int) -> None:
     """Set the read-out clip of ``G`` and its EMA for generator step ``step`` (``clamp = "anneal"``: from the
     first annealed step) and record it in the architecture the checkpoints store."""
     mode = run.settings.clamp
     if mode == "off":
         return
-    on = mode == "on" or _annealing(run.settings, step)
-    level = _clamp_level(run.settings) if on else 1.0  # Hardtanh(-1, 1) after a tanh changes nothing
+    on = mode == "on" or in_annealing(run.settings, step)
+    level = clamp_level(run.settings) if on else 1.0  # Hardtanh(-1, 1) after a tanh changes nothing
     for net in (run.G, run.G_ema):
         net[-1].min_val, net[-1].max_val = -level, level
     set_clamp(run.arch, level if on else None)
@@ -631,7 +457,7 @@ def _train_step(run: _Run) -> tuple[bool, Tensor, Tensor, Tensor]:
         d_real, d_fake = D(real).mean(), D(fake).mean()
         loss_d = d_fake - d_real
         if settings.gp_weight > 0:
-            loss_d = loss_d + settings.gp_weight * _gradient_penalty(D, real, fake, run.noise)
+            loss_d = loss_d + settings.gp_weight * gradient_penalty(D, real, fake, run.noise)
         run.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         distributed.all_reduce_grads(D)
@@ -645,7 +471,7 @@ def _train_step(run: _Run) -> tuple[bool, Tensor, Tensor, Tensor]:
     run.opt_g.step()
     finite &= torch.isfinite(loss_g.detach())
     # A non-finite gradient shows up in the weights Adam just wrote.
-    finite &= _all_finite(list(G.parameters()) + list(D.parameters()))
+    finite &= all_finite(list(G.parameters()) + list(D.parameters()))
     ok = bool(finite)
     if run.ctx.world_size > 1:  # every rank takes the same decision
         ok = distributed.all_reduce_mean([0.0 if ok else 1.0], dev)[0] == 0.0
@@ -659,7 +485,7 @@ def _roll_back(run: _Run, good: dict, step: int, t_start: float) -> None:
     settings = run.settings
     run.failures += 1
     run.lr_scale *= 0.5
-    _restore(good, run.G, run.D, run.G_ema, run.opt_g, run.opt_d)  # the next step's rates carry lr_scale
+    restore_snapshot(good, run.G, run.D, run.G_ema, run.opt_g, run.opt_d)  # the next step's rates carry lr_scale
     if run.failures > settings.max_failures:
         if run.ctx.is_main:
             save_checkpoint(run.out, _make_checkpoint(run, step, run.wall0 + time.perf_counter() - t_start))
@@ -763,45 +589,3 @@ def report_prefix(checkpoint_path: str | os.PathLike) -> str:
     return root + "_report"
 
 
-def _all_finite(tensors) -> Tensor:
-    """A 0-d bool tensor: every value of every tensor is finite (no device sync)."""
-    return torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
-
-
-def _snapshot(G: nn.Module, D: nn.Module, G_ema: nn.Module, opt_g, opt_d) -> dict:
-    """An in-memory copy of the training state a non-finite step rolls back to."""
-    clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
-    return {"G": clone(G.state_dict()), "D": clone(D.state_dict()), "G_ema": clone(G_ema.state_dict()),
-            "opt_G": _clone_optimizer_state(opt_g), "opt_D": _clone_optimizer_state(opt_d)}
-
-
-def _clone_optimizer_state(opt: torch.optim.Optimizer) -> dict:
-    # Tensor clones, not deepcopy: taken every step, so it has to be cheap.
-    sd = opt.state_dict()
-    return {"state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in st.items()}
-                      for k, st in sd["state"].items()},
-            "param_groups": [dict(g) for g in sd["param_groups"]]}
-
-
-def _restore(snap: dict, G: nn.Module, D: nn.Module, G_ema: nn.Module, opt_g, opt_d) -> None:
-    G.load_state_dict(snap["G"])
-    D.load_state_dict(snap["D"])
-    G_ema.load_state_dict(snap["G_ema"])
-    # The optimiser adopts the given tensors and updates them in place: hand it copies, so the snapshot stays
-    # valid for another rollback.
-    for opt, key in ((opt_g, "opt_G"), (opt_d, "opt_D")):
-        st = snap[key]
-        opt.load_state_dict({"state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                                       for k, s in st["state"].items()},
-                             "param_groups": [dict(g) for g in st["param_groups"]]})
-
-
-def _optimizer_state_cpu(opt: torch.optim.Optimizer) -> dict:
-    sd = opt.state_dict()
-    return {
-        "state": {
-            k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-            for k, s in sd["state"].items()
-        },
-        "param_groups": [dict(g) for g in sd["param_groups"]],
-    }
