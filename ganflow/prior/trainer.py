@@ -51,12 +51,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .. import __version__, distributed
+from .. import distributed
 from ..data import FieldData, load_fields
 from ..errors import GanflowError
 from ..io import check_output_path
-from .checkpoint import FORMAT_VERSION, generator_from_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import generator_from_checkpoint, load_checkpoint, save_checkpoint
 from .nets import PriorGenerator, build_critic, build_generator_net, default_arch, set_clamp
+from .run_state import make_checkpoint, restore_resumed, substream
 from .settings import (
     RESUME_OVERRIDES,
     TrainSettings,
@@ -66,7 +67,7 @@ from .settings import (
     load_train_settings,
     settings_mismatch,
 )
-from .wgan_gp import all_finite, ema_update, gradient_penalty, optimizer_state_cpu, restore_snapshot, snapshot
+from .wgan_gp import all_finite, ema_update, gradient_penalty, restore_snapshot, snapshot
 
 __all__ = ["TrainSettings", "TrainResult", "train_prior", "load_train_settings", "split_indices"]
 
@@ -76,13 +77,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
     n_val = int(round(val_fraction * n))
     if n - n_val < 1:
         raise GanflowError(f"no training fields left after holding out {n_val} of {n}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_substream(seed, 1)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(substream(seed, 1)))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def _substream(seed: int, k: int) -> int:
-    # Independent, reproducible streams from one user seed (split, init, noise, data order).
-    return (int(seed) * 1_000_003 + 7919 * k) % (2**63 - 1)
 
 
 @dataclass
@@ -180,7 +176,7 @@ def _train_prior(data, out, settings, *, seed, device, resume, force, steps, pro
     settings, seed = _resolve_settings(settings, steps, seed, fd, ckpt)
     run = _set_up(out, fd, settings, seed, device, ctx, ckpt)
     if ckpt is not None:
-        _restore_resumed(run, ckpt)
+        restore_resumed(run, ckpt)
     step, w_est, elapsed = _train_loop(run, progress)
     return _write_out(run, step, w_est, elapsed, report)
 
@@ -250,8 +246,8 @@ def _set_up(out: str, fd: FieldData, settings: TrainSettings, seed: int, device:
     net_arch = arch if settings.clamp == "off" else set_clamp(dict(arch), clamp_level(settings))
     G, D, G_ema, opt_g, opt_d = _build_networks(net_arch, settings, seed, ctx.device)
     # Rank r > 0 gets its own streams; rank 0 (and a single process) keeps the original ones.
-    noise = torch.Generator(device=ctx.device).manual_seed(_substream(seed, 3 + 100 * ctx.rank))
-    order = torch.Generator().manual_seed(_substream(seed, 4 + 100 * ctx.rank))
+    noise = torch.Generator(device=ctx.device).manual_seed(substream(seed, 3 + 100 * ctx.rank))
+    order = torch.Generator().manual_seed(substream(seed, 4 + 100 * ctx.rank))
     provenance = fd.provenance()
     provenance.update(n_train=int(train_idx.numel()), n_val=int(val_idx.numel()))
     return _Run(out=out, settings=settings, seed=seed, device=device, ctx=ctx, fd=fd, arch=arch, start=start,
@@ -291,7 +287,7 @@ def _build_networks(arch: dict, settings: TrainSettings, seed: int, dev) -> tupl
     and their Adam optimisers."""
     # Initialised from a seeded stream under fork_rng so the global RNG is left alone.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_substream(seed, 2))
+        torch.manual_seed(substream(seed, 2))
         G, D = build_generator_net(arch), build_critic(arch)
         G_ema = build_generator_net(arch)
     G_ema.load_state_dict(G.state_dict())
@@ -303,83 +299,6 @@ def _build_networks(arch: dict, settings: TrainSettings, seed: int, dev) -> tupl
     opt_g = torch.optim.Adam(G.parameters(), lr=settings.lr_g, betas=tuple(settings.betas))
     opt_d = torch.optim.Adam(D.parameters(), lr=settings.lr_d, betas=tuple(settings.betas))
     return G, D, G_ema, opt_g, opt_d
-
-
-def _restore_resumed(run: _Run, ckpt: dict) -> None:
-    """Load the checkpoint's networks, optimisers, random streams, history and counters into ``run``."""
-    seed, start, device = run.seed, run.start, run.device
-    try:
-        run.G.load_state_dict(ckpt["G"])
-        run.D.load_state_dict(ckpt["D"])
-        run.G_ema.load_state_dict(ckpt["G_ema"])
-        run.opt_g.load_state_dict(ckpt["opt_G"])
-        run.opt_d.load_state_dict(ckpt["opt_D"])
-        rng = ckpt["rng"]
-        if run.ctx.rank > 0:
-            # The checkpoint holds rank 0's streams only: other ranks continue with fresh streams tied to
-            # the step (reproducible; bit-identical only for the world size and ranks that wrote it).
-            run.noise.manual_seed(_substream(seed, 3 + 100 * run.ctx.rank) + start)
-            run.order.manual_seed(_substream(seed, 4 + 100 * run.ctx.rank) + start)
-        elif ckpt.get("device", "cpu") == device:
-            run.noise.set_state(rng["noise"])
-            run.order.set_state(rng["data"])
-        else:
-            # A CPU and a CUDA generator have different states: continue with a fresh stream tied to the
-            # step (reproducible, but not bit-identical to an uninterrupted run on one device).
-            run.noise.manual_seed(_substream(seed, 3) + start)
-            run.order.set_state(rng["data"])
-        torch.set_rng_state(rng["torch_cpu"])
-        if device == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
-        h = ckpt.get("history", {})
-        run.history = {k: [v.item() for v in h[k]] if k in h else [] for k in run.history}
-        run.wall0 = float(ckpt.get("wall_time_s", 0.0))
-        run.failures = int(ckpt.get("nonfinite_steps", 0))
-        run.lr_scale = float(ckpt.get("lr_scale", 1.0))
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise GanflowError(
-            f"--resume: checkpoint {run.out} does not fit its recorded architecture or state ({first[:160]})"
-        ) from None
-
-
-def _make_checkpoint(run: _Run, step: int, wall: float) -> dict:
-    """The checkpoint dict at generator step ``step`` after ``wall`` seconds of training (tensors on CPU)."""
-    rng = {"torch_cpu": torch.get_rng_state(), "noise": run.noise.get_state(), "data": run.order.get_state()}
-    if run.device == "cuda":
-        rng["cuda"] = list(torch.cuda.get_rng_state_all())
-    cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
-    settings, arch, history = run.settings, run.arch, run.history
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "ganflow.prior",
-        "ganflow_version": __version__,
-        "arch": dict(arch),
-        "latent_dim": int(arch["latent_dim"]),
-        "field_shape": list(arch["field_shape"]),
-        "normalization": {"kind": "range" if settings.output == "tanh" else "scalar",
-                          "mean": run.mean.clone(), "std": run.std.clone()},
-        "settings": settings.to_dict(),
-        "data": run.provenance,
-        "seed": int(run.seed),
-        "device": run.device,
-        "world_size": int(run.ctx.world_size),
-        "step": int(step),
-        "G": cpu(run.G.state_dict()),
-        "D": cpu(run.D.state_dict()),
-        "G_ema": cpu(run.G_ema.state_dict()),
-        "opt_G": optimizer_state_cpu(run.opt_g),
-        "opt_D": optimizer_state_cpu(run.opt_d),
-        "rng": rng,
-        "history": {
-            "step": torch.tensor(history["step"], dtype=torch.int64),
-            "wasserstein": torch.tensor(history["wasserstein"], dtype=torch.float64),
-            "loss_g": torch.tensor(history["loss_g"], dtype=torch.float64),
-        },
-        "wall_time_s": float(wall),
-        "nonfinite_steps": int(run.failures),
-        "lr_scale": float(run.lr_scale),
-    }
 
 
 def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
@@ -414,7 +333,7 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
             good = snapshot(run.G, run.D, run.G_ema, run.opt_g, run.opt_d)
             now = time.perf_counter()
             if ctx.is_main and now - t_last_save >= settings.checkpoint_every_s and step < settings.steps:
-                save_checkpoint(run.out, _make_checkpoint(run, step, run.wall0 + now - t_start))
+                save_checkpoint(run.out, make_checkpoint(run, step, run.wall0 + now - t_start))
                 t_last_save = now
     finally:
         bar.close()
@@ -488,7 +407,7 @@ def _roll_back(run: _Run, good: dict, step: int, t_start: float) -> None:
     restore_snapshot(good, run.G, run.D, run.G_ema, run.opt_g, run.opt_d)  # the next step's rates carry lr_scale
     if run.failures > settings.max_failures:
         if run.ctx.is_main:
-            save_checkpoint(run.out, _make_checkpoint(run, step, run.wall0 + time.perf_counter() - t_start))
+            save_checkpoint(run.out, make_checkpoint(run, step, run.wall0 + time.perf_counter() - t_start))
         raise GanflowError(
             f"training diverged: {run.failures} non-finite steps (loss or gradient), each undone with "
             f"halved learning rates; the last good state (step {step}) is saved in {run.out}; check the "
@@ -519,7 +438,7 @@ def _write_out(run: _Run, step: int, w_est: float, elapsed: float, report: bool)
     ctx, settings, fd = run.ctx, run.settings, run.fd
     distributed.check_in_sync({"G": run.G, "D": run.D, "G_ema": run.G_ema}, ctx.device)
     if ctx.is_main:
-        save_checkpoint(run.out, _make_checkpoint(run, step, run.wall0 + elapsed))
+        save_checkpoint(run.out, make_checkpoint(run, step, run.wall0 + elapsed))
 
     generator = generator_from_checkpoint(
         {
