@@ -78,31 +78,53 @@ def run_demo(outdir: str = "demo_output", problem: str = "phase_retrieval", seed
     t0 = time.perf_counter()
     os.makedirs(outdir, exist_ok=True)
     prob = load_problem(spec.problem, **spec.problem_kwargs)
-    prior_ref = spec.prior
-    if prior_ref is None:
-        hook = getattr(prob, "bundled_prior", None)
-        prior_ref = hook() if hook else None
-        if prior_ref is None:
-            raise GanflowError(f"the {problem} demo needs its bundled prior, which is not installed")
+    prior_ref = _demo_prior(spec, prob, problem)
     G = load_prior(prior_ref)
-    truth = None
-    if spec.truth == "heldout":
-        truth = prob.sample_fields(1, torch.Generator().manual_seed(HELDOUT_SEED_OFFSET + seed))[0]
-    obs = simulate(spec.problem, prior=G if truth is None else None, truth=truth,
-                   operator_kwargs=spec.operator_kwargs, problem_kwargs=spec.problem_kwargs,
-                   noise_relative=spec.noise_relative, seed=seed, prior_label=prior_ref)
-    obs_path = os.path.join(outdir, "obs.h5")
-    write_obs(obs_path, obs)
-    obs.path = obs_path
+    obs = _demo_observation(spec, prob, G, prior_ref, seed, os.path.join(outdir, "obs.h5"))
     tables = {"flow": {"progress": progress}}
     for key, value in spec.config.items():
         tables.setdefault(key, {}).update(value)
     result = solve(obs, G, method="flow", config=Config(tables), seed=seed, progress=progress)
     post_path = result.save(os.path.join(outdir, "posterior.h5"), force=True)
     figdir = os.path.join(outdir, "figures")
-    figures = plot_posterior(result, figdir, force=True)  # a demo rerun replaces its own outputs
     operator = prob.make_operator(**spec.operator_kwargs)
+    figures = plot_posterior(result, figdir, force=True)  # a demo rerun replaces its own outputs
     figures += _problem_figures(prob, result, operator, figdir)
+    row = _demo_row(problem, prob, result, G, operator, obs)
+    row["total_s"] = time.perf_counter() - t0
+    _print_table(spec, row, echo)
+    echo(f"wrote {obs.path}, {post_path} and {len(figures)} figures in {figdir}")
+    return row
+
+
+def _demo_prior(spec: DemoSpec, prob, problem: str) -> str:
+    """The demo's prior: the spec's, else the problem's bundled one."""
+    if spec.prior is not None:
+        return spec.prior
+    hook = getattr(prob, "bundled_prior", None)
+    prior_ref = hook() if hook else None
+    if prior_ref is None:
+        raise GanflowError(f"the {problem} demo needs its bundled prior, which is not installed")
+    return prior_ref
+
+
+def _demo_observation(spec: DemoSpec, prob, G, prior_ref: str, seed: int, path: str):
+    """The demo's measurement, of a held-out field (a sampler seed never used in training) or a prior draw,
+    written to ``path``."""
+    truth = None
+    if spec.truth == "heldout":
+        truth = prob.sample_fields(1, torch.Generator().manual_seed(HELDOUT_SEED_OFFSET + seed))[0]
+    obs = simulate(spec.problem, prior=G if truth is None else None, truth=truth,
+                   operator_kwargs=spec.operator_kwargs, problem_kwargs=spec.problem_kwargs,
+                   noise_relative=spec.noise_relative, seed=seed, prior_label=prior_ref)
+    write_obs(path, obs)
+    obs.path = path
+    return obs
+
+
+def _demo_row(problem: str, prob, result, G, operator, obs) -> dict:
+    """The numbers of the demo's table: the result's metrics, the problem's own, and on linear_gaussian the
+    errors against the exact posterior."""
     row = {"problem": problem, "method": "flow"}
     row.update(result.metrics)
     if hasattr(prob, "metrics") and result.x_true is not None:
@@ -119,30 +141,33 @@ def run_demo(outdir: str = "demo_output", problem: str = "phase_retrieval", seed
             row[key] = float(result.attrs[key])
     row["n_forward_evals"] = int(result.attrs["n_forward_evals"])
     row["fit_s"] = float(result.attrs["fit_wall_time_s"])
-    row["total_s"] = time.perf_counter() - t0
-    labels = {
-        "rel_l2_error": "relative L2 error of the mean",
-        "rel_l2_error_mod_twin": "  ... modulo the twin image",
-        "rel_l2_error_mod_twin_shift": "  ... modulo twin and translations",
-        "coverage_95": "95 % coverage of the truth",
-        "chi2_per_dof": "chi^2 per dof (predictive mean)",
-        "latent_mean_err_sd": "max latent-mean error [post. sd]",
-        "latent_sd_rel_err": "max latent-sd relative error",
-        "psis_khat": "PSIS k-hat (flow reliability)",
-        "ppc_p_value": "posterior-predictive p-value",
-        "n_forward_evals": "forward-model evaluations",
-        "fit_s": "flow fit time [s]",
-        "total_s": "total time [s]",
-    }
+    return row
+
+
+_TABLE_LABELS = {
+    "rel_l2_error": "relative L2 error of the mean",
+    "rel_l2_error_mod_twin": "  ... modulo the twin image",
+    "rel_l2_error_mod_twin_shift": "  ... modulo twin and translations",
+    "coverage_95": "95 % coverage of the truth",
+    "chi2_per_dof": "chi^2 per dof (predictive mean)",
+    "latent_mean_err_sd": "max latent-mean error [post. sd]",
+    "latent_sd_rel_err": "max latent-sd relative error",
+    "psis_khat": "PSIS k-hat (flow reliability)",
+    "ppc_p_value": "posterior-predictive p-value",
+    "n_forward_evals": "forward-model evaluations",
+    "fit_s": "flow fit time [s]",
+    "total_s": "total time [s]",
+}
+
+
+def _print_table(spec: DemoSpec, row: dict, echo) -> None:
     echo("")
     echo(f"ganflow demo: {spec.title}")
     echo(f"{'quantity':36s} value")
-    for key, label in labels.items():
+    for key, label in _TABLE_LABELS.items():
         if key in row:
             v = row[key]
             echo(f"{label:36s} {v:.4g}" if isinstance(v, float) else f"{label:36s} {v}")
-    echo(f"wrote {obs_path}, {post_path} and {len(figures)} figures in {figdir}")
-    return row
 
 
 def _problem_figures(prob, result, operator, figdir: str) -> list[str]:
