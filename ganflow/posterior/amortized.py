@@ -15,7 +15,9 @@ The flow (normflows' conditional layers) is, in the sampling direction,
                     -> z = loc(c) + L(c) u  (L lower triangular),        c = embed(y)
 
 where ``embed`` standardises the flattened observation (moments of a simulated pilot set) and maps it through
-an MLP plus a linear skip, so that a posterior mean linear in ``y`` (a linear-Gaussian problem) is easy.
+an MLP plus a linear skip, so that a posterior mean linear in ``y`` (a linear-Gaussian problem) is easy. The
+Gaussian layer starts at the linear-regression posterior of the pilot pairs (`_regression_start`), the
+couplings at the identity.
 
 Checkpoints (``amortized.pt``) hold tensors and plain types only and load with ``weights_only=True``; they
 record the prior's and the operator's fingerprints (`ganflow.fingerprint`, compared to rounding), ``noise_sigma``
