@@ -89,19 +89,28 @@ class _DualAveraging:
         return math.exp(self.log_avg)
 
 
+class _InFrame:
+    """``f`` in the frame's coordinates ``v``: ``log p`` at ``z(v)`` and its gradient in ``v``, what the shared
+    leapfrog (`ganflow.posterior.kernels.leapfrog`) integrates."""
+
+    def __init__(self, f: LogJointAndGrad, frame: _Frame):
+        self.f, self.frame = f, frame
+
+    def log_joint_and_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        lp, gz = self.f(self.frame.to_z(v))
+        return lp, self.frame.grad_v(gz)
+
+
 def _trajectory(f: LogJointAndGrad, frame: _Frame, v: Tensor, lp: Tensor, g: Tensor, step: float, n_leap: int,
                 generator: torch.Generator):
-    """One HMC draw for every chain: momentum refresh, ``n_leap`` leapfrog steps, Metropolis test.
+    """One HMC draw for every chain: momentum refresh, ``n_leap`` leapfrog steps, Metropolis test (the kernels
+    of `ganflow.posterior.kernels`; here with dual-averaged steps and divergences counted).
     Returns ``(v, lp, g, accept_prob [C], divergent [C])`` with ``g`` the gradient in ``v``."""
+    from ..posterior.kernels import hmc_log_ratio, leapfrog
+
     p0 = torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
-    v1, p = v, p0 + 0.5 * step * g
-    for i in range(n_leap):
-        v1 = v1 + step * p
-        lp1, gz = f(frame.to_z(v1))
-        g1 = frame.grad_v(gz)
-        p = p + (step if i < n_leap - 1 else 0.5 * step) * g1
-    log_ratio = (lp1 - 0.5 * (p * p).sum(1)) - (lp - 0.5 * (p0 * p0).sum(1))
-    log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf)
+    v1, lp1, g1, p = leapfrog(_InFrame(f, frame), v, g, p0, step, n_leap)
+    log_ratio = torch.nan_to_num(hmc_log_ratio(lp, p0, lp1, p), nan=-math.inf)
     divergent = log_ratio < -DIVERGENCE
     accept_prob = torch.exp(torch.clamp(log_ratio, max=0.0))
     u = torch.rand(v.shape[0], generator=generator, dtype=v.dtype).to(v.device)

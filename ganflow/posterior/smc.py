@@ -65,7 +65,9 @@ from ..errors import GanflowError
 from ..progress import Progress
 from .base import LatentFit
 from .flow import _target_fingerprint
-from .langevin import WhitenedTarget, _hmc_step, _mala_step, _systematic_resample
+from .frames import WhitenedTarget
+from .kernels import hmc_step, mala_step
+from .resampling import systematic_resample
 from .target import LatentTarget
 
 __all__ = ["SmcSettings", "run_smc", "SMC_CHECKPOINT_KIND"]
@@ -201,7 +203,7 @@ def _resample(log_w: Tensor, kind: str, generator: torch.Generator) -> Tensor:
     """``N`` ancestor indices drawn by ``kind`` resampling with weights ``exp(log_w)``."""
     n = log_w.numel()
     if kind == "systematic":
-        return _systematic_resample(log_w.numpy(), n, generator)
+        return systematic_resample(log_w.numpy(), n, generator)
     return torch.multinomial(torch.exp(log_w - log_w.max()), n, replacement=True, generator=generator)
 
 
@@ -241,9 +243,9 @@ def _move(target: LatentTarget, z: Tensor, frame: tuple[Tensor, Tensor], beta: f
     accepted, corr, m = [], 1.0, 0
     for m in range(1, s.max_moves + 1):
         if s.leapfrog > 1:
-            u, lp, g, acc = _hmc_step(wt, u, lp, g, step, s.leapfrog, generator)
+            u, lp, g, acc = hmc_step(wt, u, lp, g, step, s.leapfrog, generator)
         else:
-            u, lp, g, acc = _mala_step(wt, u, lp, g, step, generator)
+            u, lp, g, acc = mala_step(wt, u, lp, g, step, generator)
         rate = float(acc.double().mean())
         accepted.append(rate)
         step *= math.exp(ADAPT_GAIN * (rate - s.target_accept))
