@@ -326,6 +326,24 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
                                             warn_low=frame_name == "identity" and init is None)
     steps = step_schedule(step_size, settings.n_steps, settings.step_decay)
     samples, sums, n_backed = _final_run(chain_target, settings, steps, init, generator, dtype, progress)
+    trace, attrs = _record(settings, info, sums, chain_target, step_size, entropy, init, frame_name, n_backed,
+                           resampling)
+    return LatentFit(
+        method="langevin",
+        samples=chain_target.to_latent(samples).detach(),
+        trace=trace,
+        attrs=attrs,
+        settings=dataclasses.asdict(settings),
+        n_forward_evals=target.n_forward_evals - evals0,
+        wall_time_s=time.perf_counter() - t0,
+    )
+
+
+def _record(settings: LangevinSettings, info: dict, sums: dict, chain_target: WhitenedTarget, step_size: float,
+            entropy: str, init: InitSampler | None, frame_name: str, n_backed: int, resampling: dict
+            ) -> tuple[dict, dict]:
+    """The fit's ``trace`` and ``attrs`` (listed in `run_langevin`) from the search's ``info`` and the final run's
+    per-step ``sums``."""
     trace = {key: info[key] for key in ("step_sizes", "kl_estimates", "kl_path_bound", "loss",
                                         "search_acceptance") if key in info}
     trace["mean_log_joint"] = sums["log_joint"] / settings.n_samples - chain_target.log_det  # log p(y, z)
@@ -347,15 +365,7 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
     if settings.mala:
         trace["acceptance"] = sums["accept"] / settings.n_samples
         attrs["acceptance_rate"] = float(sums["accept"].sum() / (settings.n_samples * settings.n_steps))
-    return LatentFit(
-        method="langevin",
-        samples=chain_target.to_latent(samples).detach(),
-        trace=trace,
-        attrs=attrs,
-        settings=dataclasses.asdict(settings),
-        n_forward_evals=target.n_forward_evals - evals0,
-        wall_time_s=time.perf_counter() - t0,
-    )
+    return trace, attrs
 
 
 def _final_run(target: WhitenedTarget, settings: LangevinSettings, steps: list[float], init: InitSampler | None,
