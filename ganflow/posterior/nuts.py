@@ -216,36 +216,16 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
 
     seeds = torch.randint(0, 2**31 - 1, (settings.num_chains,), generator=generator).tolist()
     runs = _run_chains(target, potential_fn, u_init, [int(x) for x in seeds], settings, dense, progress)
-    chains, step_sizes, divergences, accept = [], [], 0, []
-    for c, (draws, step_size, n_divergent, chain_accept, _) in enumerate(runs):
-        draws = to_z(draws.reshape(settings.num_samples, k))
-        if not bool(torch.isfinite(draws).all()):
-            raise GanflowError(
-                f"nuts: chain {c} produced non-finite draws (non-finite gradient of the target?)"
-            )
-        chains.append(draws)
-        step_sizes.append(step_size)
-        divergences += n_divergent
-        accept.extend(chain_accept)
-
-    grouped = torch.stack(chains)  # [C, S, k]
+    grouped, step_sizes, divergences, accept = _gather(runs, to_z, settings.num_samples, k)  # [C, S, k]
     samples = grouped.reshape(-1, k)
     with torch.no_grad():
         potential = -target.log_joint(samples).double()
-    convergence = _convergence(grouped, potential, settings, divergences, n_modes)
     return LatentFit(
         method="nuts",
         samples=samples,
-        trace={
-            "loss": potential.numpy(),
-            "potential_energy": potential.numpy(),
-            "chain": np.repeat(np.arange(settings.num_chains), settings.num_samples),
-            "diverging": np.concatenate([r[4]["diverging"] for r in runs]),
-            "accept_prob": np.concatenate([r[4]["accept_prob"] for r in runs]),
-            "step_size": np.repeat(step_sizes, settings.num_samples),
-        },
+        trace=_trace(runs, potential, step_sizes, settings),
         attrs={
-            **convergence,
+            **_convergence(grouped, potential, settings, divergences, n_modes),
             "num_chains": settings.num_chains,
             "num_samples": settings.num_samples,
             "n_start_modes": n_modes,
@@ -259,6 +239,33 @@ def run_nuts(target: LatentTarget, settings: NutsSettings | None = None,
         n_forward_evals=target.n_forward_evals - evals0,
         wall_time_s=time.perf_counter() - t0,
     )
+
+
+def _gather(runs: list, to_z, num_samples: int, k: int) -> tuple[torch.Tensor, list[float], int, list[float]]:
+    """The chains' draws in ``z`` ``[C, S, k]`` (a non-finite draw is an error), their step sizes, the number of
+    divergent transitions and every draw's acceptance probability."""
+    chains, step_sizes, divergences, accept = [], [], 0, []
+    for c, (draws, step_size, n_divergent, chain_accept, _) in enumerate(runs):
+        draws = to_z(draws.reshape(num_samples, k))
+        if not bool(torch.isfinite(draws).all()):
+            raise GanflowError(f"nuts: chain {c} produced non-finite draws (non-finite gradient of the target?)")
+        chains.append(draws)
+        step_sizes.append(step_size)
+        divergences += n_divergent
+        accept.extend(chain_accept)
+    return torch.stack(chains), step_sizes, divergences, accept
+
+
+def _trace(runs: list, potential: torch.Tensor, step_sizes: list[float], settings: NutsSettings) -> dict:
+    """Per draw: ``-log p(y, z)`` (also ``loss``), its chain, divergence, acceptance and its chain's step size."""
+    return {
+        "loss": potential.numpy(),
+        "potential_energy": potential.numpy(),
+        "chain": np.repeat(np.arange(settings.num_chains), settings.num_samples),
+        "diverging": np.concatenate([r[4]["diverging"] for r in runs]),
+        "accept_prob": np.concatenate([r[4]["accept_prob"] for r in runs]),
+        "step_size": np.repeat(step_sizes, settings.num_samples),
+    }
 
 
 def _chain_coordinates(target: LatentTarget, settings: NutsSettings, generator: torch.Generator,
