@@ -243,13 +243,7 @@ def solve(
     target, re_attrs = _likelihood(target, amortized, generator_module, op, obs, cfg, ss, seed)
     fit = _run_method(method, target, cfg, gen, progress, ckpt, amortized, refine)
     chains = fit.chains()  # the MCMC draws in chain order, for ArviZ (`ganflow.arviz_export`)
-    # PSIS k-hat and ESS/N of a flow, the tail check, the predictive check for every method: own seeded draws
-    # (ganflow.diagnostics); before the summary, which a failed tail check importance-resamples (issue 38)
-    from .diagnostics import solve_diagnostics
-    from .tails import needs_resampling, resampled_fit
-    diag_attrs = solve_diagnostics(target, fit, cfg.data.get("diagnostics"), seed)
-    if needs_resampling(diag_attrs):
-        fit = resampled_fit(fit, target, ss.n_samples, torch.Generator().manual_seed(seed + 0x7A11), ss.batch_size)
+    fit, diag_attrs = _diagnosed(fit, target, cfg, ss, seed)
     summary, field_fn, rec_attrs = _field_posterior(fit, target, op, ss, gen, generator_module, op_info, re_attrs,
                                                     seed)
     y = obs.y.cpu().numpy()
@@ -279,6 +273,20 @@ def solve(
         representation_state=target.noise.state() if hasattr(target.noise, "residual_draws") else {},
         latent_chains=chains,
     )
+
+
+def _diagnosed(fit: LatentFit, target: LatentTarget, cfg: Config, ss: SolveSettings, seed: int
+               ) -> tuple[LatentFit, dict]:
+    """The fit's diagnostics (PSIS k-hat and ESS/N of a flow, the tail check, the predictive check for every
+    method; own seeded draws, `ganflow.diagnostics`) and the fit the summary is taken from: importance-resampled
+    where the tail check failed and the weights can repair it (issue 38), else the fit itself."""
+    from .diagnostics import solve_diagnostics
+    from .tails import needs_resampling, resampled_fit
+
+    diag_attrs = solve_diagnostics(target, fit, cfg.data.get("diagnostics"), seed)
+    if needs_resampling(diag_attrs):
+        fit = resampled_fit(fit, target, ss.n_samples, torch.Generator().manual_seed(seed + 0x7A11), ss.batch_size)
+    return fit, diag_attrs
 
 
 def _likelihood(target: LatentTarget, amortized, generator_module: nn.Module, op: nn.Module, obs: Observation,
