@@ -217,84 +217,94 @@ def write_report(rep: dict, prefix: str | os.PathLike) -> tuple[str, str]:
 
 
 def _figure(rep: dict):
+    """The report's figure: the field statistics and samples (2-D maps or 1-D curves), the two-point statistic
+    and the value histogram, real against generated, under the summary line."""
     # matplotlib.figure.Figure needs no pyplot backend, so this works headless and in threads.
+    import textwrap
+
     from matplotlib.figure import Figure
 
-    real_s, gen_s = rep["samples"]
-    kind, x, s_r, s_g = rep["structure"]
-    edges, h_r, h_g = rep["hist"]
+    real_s = rep["samples"][0]
     two_d = real_s.ndim == 3
     n_show = real_s.shape[0]
     fig = Figure(figsize=(max(10, 1.3 * n_show), 9 if two_d else 7), layout="constrained")
     gs = fig.add_gridspec(4 if two_d else 2, max(n_show, 4))
-    third = max(n_show, 4) // 3
-    if two_d:
-        row = [
-            fig.add_subplot(gs[0, i * max(n_show, 4) // 4 : (i + 1) * max(n_show, 4) // 4]) for i in range(4)
-        ]
-        vm = (
-            min(rep["real"]["mean"].min(), rep["generated"]["mean"].min()),
-            max(rep["real"]["mean"].max(), rep["generated"]["mean"].max()),
-        )
-        vs = (0, max(rep["real"]["std"].max(), rep["generated"]["std"].max()))
-        for ax, img, title, lim in zip(
-            row,
-            [rep["real"]["mean"], rep["generated"]["mean"], rep["real"]["std"], rep["generated"]["std"]],
-            ["real mean", "generated mean", "real std", "generated std"],
-            [vm, vm, vs, vs],
-            strict=True,
-        ):
-            ax.imshow(img, vmin=lim[0], vmax=lim[1], cmap="viridis")
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        lo = min(real_s.min(), gen_s.min())
-        hi = max(real_s.max(), gen_s.max())
-        for i in range(n_show):
-            for r, (arr, name) in enumerate(((real_s, "real"), (gen_s, "generated"))):
-                ax = fig.add_subplot(gs[2 + r, i])
-                ax.imshow(arr[i], vmin=lo, vmax=hi, cmap="viridis")
-                ax.axis("off")
-                if i == 0:
-                    ax.set_title(name, fontsize=8, loc="left")
-        ax_s = fig.add_subplot(gs[1, : 2 * third])
-        ax_h = fig.add_subplot(gs[1, 2 * third :])
-    else:
-        ax_m = fig.add_subplot(gs[0, :third])
-        t = np.arange(rep["real"]["mean"].shape[0])
-        for name, c in (("real", "k"), ("generated", "C1")):
-            m, s = rep[name]["mean"], rep[name]["std"]
-            ax_m.plot(t, m, color=c, label=f"{name} mean")
-            ax_m.fill_between(t, m - s, m + s, color=c, alpha=0.2)
-        ax_m.legend(fontsize=7)
-        ax_m.set_title("mean ± std", fontsize=9)
-        ax_x = fig.add_subplot(gs[1, :])
-        for arr, c in ((real_s, "k"), (gen_s, "C1")):
-            for i in range(arr.shape[0]):
-                ax_x.plot(arr[i], color=c, alpha=0.5, lw=0.8)
-        ax_x.set_title("samples: real (black), generated (orange)", fontsize=9)
-        ax_s = fig.add_subplot(gs[0, third : 2 * third])
-        ax_h = fig.add_subplot(gs[0, 2 * third :])
-    if kind == "psd":
-        ax_s.loglog(x, s_r, "k-", label="real")
-        ax_s.loglog(x, s_g, "C1--", label="generated")
-        ax_s.set_xlabel("wavenumber k")
-        ax_s.set_title("radial power spectrum", fontsize=9)
-    else:
-        ax_s.plot(x, s_r, "k-", label="real")
-        ax_s.plot(x, s_g, "C1--", label="generated")
-        ax_s.set_xlabel("lag r")
-        ax_s.set_title("two-point correlation", fontsize=9)
-    ax_s.legend(fontsize=7)
-    centers = 0.5 * (edges[1:] + edges[:-1])
-    ax_h.plot(centers, h_r, "k-", label="real")
-    ax_h.plot(centers, h_g, "C1--", label="generated")
-    ax_h.set_title("value histogram", fontsize=9)
-    ax_h.legend(fontsize=7)
-    m = rep["metrics"]
-    import textwrap
-
-    fig.suptitle("\n".join(textwrap.wrap(format_summary(m), 140)), fontsize=9)
+    ax_s, ax_h = (_maps_panels if two_d else _curves_panels)(fig, gs, rep)
+    _structure_panel(ax_s, rep["structure"])
+    _histogram_panel(ax_h, rep["hist"])
+    fig.suptitle("\n".join(textwrap.wrap(format_summary(rep["metrics"]), 140)), fontsize=9)
     return fig
+
+
+def _maps_panels(fig, gs, rep: dict):
+    """2-D fields: mean and std maps (top row), samples (two bottom rows); returns the axes of the structure
+    and histogram panels (second row)."""
+    real_s, gen_s = rep["samples"]
+    n_show = real_s.shape[0]
+    width, third = max(n_show, 4), max(n_show, 4) // 3
+    row = [fig.add_subplot(gs[0, i * width // 4 : (i + 1) * width // 4]) for i in range(4)]
+    vm = (min(rep["real"]["mean"].min(), rep["generated"]["mean"].min()),
+          max(rep["real"]["mean"].max(), rep["generated"]["mean"].max()))
+    vs = (0, max(rep["real"]["std"].max(), rep["generated"]["std"].max()))
+    for ax, img, title, lim in zip(
+        row,
+        [rep["real"]["mean"], rep["generated"]["mean"], rep["real"]["std"], rep["generated"]["std"]],
+        ["real mean", "generated mean", "real std", "generated std"],
+        [vm, vm, vs, vs],
+        strict=True,
+    ):
+        ax.imshow(img, vmin=lim[0], vmax=lim[1], cmap="viridis")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    lo, hi = min(real_s.min(), gen_s.min()), max(real_s.max(), gen_s.max())
+    for i in range(n_show):
+        for r, (arr, name) in enumerate(((real_s, "real"), (gen_s, "generated"))):
+            ax = fig.add_subplot(gs[2 + r, i])
+            ax.imshow(arr[i], vmin=lo, vmax=hi, cmap="viridis")
+            ax.axis("off")
+            if i == 0:
+                ax.set_title(name, fontsize=8, loc="left")
+    return fig.add_subplot(gs[1, : 2 * third]), fig.add_subplot(gs[1, 2 * third :])
+
+
+def _curves_panels(fig, gs, rep: dict):
+    """1-D fields: mean +- std and the samples as curves; returns the structure and histogram axes."""
+    real_s, gen_s = rep["samples"]
+    third = max(real_s.shape[0], 4) // 3
+    ax_m = fig.add_subplot(gs[0, :third])
+    t = np.arange(rep["real"]["mean"].shape[0])
+    for name, c in (("real", "k"), ("generated", "C1")):
+        m, s = rep[name]["mean"], rep[name]["std"]
+        ax_m.plot(t, m, color=c, label=f"{name} mean")
+        ax_m.fill_between(t, m - s, m + s, color=c, alpha=0.2)
+    ax_m.legend(fontsize=7)
+    ax_m.set_title("mean ± std", fontsize=9)
+    ax_x = fig.add_subplot(gs[1, :])
+    for arr, c in ((real_s, "k"), (gen_s, "C1")):
+        for i in range(arr.shape[0]):
+            ax_x.plot(arr[i], color=c, alpha=0.5, lw=0.8)
+    ax_x.set_title("samples: real (black), generated (orange)", fontsize=9)
+    return fig.add_subplot(gs[0, third : 2 * third]), fig.add_subplot(gs[0, 2 * third :])
+
+
+def _structure_panel(ax, structure) -> None:
+    """The radial power spectrum (``kind = "psd"``) or the two-point correlation, real against generated."""
+    kind, x, s_r, s_g = structure
+    plot = ax.loglog if kind == "psd" else ax.plot
+    plot(x, s_r, "k-", label="real")
+    plot(x, s_g, "C1--", label="generated")
+    ax.set_xlabel("wavenumber k" if kind == "psd" else "lag r")
+    ax.set_title("radial power spectrum" if kind == "psd" else "two-point correlation", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _histogram_panel(ax, hist) -> None:
+    edges, h_r, h_g = hist
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    ax.plot(centers, h_r, "k-", label="real")
+    ax.plot(centers, h_g, "C1--", label="generated")
+    ax.set_title("value histogram", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def format_summary(metrics: dict) -> str:
