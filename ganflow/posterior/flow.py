@@ -111,6 +111,14 @@ class FlowSettings:
     estimator: Literal["stl", "standard", "dreg"] = "stl"
     # estimator "dreg": the importance-weighted bound over groups of iw_group draws (batch_size a multiple)
     iw_group: int = 8
+    # estimator "dreg": the Renyi (VR) bound of order iw_alpha over each group, 1/(1-a) log mean w^(1-a):
+    # 0 is the importance-weighted bound, towards 1 the ELBO (milder weights, lower gradient variance)
+    iw_alpha: float = 0.0
+    # Tempering: over the first temper_fraction of max_iter the fit's target is p(z) p(y|z)^beta, beta rising
+    # geometrically from temper_beta0 to 1, so the flow spreads before it sharpens; 0 is off. A mixture's
+    # components are not tempered (each must stay in its mode).
+    temper_fraction: float = 0.0
+    temper_beta0: float = 0.1
     patience: int = 100  # stop when the smoothed ELBO has not improved by `tol` for this many steps
     tol: float = 0.01  # nats
     smoothing: float = 0.99  # EMA factor of the smoothed ELBO
@@ -144,6 +152,9 @@ class FlowSettings:
             (self.weight_draws >= 10, "flow.weight_draws must be >= 10"),
             (self.iw_group >= 1 and self.batch_size % self.iw_group == 0,
              "flow.iw_group must be >= 1 and divide flow.batch_size"),
+            (0 <= self.iw_alpha < 1, "flow.iw_alpha must be in [0, 1)"),
+            (0 <= self.temper_fraction <= 1, "flow.temper_fraction must be in [0, 1]"),
+            (0 < self.temper_beta0 <= 1, "flow.temper_beta0 must be in (0, 1]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -700,15 +711,20 @@ class _StopGradientTwin:
         return self.frozen(z)
 
 
-def _dreg_surrogate(log_w: Tensor, group: int) -> Tensor:
+def _dreg_surrogate(log_w: Tensor, group: int, alpha: float = 0.0) -> Tensor:
     """The doubly reparameterised surrogate of the importance-weighted bound (Tucker et al., ICLR 2019): over
     groups of ``group`` draws, ``-sum_k stop(w~_k^2) log w_k`` with ``w~`` the normalised weights and ``log q``
     taken with the parameters held fixed. Its gradient is that of the IW bound, which covers the posterior's mass
     better than the ELBO (the reverse-KL fit is too narrow); its value is not the bound, so the recorded loss
-    is the plain negative ELBO."""
+    is the plain negative ELBO.
+
+    With ``alpha`` in (0, 1) the bound is Renyi's (Li & Turner 2016), ``1/(1-a) log mean_k w_k^(1-a)``; with
+    ``w~`` now normalised ``w^(1-a)``, moving the score term onto the path (as DReG does) gives the coefficient
+    ``a w~_k + (1-a) w~_k^2`` in place of ``w~_k^2``: ``alpha = 0`` is the IW bound above, ``alpha -> 1`` the
+    sticking-the-landing ELBO gradient (``1/K`` each)."""
     lw = log_w.reshape(-1, group)
-    w = torch.softmax(lw.detach(), dim=1)
-    surrogate = -(w * w * lw).sum(1).mean()
+    w = torch.softmax((1 - alpha) * lw.detach(), dim=1)
+    surrogate = -((alpha * w + (1 - alpha) * w * w) * lw).sum(1).mean()
     elbo = log_w.mean()
     return surrogate - surrogate.detach() - elbo.detach()
 
@@ -722,11 +738,18 @@ def _step(fit: _FlowFit, twin: _StopGradientTwin, lr: float) -> Tensor | None:
     z, log_q = fit.flow.transform(eps)
     if s.estimator in ("stl", "dreg"):
         log_q = twin(z)
-    log_p = fit.target.log_joint(z)
-    if s.estimator == "dreg" and not fit.component:
-        loss = _dreg_surrogate(log_p - log_q, s.iw_group)
+    beta = _temper_beta(fit)
+    if beta < 1:  # the tempered target; the recorded loss stays the untempered negative ELBO
+        log_lik, log_prior = fit.target.log_likelihood(z), fit.target.log_prior(z)
+        log_p, log_p_fit = log_lik + log_prior, beta * log_lik + log_prior
     else:
-        loss = (log_q - log_p).mean()
+        log_p = log_p_fit = fit.target.log_joint(z)
+    if s.estimator == "dreg" and not fit.component:
+        loss = _dreg_surrogate(log_p_fit - log_q, s.iw_group, s.iw_alpha)
+    else:
+        loss = (log_q - log_p_fit).mean()
+    if beta < 1:
+        loss = loss - loss.detach() + (log_q - log_p).mean().detach()
     fit.opt.zero_grad(set_to_none=True)
     ok = bool(torch.isfinite(loss))
     if ok:
@@ -737,6 +760,17 @@ def _step(fit: _FlowFit, twin: _StopGradientTwin, lr: float) -> Tensor | None:
     if ok:  # finite gradients clipped to grad_clip: Adam's step is finite too (no check of the parameters)
         fit.opt.step()
     return loss.detach() if ok else None
+
+
+def _temper_end(fit: _FlowFit) -> int:
+    """The step from which the fit's target is the posterior itself (0 without tempering, or for a component)."""
+    return 0 if fit.component else int(round(fit.settings.temper_fraction * fit.settings.max_iter))
+
+
+def _temper_beta(fit: _FlowFit) -> float:
+    """The likelihood's power at this step: ``beta0^(1 - step / end)`` before the tempering's end, then 1."""
+    end = _temper_end(fit)
+    return 1.0 if fit.step >= end else fit.settings.temper_beta0 ** (1 - fit.step / end)
 
 
 def _roll_back(fit: _FlowFit) -> None:
@@ -758,7 +792,7 @@ def _record(fit: _FlowFit, elbo: float, lr: float) -> None:
     fit.losses.append(-elbo)
     fit.elbo_smooth.append(fit.smooth)
     fit.lrs.append(lr)
-    if fit.smooth > fit.best_smooth + s.tol:
+    if fit.smooth > fit.best_smooth + s.tol or fit.step < _temper_end(fit):  # patience counts from the posterior
         fit.best_smooth, fit.best_step = fit.smooth, fit.step
     fit.step += 1
 
@@ -766,7 +800,7 @@ def _record(fit: _FlowFit, elbo: float, lr: float) -> None:
 def _converged(fit: _FlowFit) -> bool:
     """The stopping rule: past min_iter and warm-up, no gain of ``tol`` in the smoothed ELBO for ``patience``."""
     s = fit.settings
-    return fit.step >= max(s.min_iter, s.warmup) and fit.step - fit.best_step > s.patience
+    return fit.step >= max(s.min_iter, s.warmup, _temper_end(fit)) and fit.step - fit.best_step > s.patience
 
 
 def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int, mixture: dict | None = None,
