@@ -21,10 +21,12 @@ search_chains = 64
 num_chains = 2
 warmup_steps = 100
 num_samples = 200
+[smc]
+n_particles = 200
 """
 
 
-@pytest.mark.parametrize("method", ["langevin", "nuts"])
+@pytest.mark.parametrize("method", ["langevin", "nuts", "smc"])
 def test_method_output_is_read_by_plot_and_predict(tmp_path, method):
     obs = tmp_path / "obs.h5"
     r = run_cli("simulate", "--problem", "linear_gaussian", "--prior", "ganflow.problems.linear_gaussian:generator",
