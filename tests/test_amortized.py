@@ -172,6 +172,7 @@ def test_cli_round_trip_single_stack_refine_and_mismatch(tmp_path):
     res = PosteriorResult.load(tmp_path / "post.h5")
     assert res.method == "amortized" and res.attrs["amortized_refined"] == 0
     assert res.latent_samples.shape == (300, 16) and np.isfinite(res.attrs["coverage_95"])
+    assert res.attrs["tail_check"] in ("agree", "resampled", "disagree")  # issue 38: written by every solve
     refined = PosteriorResult.load(tmp_path / "refined.h5")
     assert refined.attrs["amortized_refined"] == 1 and 0 < refined.attrs["iterations"] <= 30
     with h5py.File(tmp_path / "stack_post.h5") as f:
