@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ganflow.errors import GanflowError
-from ganflow.posterior import amortized as am
+from ganflow.posterior import amortized_training as am  # the training loop (monkeypatched below)
 from ganflow.posterior.amortized import AmortizedSettings, load_amortized, train_amortized
 from ganflow.problems.linear_gaussian import LinearGaussianProblem, exact_posterior
 from ganflow.results import REQUIRED_ATTRS, REQUIRED_DATASETS, PosteriorResult
