@@ -57,13 +57,13 @@ def parse_overrides(text: str) -> dict:
 
 
 class _SearchCache:
-    """`flow._find_modes` run once per set of search settings; later fits get its result and the generator
-    state it left, and are charged its evaluations (the wall time is added by the caller)."""
+    """`modes.find_modes` (as `fit_flow` calls it) run once per set of search settings; later fits get its result,
+    the generator state it left and its evaluations (the wall time is added by the caller)."""
 
     def __init__(self):
         self.saved: dict = {}
         self.last_wall = 0.0
-        self.original = flow_mod._find_modes
+        self.original = flow_mod.find_modes
 
     def __call__(self, target, s, g, evals0):
         key = tuple(getattr(s, k) for k in _SEARCH_KEYS) + (max(s.batch_size, 32),)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     _, ref = _stored_nuts(case, reference_path(case.prior_path, PROBLEM, args.seed), plan, args.seed,
                           lambda m: print(m, file=sys.stderr))
     cache = _SearchCache()
-    flow_mod._find_modes = cache
+    flow_mod.find_modes = cache
     print("overrides | mean err [sd] | sd err max / median | k-hat | evals | wall [s] | iterations")
     for text in args.sets or [""]:
         overrides = parse_overrides(text)

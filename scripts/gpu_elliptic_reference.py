@@ -55,10 +55,11 @@ def _target(problem: str, seed: int, device: str | None = None, float32: bool = 
 
 
 def cmd_modes(a) -> int:
-    from ganflow.posterior.flow import FlowSettings, _find_modes
+    from ganflow.posterior.flow import FlowSettings
+    from ganflow.posterior.modes import find_modes
 
     target = _target(a.problem, a.seed)
-    modes, found = _find_modes(target, FlowSettings(map_starts=64), torch.Generator().manual_seed(a.seed + 1),
+    modes, found = find_modes(target, FlowSettings(map_starts=64), torch.Generator().manual_seed(a.seed + 1),
                                target.n_forward_evals)
     torch.save({"loc": torch.stack([m.loc for m in modes]).double(),
                 "scale_tril": torch.stack([m.scale_tril for m in modes]).double(),

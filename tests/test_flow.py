@@ -303,15 +303,15 @@ def test_dreg_flow_matches_exact_linear_gaussian_posterior():
 def test_dreg_surrogate_gradient():
     """The DReG surrogate's gradient is sum_k w~_k^2 grad log w_k per group (checked against that formula
     computed by hand), its value the negative ELBO; with groups of one it is the ELBO's own gradient."""
-    from ganflow.posterior.flow import _dreg_surrogate
+    from ganflow.posterior.objectives import dreg_surrogate
 
     theta = torch.randn(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
     log_w = torch.sin(3 * theta) + theta**2  # any differentiable log-weights
-    loss = _dreg_surrogate(log_w, 4)
+    loss = dreg_surrogate(log_w, 4)
     assert torch.allclose(loss, -log_w.mean())
     (grad,) = torch.autograd.grad(loss, theta)
     w = torch.softmax(log_w.detach().reshape(2, 4), 1).reshape(-1)
     dlw = (3 * torch.cos(3 * theta) + 2 * theta).detach()
     assert torch.allclose(grad, -(w * w) * dlw / 2)  # the mean over the 2 groups
-    (grad1,) = torch.autograd.grad(_dreg_surrogate(torch.sin(3 * theta) + theta**2, 1), theta)
+    (grad1,) = torch.autograd.grad(dreg_surrogate(torch.sin(3 * theta) + theta**2, 1), theta)
     assert torch.allclose(grad1, -dlw / 8)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ganflow.errors import GanflowError
-from ganflow.posterior.flow import FlowSettings, _map_search
+from ganflow.posterior.flow import FlowSettings
 from ganflow.posterior.langevin import LangevinSettings
+from ganflow.posterior.modes import map_search
 
 
 class _Rugged:
@@ -31,7 +32,7 @@ def _gaps(restarts: int) -> np.ndarray:
     out = []
     for seed in range(10):
         s = FlowSettings(map_starts=1, map_restarts=restarts)
-        z, _, _ = _map_search(target, s, torch.Generator().manual_seed(seed))
+        z, _, _ = map_search(target, s, torch.Generator().manual_seed(seed))
         out.append(top - float(target.log_joint(z.double())[0]))
     return np.array(out)
 

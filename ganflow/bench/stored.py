@@ -133,14 +133,15 @@ def _identity(target) -> dict:
 def make_reference(target, problem: str, seed: int, settings, generator: torch.Generator, echo=print,
                    map_starts: int = 64) -> StoredReference:
     """Per-mode NUTS runs (`run_nuts` with ``settings``, init "laplace") on ``target`` and the modes' masses.
-    The modes are the flow's own (`ganflow.posterior.flow._find_modes`: the multi-start MAP search, then the
+    The modes are the flow's own (`ganflow.posterior.modes.find_modes`: the multi-start MAP search, then the
     importance-sampling screen)."""
-    from ..posterior.flow import FlowSettings, _find_modes, _laplace_flow
+    from ..posterior.flow import FlowSettings
     from ..posterior.mixture import fit_mixture_weights
+    from ..posterior.modes import find_modes, laplace_flow
     from ..posterior.nuts import run_nuts
 
     fs = FlowSettings(map_starts=map_starts)
-    modes, found = _find_modes(target, fs, generator, target.n_forward_evals)
+    modes, found = find_modes(target, fs, generator, target.n_forward_evals)
     echo(f"[{problem}] {len(modes)} mode(s) kept (importance-sampling shares of the Laplace modes: "
          f"{found.get('mode_screen_weights', [1.0])})")
     settings = dataclasses.replace(settings, init="laplace")
@@ -152,7 +153,7 @@ def make_reference(target, problem: str, seed: int, settings, generator: torch.G
              f"{fit.wall_time_s:.0f} s, {fit.n_forward_evals} evaluations")
     mass = np.ones(1)
     if len(fits) > 1:
-        gauss = [_laplace_flow(target.latent_dim, fs, _fitted_mode(f.samples)) for f in fits]
+        gauss = [laplace_flow(target.latent_dim, fs, _fitted_mode(f.samples)) for f in fits]
         log_w, _ = fit_mixture_weights(target, gauss, generator, 4096, batch=64)
         mass = log_w.exp().double().numpy()
     return _stored(problem, seed, target, settings, fits, mass)
@@ -160,7 +161,7 @@ def make_reference(target, problem: str, seed: int, settings, generator: torch.G
 
 def _fitted_mode(samples: torch.Tensor):
     """A `LaplaceMode`-shaped Gaussian fitted to one mode's NUTS draws (the importance-sampling proposal)."""
-    from ..posterior.flow import LaplaceMode
+    from ..posterior.modes import LaplaceMode
 
     z = samples.double()
     mean = z.mean(0)

@@ -24,7 +24,7 @@ from normflows.nets.resnet import ResidualNet
 from normflows.utils.splines import DEFAULT_MIN_DERIVATIVE
 from torch import Tensor, nn
 
-from .flow import _masks
+from .flows import masks
 
 __all__ = ["ConditionalLatentFlow", "ConditionedFlow", "base_log_prob"]
 
@@ -136,7 +136,7 @@ class ConditionalLatentFlow(nn.Module):
         self.embed = _ObsEmbedding(y_loc, y_scale, s)
         layers: list[nf.flows.Flow] = []
         if k >= 2:  # k == 1 has nothing to couple: the conditional affine layer carries the fit
-            for mask in _masks(k, s.n_layers):
+            for mask in masks(k, s.n_layers):
                 layers.append(_SplineCoupling(mask, s))
         layers.append(_ConditionalGaussian(k, s.embed_dim))
         self.flow = nf.ConditionalNormalizingFlow(q0=nf.distributions.DiagGaussian(k, trainable=False), flows=layers)

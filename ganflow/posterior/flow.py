@@ -42,29 +42,30 @@ Example:
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
 
-import normflows as nf
 import numpy as np
 import torch
-from normflows.flows.neural_spline.coupling import PiecewiseRationalQuadraticCoupling
-from normflows.nets.resnet import ResidualNet
-from normflows.utils.splines import DEFAULT_MIN_DERIVATIVE
 from torch import Tensor, nn
 
 from ..errors import GanflowError
 from ..progress import Progress
 from .base import LatentFit
+from .fit_checkpoint import load_flow_checkpoint, load_resume_checkpoint, restore_fit, save_fit_checkpoint, snapshot
+from .flows import LatentFlow
 from .mixture import MixtureFlow, fit_mixture_weights
+from .modes import LaplaceMode, find_modes, laplace_approximation, laplace_flow, laplace_modes, most_massive_mode
+from .objectives import StopGradientTwin, fit_step, temper_end
 from .target import LatentTarget
 
+# The flow family (flows), the mode search (modes), the objective (objectives) and the fit's checkpoints
+# (fit_checkpoint) live in their own modules; what users import from here stays importable from here.
 __all__ = ["FlowSettings", "LatentFlow", "LaplaceMode", "fit_flow", "laplace_approximation", "laplace_modes",
-           "flow_from_state", "load_flow_checkpoint"]
+           "most_massive_mode", "flow_from_state", "load_flow_checkpoint", "affine_frame"]
 
 
 @dataclass(frozen=True)
@@ -161,379 +162,12 @@ class FlowSettings:
                 raise GanflowError(msg)
 
 
-def _masks(k: int, n_layers: int) -> list[Tensor]:
-    """Alternating binary masks: even/odd entries, then first/second half, so every pair of coordinates
-    is coupled within a few layers (k >= 2)."""
-    idx = torch.arange(k)
-    patterns = [(idx % 2 == 0), (idx % 2 == 1), (idx < k // 2), (idx >= k // 2)]
-    return [patterns[i % 4].float() for i in range(n_layers)]
-
-
-class _AffineCoupling(nf.flows.Flow):
-    """A masked affine coupling (RealNVP) whose log-scale ``s`` and shift ``t`` come from one conditioner MLP
-    (normflows' ``MLP``, last layer zero-initialised: the identity at the start) on the masked input:
-    ``z' = b z + (1 - b) (z exp(s) + t)`` with ``s = c tanh(.)`` soft-clamped to ``(-c, c)``.
-
-    normflows' ``MaskedAffineFlow`` is the same transform with two conditioner nets (twice the matrix products
-    per layer, ~1.9x the cost of a fit step's flow part at batch 16) and its ``AffineCoupling`` has no bound on
-    the log-scale; hence this small layer."""
-
-    def __init__(self, mask: Tensor, s: FlowSettings):
-        super().__init__()
-        k = mask.numel()
-        self.register_buffer("b", mask)
-        self.register_buffer("free", 1 - mask)
-        self.net = nf.nets.MLP([k] + [s.hidden] * s.n_hidden_layers + [2 * k], init_zeros=True)
-        self.clamp = float(s.scale_clamp)
-
-    def _scale_shift(self, z_masked: Tensor) -> tuple[Tensor, Tensor]:
-        raw, shift = self.net(z_masked).chunk(2, dim=1)
-        return self.free * (self.clamp * torch.tanh(raw)), self.free * shift
-
-    def forward(self, z):
-        z_masked = self.b * z
-        scale, shift = self._scale_shift(z_masked)
-        return z_masked + self.free * z * torch.exp(scale) + shift, scale.sum(1)
-
-    def inverse(self, z):
-        z_masked = self.b * z
-        scale, shift = self._scale_shift(z_masked)
-        return z_masked + self.free * (z - shift) * torch.exp(-scale), -scale.sum(1)
-
-
-class _SplineCoupling(nf.flows.Flow):
-    """A rational-quadratic spline coupling layer (normflows/nflows), identity at initialisation."""
-
-    def __init__(self, mask: Tensor, s: FlowSettings):
-        super().__init__()
-
-        def make_net(in_features, out_features):
-            net = ResidualNet(in_features, out_features, hidden_features=s.hidden, num_blocks=s.n_hidden_layers)
-            # Uniform bins and unit derivatives: the spline is the identity (normflows' own recipe).
-            nn.init.zeros_(net.final_layer.weight)
-            nn.init.constant_(net.final_layer.bias, math.log(math.exp(1 - DEFAULT_MIN_DERIVATIVE) - 1))
-            return net
-
-        self.coupling = PiecewiseRationalQuadraticCoupling(
-            mask=mask, transform_net_create_fn=make_net, num_bins=s.spline_bins, tails="linear",
-            tail_bound=s.spline_tail_bound,
-        )
-
-    def forward(self, z):
-        z, log_det = self.coupling(z)
-        return z, log_det.reshape(-1)
-
-    def inverse(self, z):
-        z, log_det = self.coupling.inverse(z)
-        return z, log_det.reshape(-1)
-
-
-class LatentFlow(nn.Module):
-    """``q_phi(z)``: coupling layers on a fixed ``N(0, I_k)`` base, then a fixed affine map ``mu + L u``.
-
-    ``sample(n, generator)`` -> ``(z [n, k], log_q [n])``; ``log_prob(z)`` -> ``[n]`` (also ``forward``).
-    """
-
-    def __init__(self, latent_dim: int, settings: FlowSettings, loc: Tensor | None = None,
-                 scale_tril: Tensor | None = None):
-        super().__init__()
-        k = int(latent_dim)
-        self.latent_dim = k
-        self.settings = settings
-        layers: list[nf.flows.Flow] = []
-        if k >= 2:
-            for mask in _masks(k, settings.n_layers):
-                if settings.kind == "affine":
-                    layers.append(_AffineCoupling(mask, settings))
-                elif settings.kind == "realnvp":
-                    h = [k] + [settings.hidden] * settings.n_hidden_layers + [k]
-                    s_net = nf.nets.MLP(h, init_zeros=True, output_fn="tanh", output_scale=settings.scale_clamp)
-                    t_net = nf.nets.MLP(h, init_zeros=True)
-                    layers.append(nf.flows.MaskedAffineFlow(mask, t_net, s_net))
-                else:
-                    layers.append(_SplineCoupling(mask, settings))
-        # k == 1 has nothing to couple: an elementwise affine layer (identity at start) carries the fit.
-        layers.append(nf.flows.AffineConstFlow((k,)))
-        base = nf.distributions.DiagGaussian(k, trainable=False)
-        self.flow = nf.NormalizingFlow(q0=base, flows=layers)
-        self.register_buffer("loc", torch.zeros(k) if loc is None else loc.detach().float().clone())
-        self.register_buffer("scale_tril", torch.eye(k) if scale_tril is None else scale_tril.detach().float().clone())
-
-    def _log_det_affine(self) -> Tensor:
-        return torch.log(torch.diagonal(self.scale_tril).abs()).sum()
-
-    def _base_log_prob(self, eps: Tensor) -> Tensor:
-        return -0.5 * (eps * eps).sum(1) - 0.5 * self.latent_dim * math.log(2 * math.pi)
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        eps = torch.randn(n, self.latent_dim, generator=generator, device=self.loc.device)
-        return self.transform(eps)
-
-    def transform(self, eps: Tensor) -> tuple[Tensor, Tensor]:
-        """``eps [n, k] -> (z, log_q(z))``."""
-        # Layers are applied here rather than by NormalizingFlow.forward_and_log_det, which accumulates
-        # log-determinants in a float32 buffer whatever the input dtype.
-        u, log_det = eps, torch.zeros(eps.shape[0], dtype=eps.dtype, device=eps.device)
-        for layer in self.flow.flows:
-            u, ld = layer(u)
-            log_det = log_det + ld
-        z = self.loc + u @ self.scale_tril.T
-        return z, self._base_log_prob(eps) - log_det - self._log_det_affine()
-
-    def log_prob(self, z: Tensor) -> Tensor:
-        u = torch.linalg.solve_triangular(self.scale_tril, (z - self.loc).T, upper=False).T
-        eps, log_det_inv = u, torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
-        for layer in reversed(self.flow.flows):
-            eps, ld = layer.inverse(eps)
-            log_det_inv = log_det_inv + ld
-        return self._base_log_prob(eps) + log_det_inv - self._log_det_affine()
-
-    forward = log_prob
-
-
-def _latent_hessian_eig(target: LatentTarget, z: Tensor, fd_step: float, chunk: int) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of ``-Hessian`` of ``log p(y, z)`` at ``z`` by central differences of the gradient
-    (``2k`` points, in chunks: in one batch they were the memory peak of a 256x256 solve); eigenvalues floored
-    at 1, the prior's precision, which a Gauss-Newton Hessian never falls below."""
-    k = z.shape[0]
-    eye = torch.eye(k)
-    pts = torch.cat([z + fd_step * eye, z - fd_step * eye])
-    g = torch.cat([target.log_joint_and_grad(c)[1] for c in pts.split(chunk)])
-    H = (g[:k] - g[k:]).double() / (2 * fd_step)
-    evals, evecs = torch.linalg.eigh(-0.5 * (H + H.T))
-    if not torch.isfinite(evals).all():
-        raise GanflowError("Laplace approximation: the latent Hessian is not finite")
-    return evals.clamp(min=1.0), evecs
-
-
-def _log_joints(target: LatentTarget, z: Tensor) -> Tensor:
-    """``log p(y, z)`` ``[n]`` without gradients, NaN read as ``-inf`` (a point to rank last, not to crash on)."""
-    with torch.no_grad():
-        return torch.nan_to_num(target.log_joint(z), nan=-math.inf)
-
-
-def most_massive_mode(target: LatentTarget, z: Tensor, fd_step: float = 1e-2, chunk: int = 32,
-                      n_candidates: int = 4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Of the ``n_candidates`` points of ``z`` ``[n, k]`` with the highest ``log p(y, z)``, the one with the most
-    Laplace mass, ``log p(y, z*) + 1/2 log det Sigma``: a narrow spike can have the highest density and little
-    mass (on the elliptic posterior the highest-density mode gave coverage 0.44, the most massive 0.62).
-    Returns ``(z*, eigenvalues, eigenvectors of -Hessian at z*, log p(y, z*))``.
-    """
-    lp = _log_joints(target, z)
-    best_mass, chosen, error = -math.inf, None, None
-    for i in torch.argsort(lp, descending=True)[:n_candidates].tolist():
-        if not math.isfinite(float(lp[i])):
-            continue
-        try:
-            evals, evecs = _latent_hessian_eig(target, z[i], fd_step, chunk)
-        except GanflowError as e:
-            error = e
-            continue
-        mass = float(lp[i]) - 0.5 * float(torch.log(evals).sum())
-        if mass > best_mass:
-            best_mass, chosen = mass, (z[i].clone(), evals, evecs, lp[i].detach())
-    if chosen is None:
-        raise error or GanflowError("Laplace approximation: log p(y, z) is not finite at any MAP start")
-    return chosen
-
-
-def _map_lr(it: int, s: FlowSettings) -> float:
-    """The MAP search's cosine learning-rate schedule, 0.05 down to 1e-3 over ``map_iter``."""
-    return 1e-3 + 0.5 * (0.05 - 1e-3) * (1 + math.cos(math.pi * it / s.map_iter))
-
-
-def _map_stage(target: LatentTarget, z: Tensor, it: int, stage_end: int, s: FlowSettings,
-               generator: torch.Generator | None) -> Tensor:
-    """Adam uphill on ``log p(y, z)`` from iteration ``it`` to ``stage_end``; a start that diverges restarts from
-    a prior draw of ``generator`` (or, without one, from the prior mean: the extra starts draw nothing)."""
-    k = z.shape[1]
-    z = z.detach().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=_map_lr(it, s))
-    while it < stage_end:
-        for group in opt.param_groups:
-            group["lr"] = _map_lr(it, s)
-        opt.zero_grad()
-        lp = target.log_joint(z)
-        it += 1
-        if not torch.isfinite(lp).all():
-            bad = ~torch.isfinite(lp)
-            with torch.no_grad():  # restart diverged starts
-                z[bad] = (torch.randn(int(bad.sum()), k, generator=generator) if generator is not None
-                          else torch.zeros(int(bad.sum()), k, dtype=z.dtype, device=z.device))
-            continue
-        (-lp.sum()).backward()
-        opt.step()
-    return z.detach()
-
-
-def _map_search(target: LatentTarget, s: FlowSettings, generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
-    """The screened multi-start MAP search: ``(survivors [m, k] after map_iter and the warm restarts, the starts
-    the screen dropped [n, k] as they were at the screen, the screen's iteration)``."""
-    z = torch.randn(s.map_starts, target.latent_dim, generator=generator)
-    # Screening: every start runs the first third of the iterations, then only the best quarter goes on. On a
-    # multimodal posterior (phase retrieval) many starts find the good basin far more often than few, and
-    # the screen makes 4x the starts cost about 2x the evaluations.
-    screen = s.map_starts >= 8 and s.map_iter >= 3
-    if not screen:
-        z = _map_stage(target, z, 0, s.map_iter, s, generator)
-        return _map_restart(target, z, s, generator), z[:0], s.map_iter
-    it_screen = s.map_iter // 3
-    z = _map_stage(target, z, 0, it_screen, s, generator)
-    lp = _log_joints(target, z)
-    order = torch.argsort(lp, descending=True)
-    keep = max(1, s.map_starts // 4)
-    survivors = _map_stage(target, z[order[:keep]], it_screen, s.map_iter, s, generator)
-    return _map_restart(target, survivors, s, generator), z[order[keep:]], it_screen
-
-
-MAP_RESTART_TOL = 0.5  # nats: a warm restart that raises the best log p(y, z) by less ends the restarts
-
-
-def _map_restart(target: LatentTarget, z: Tensor, s: FlowSettings, generator: torch.Generator | None) -> Tensor:
-    """Up to ``map_restarts`` more cycles of the search's schedule from ``z`` (warm restarts), while each raises
-    the best ``log p(y, z)`` by at least `MAP_RESTART_TOL`. Each start keeps the better of its old and new
-    point, so no start ends lower than it began."""
-    if s.map_restarts == 0:
-        return z
-    lp = _log_joints(target, z)
-    for _ in range(s.map_restarts):
-        z_new = _map_stage(target, z.clone(), 0, s.map_iter, s, generator)  # it updates its input in place
-        lp_new = _log_joints(target, z_new)
-        gain = float(lp_new.max() - lp.max())
-        better = lp_new > lp
-        z, lp = torch.where(better[:, None], z_new, z), torch.where(better, lp_new, lp)
-        if not gain >= MAP_RESTART_TOL:
-            break
-    return z
-
-
-def _scale_tril(evals: Tensor, evecs: Tensor) -> Tensor:
-    """``L`` with ``L L^T = V diag(1 / evals) V^T``, the Laplace covariance."""
-    cov = (evecs * (1.0 / evals)) @ evecs.T
-    return torch.linalg.cholesky(0.5 * (cov + cov.T)).float()
-
-
-def laplace_approximation(target: LatentTarget, settings: FlowSettings, generator: torch.Generator,
-                          fd_step: float = 1e-2) -> tuple[Tensor, Tensor, Tensor]:
-    """MAP of ``log p(z|y)`` from several prior starts, and ``L`` with ``L L^T = (-Hessian)^-1`` at the MAP.
-
-    The Hessian is taken by central finite differences of the gradient (``2k`` points, in batches),
-    which works for any operator, including ones whose backward is not itself differentiable; its
-    eigenvalues are floored at 1 (the prior's precision, which a Gauss-Newton Hessian never falls below).
-    Returns ``(map [k], scale_tril [k, k], log_joint_at_map)``.
-    """
-    survivors, _, _ = _map_search(target, settings, generator)
-    z_map, evals, evecs, lp_map = most_massive_mode(target, survivors, fd_step, max(settings.batch_size, 32))
-    return z_map, _scale_tril(evals, evecs), lp_map
-
-
-@dataclass(frozen=True)
-class LaplaceMode:
-    """A local mode of ``p(z|y)``: the MAP ``loc`` ``[k]``, ``scale_tril`` ``[k, k]`` (``L L^T`` the Laplace
-    covariance), ``log_joint`` ``log p(y, z*)`` and ``log_mass`` ``log p(y, z*) + 1/2 log det Sigma`` (the Laplace
-    evidence, up to the constant ``k/2 log 2 pi`` common to all modes)."""
-
-    loc: Tensor
-    scale_tril: Tensor
-    log_joint: float
-    log_mass: float
-
-
-def _mode(z: Tensor, evals: Tensor, evecs: Tensor, lp) -> LaplaceMode:
-    return LaplaceMode(z.detach().clone(), _scale_tril(evals, evecs), float(lp),
-                       float(lp) - 0.5 * float(torch.log(evals).sum()))
-
-
-def _valleys(target: LatentTarget, z: Tensor, lp: float, anchors: Tensor, lp_anchors: Tensor, barrier: float,
-             n_points: int = 5) -> Tensor:
-    """``[m]``: whether the segment from ``z`` to each anchor dips more than ``barrier`` nats below its lower end
-    (the hill-valley test, Ursem 1999): the two lie on different hills of ``log p(y, z)``."""
-    t = torch.linspace(0, 1, n_points + 2, dtype=z.dtype, device=z.device)[1:-1]
-    pts = z + t[None, :, None] * (anchors[:, None, :] - z)
-    lp_path = _log_joints(target, pts.reshape(-1, z.shape[0]))
-    return lp_path.reshape(anchors.shape[0], n_points).amin(1) < torch.clamp(lp_anchors, max=lp) - barrier
-
-
-def _distinct(target: LatentTarget, z: Tensor, s: FlowSettings, max_new: int,
-              anchors: Tensor | None = None) -> Tensor:
-    """The points of ``z`` ``[n, k]`` (best ``log p`` first) on hills that no anchor and no better point holds:
-    at most ``max_new`` of them."""
-    lp = _log_joints(target, z)
-    with torch.no_grad():
-        lp_anchors = None if anchors is None else target.log_joint(anchors)
-    kept: list[int] = []
-    for i in torch.argsort(lp, descending=True).tolist():
-        if len(kept) >= max_new or not math.isfinite(float(lp[i])):
-            break
-        pool = [anchors] if anchors is not None else []
-        pool_lp = [lp_anchors] if anchors is not None else []
-        pool, pool_lp = torch.cat(pool + [z[kept]]), torch.cat(pool_lp + [lp[kept]])
-        if pool.shape[0] == 0 or bool(_valleys(target, z[i], float(lp[i]), pool, pool_lp, s.mode_barrier).all()):
-            kept.append(i)
-    return z[kept]
-
-
-def laplace_modes(target: LatentTarget, settings: FlowSettings, generator: torch.Generator,
-                  fd_step: float = 1e-2) -> list[LaplaceMode]:
-    """The distinct modes of ``p(z|y)`` with their Laplace approximations, most massive first.
-
-    The first is `laplace_approximation`'s (same draws from ``generator``, same numbers). Then every other
-    optimum of the search, and every start the screen dropped, that lies on a hill of its own (a valley deeper
-    than ``mode_barrier`` on the segment to each mode found) is a candidate: dropped starts are first polished
-    to ``map_iter`` like the survivors (drawing nothing from ``generator``). The costs are capped for the many
-    minor hills of a rugged posterior (phase retrieval: 8 of 16 survivors, all with < 1e-3 of the mass): at most
-    ``max_modes`` dropped starts are polished and ``max_modes`` Hessians taken, the highest first. The
-    ``max_modes`` most massive modes are kept, less any with under ``mode_min_mass`` of their total Laplace mass.
-    """
-    s = settings
-    survivors, dropped, it_screen = _map_search(target, s, generator)
-    chunk = max(s.batch_size, 32)
-    modes = [_mode(*most_massive_mode(target, survivors, fd_step, chunk))]
-    if s.max_modes == 1:
-        return modes
-    reps = _distinct(target, survivors, s, 2 * s.max_modes)
-    new = _distinct(target, dropped, s, s.max_modes, reps) if dropped.shape[0] else dropped
-    if new.shape[0]:
-        new = _map_stage(target, new, it_screen, s.map_iter, s, None)
-    for z in _distinct(target, torch.cat([reps, new]), s, s.max_modes, modes[0].loc[None]):
-        try:
-            with torch.no_grad():
-                lp = target.log_joint(z[None])[0]
-            modes.append(_mode(z, *_latent_hessian_eig(target, z, fd_step, chunk), lp))
-        except GanflowError:
-            continue  # a non-finite Hessian: not a mode to fit
-    modes = sorted(modes, key=lambda m: -m.log_mass)[: s.max_modes]
-    total = torch.logsumexp(torch.tensor([m.log_mass for m in modes]), 0)
-    return [m for m in modes if m.log_mass - float(total) >= math.log(max(s.mode_min_mass, 1e-300))]
-
-
 def _lr_factor(step: int, s: FlowSettings) -> float:
     if step < s.warmup:
         return (step + 1) / s.warmup
     t = min(1.0, (step - s.warmup) / max(1, s.max_iter - s.warmup))
     ratio = s.lr_final / s.lr
     return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-FLOW_CHECKPOINT_KIND = "ganflow.flow_fit"
-FLOW_CHECKPOINT_VERSION = 1
-# Settings that may differ on resume: they change neither the computation nor the result.
-_RESUME_FREE = {"progress", "max_iter", "patience", "min_iter", "max_failures", "checkpoint_every_s"}
-
-
-def _target_fingerprint(target: LatentTarget) -> str:
-    """What a checkpoint must have been fitted against: the data, sigma and the latent dimension."""
-    h = hashlib.sha1(target.y.detach().cpu().float().numpy().tobytes())
-    h.update(f"{target.noise_sigma!r}|{target.latent_dim}|{tuple(target.obs_shape)}".encode())
-    return h.hexdigest()
-
-
-def load_flow_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a flow-fit checkpoint with ``weights_only=True`` (a pickle payload is refused, never run)."""
-    from ..checkpoint import load_of_kind
-
-    return load_of_kind(path, "flow checkpoint", "ganflow flow-fit checkpoint", FLOW_CHECKPOINT_KIND,
-                        FLOW_CHECKPOINT_VERSION)
 
 
 @dataclass
@@ -574,40 +208,6 @@ class _FlowFit:
         return self.wall_before + time.perf_counter() - self.t0
 
 
-def _snapshot(flow: LatentFlow, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Copies of the flow's and the optimiser's state to roll back to."""
-    # Plain tensor clones (cheaper than deepcopy of the whole dicts).
-    model = {k: v.detach().clone() for k, v in flow.state_dict().items()}
-    opt_state = opt.state_dict()
-    opt_copy = {
-        "state": {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-                  for i, st in opt_state["state"].items()},
-        "param_groups": copy.deepcopy(opt_state["param_groups"]),
-    }
-    return model, opt_copy
-
-
-def _load_resume_checkpoint(target: LatentTarget, s: FlowSettings, checkpoint_path) -> dict:
-    """The checkpoint to resume from, refused unless it was fitted with these settings to this target."""
-    if checkpoint_path is None:
-        raise GanflowError("resume needs a checkpoint path")
-    if not os.path.exists(checkpoint_path):
-        raise GanflowError(f"--resume: no flow checkpoint at {checkpoint_path}")
-    ckpt = load_flow_checkpoint(checkpoint_path)
-    try:
-        saved = dict(ckpt["settings"])
-        fingerprint = ckpt["target"]
-    except (KeyError, TypeError, ValueError):
-        raise GanflowError(f"flow checkpoint {checkpoint_path} lacks its settings or target") from None
-    bad = sorted(key for key in set(saved) | set(asdict(s))
-                 if key not in _RESUME_FREE and saved.get(key) != asdict(s).get(key))
-    if bad:
-        raise GanflowError(f"--resume: flow settings differ from the checkpoint's: {', '.join(bad)}")
-    if fingerprint != _target_fingerprint(target):
-        raise GanflowError(f"--resume: {checkpoint_path} was fitted to other data, noise or prior")
-    return ckpt
-
-
 def _start_fit(target: LatentTarget, s: FlowSettings, g: torch.Generator, ckpt: dict | None,
                t0: float, evals0: int, mode: LaplaceMode | None = None, attrs: dict | None = None,
                start: nn.Module | None = None) -> _FlowFit:
@@ -637,140 +237,7 @@ def _start_fit(target: LatentTarget, s: FlowSettings, g: torch.Generator, ckpt: 
     # fused: one kernel for all parameters (at batch 16 the per-tensor loop cost 2.3 ms a step, fused 0.7 ms)
     opt = torch.optim.Adam(params, lr=s.lr, fused=True)
     return _FlowFit(target=target, settings=s, generator=g, t0=t0, evals0=evals0, flow=flow, opt=opt,
-                    params=params, loc=loc, scale_tril=scale_tril, attrs=attrs, good=_snapshot(flow, opt))
-
-
-def _restore_fit(fit: _FlowFit, ckpt: dict, checkpoint_path) -> None:
-    """Resume: put the interrupted fit's flow, optimiser, snapshot, RNG state, step and traces back."""
-    try:
-        fit.flow.load_state_dict(ckpt["flow"])
-        fit.opt.load_state_dict(ckpt["opt"])
-        fit.good = (ckpt["good_flow"], ckpt["good_opt"])
-        fit.generator.set_state(ckpt["rng"])
-        fit.step, fit.failures, fit.lr_scale = int(ckpt["step"]), int(ckpt["failures"]), float(ckpt["lr_scale"])
-        fit.smooth = None if ckpt["smooth"] is None else float(ckpt["smooth"])
-        fit.best_smooth, fit.best_step = float(ckpt["best_smooth"]), int(ckpt["best_step"])
-        fit.losses = ckpt["losses"].tolist()
-        fit.elbo_smooth = ckpt["elbo_smooth"].tolist()
-        fit.lrs = ckpt["lrs"].tolist()
-        fit.evals_before, fit.wall_before = int(ckpt["n_forward_evals"]), float(ckpt["wall_time_s"])
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise GanflowError(f"flow checkpoint {checkpoint_path} does not fit this flow ({first[:160]})") from None
-
-
-def _save_fit_checkpoint(fit: _FlowFit, checkpoint_path, mixture: dict | None = None) -> None:
-    """Write the whole fit state atomically (tensors and plain types: ``weights_only``-loadable); for a
-    mixture, ``mixture`` holds its modes and finished components and ``fit`` is the component in progress."""
-    from ..checkpoint import save_checkpoint
-
-    cpu = lambda sd: copy.deepcopy({k_: v for k_, v in sd.items()})  # noqa: E731
-    save_checkpoint(checkpoint_path, {
-        "kind": FLOW_CHECKPOINT_KIND,
-        "format_version": FLOW_CHECKPOINT_VERSION,
-        "settings": asdict(fit.settings),
-        "target": _target_fingerprint(fit.target),
-        "latent_dim": fit.target.latent_dim,
-        "init_loc": None if fit.loc is None else fit.loc.detach().cpu().clone(),
-        "init_scale_tril": None if fit.scale_tril is None else fit.scale_tril.detach().cpu().clone(),
-        "attrs": {k_: v for k_, v in fit.attrs.items() if isinstance(v, (int, float, str, bool))
-                  or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))},
-        "flow": cpu(fit.flow.state_dict()),
-        "opt": cpu(fit.opt.state_dict()),
-        "good_flow": fit.good[0],
-        "good_opt": fit.good[1],
-        "rng": fit.generator.get_state(),
-        "step": fit.step,
-        "failures": fit.failures,
-        "lr_scale": fit.lr_scale,
-        "smooth": fit.smooth,
-        "best_smooth": fit.best_smooth,
-        "best_step": fit.best_step,
-        "losses": torch.tensor(fit.losses, dtype=torch.float64),
-        "elbo_smooth": torch.tensor(fit.elbo_smooth, dtype=torch.float64),
-        "lrs": torch.tensor(fit.lrs, dtype=torch.float64),
-        "n_forward_evals": fit.n_forward_evals(),
-        "wall_time_s": fit.wall_time_s(),
-        **({"mixture": mixture} if mixture is not None else {}),
-    })
-
-
-class _StopGradientTwin:
-    """``log q`` with the flow's parameters held fixed (the STL estimator): a frozen copy synced in place."""
-
-    def __init__(self, flow: LatentFlow):
-        # A plain parameter copy each step; torch.func.functional_call's per-call re-parametrisation cost ~1/3
-        # of a step.
-        self.frozen = copy.deepcopy(flow).requires_grad_(False)
-        self.frozen_tensors = list(self.frozen.parameters()) + list(self.frozen.buffers())
-        self.live_tensors = list(flow.parameters()) + list(flow.buffers())
-
-    def __call__(self, z: Tensor) -> Tensor:
-        with torch.no_grad():
-            torch._foreach_copy_(self.frozen_tensors, self.live_tensors)  # one call, not one per tensor
-        return self.frozen(z)
-
-
-def _dreg_surrogate(log_w: Tensor, group: int, alpha: float = 0.0) -> Tensor:
-    """The doubly reparameterised surrogate of the importance-weighted bound (Tucker et al., ICLR 2019): over
-    groups of ``group`` draws, ``-sum_k stop(w~_k^2) log w_k`` with ``w~`` the normalised weights and ``log q``
-    taken with the parameters held fixed. Its gradient is that of the IW bound, which covers the posterior's mass
-    better than the ELBO (the reverse-KL fit is too narrow); its value is not the bound, so the recorded loss
-    is the plain negative ELBO.
-
-    With ``alpha`` in (0, 1) the bound is Renyi's (Li & Turner 2016), ``1/(1-a) log mean_k w_k^(1-a)``; with
-    ``w~`` now normalised ``w^(1-a)``, moving the score term onto the path (as DReG does) gives the coefficient
-    ``a w~_k + (1-a) w~_k^2`` in place of ``w~_k^2``: ``alpha = 0`` is the IW bound above, ``alpha -> 1`` the
-    sticking-the-landing ELBO gradient (``1/K`` each)."""
-    lw = log_w.reshape(-1, group)
-    w = torch.softmax((1 - alpha) * lw.detach(), dim=1)
-    surrogate = -((alpha * w + (1 - alpha) * w * w) * lw).sum(1).mean()
-    elbo = log_w.mean()
-    return surrogate - surrogate.detach() - elbo.detach()
-
-
-def _step(fit: _FlowFit, twin: _StopGradientTwin, lr: float) -> Tensor | None:
-    """One optimisation step on a fresh batch; the loss, or None when the loss or a gradient is not finite."""
-    s = fit.settings
-    for group in fit.opt.param_groups:
-        group["lr"] = lr
-    eps = torch.randn(s.batch_size, fit.target.latent_dim, generator=fit.generator)
-    z, log_q = fit.flow.transform(eps)
-    if s.estimator in ("stl", "dreg"):
-        log_q = twin(z)
-    beta = _temper_beta(fit)
-    if beta < 1:  # the tempered target; the recorded loss stays the untempered negative ELBO
-        log_lik, log_prior = fit.target.log_likelihood(z), fit.target.log_prior(z)
-        log_p, log_p_fit = log_lik + log_prior, beta * log_lik + log_prior
-    else:
-        log_p = log_p_fit = fit.target.log_joint(z)
-    if s.estimator == "dreg" and not fit.component:
-        loss = _dreg_surrogate(log_p_fit - log_q, s.iw_group, s.iw_alpha)
-    else:
-        loss = (log_q - log_p_fit).mean()
-    if beta < 1:
-        loss = loss - loss.detach() + (log_q - log_p).mean().detach()
-    fit.opt.zero_grad(set_to_none=True)
-    ok = bool(torch.isfinite(loss))
-    if ok:
-        loss.backward()
-        # One reduction instead of a check per tensor: the total norm is finite iff every gradient is.
-        grad_norm = torch.nn.utils.clip_grad_norm_(fit.params, s.grad_clip, foreach=True)
-        ok = bool(torch.isfinite(grad_norm))
-    if ok:  # finite gradients clipped to grad_clip: Adam's step is finite too (no check of the parameters)
-        fit.opt.step()
-    return loss.detach() if ok else None
-
-
-def _temper_end(fit: _FlowFit) -> int:
-    """The step from which the fit's target is the posterior itself (0 without tempering, or for a component)."""
-    return 0 if fit.component else int(round(fit.settings.temper_fraction * fit.settings.max_iter))
-
-
-def _temper_beta(fit: _FlowFit) -> float:
-    """The likelihood's power at this step: ``beta0^(1 - step / end)`` before the tempering's end, then 1."""
-    end = _temper_end(fit)
-    return 1.0 if fit.step >= end else fit.settings.temper_beta0 ** (1 - fit.step / end)
+                    params=params, loc=loc, scale_tril=scale_tril, attrs=attrs, good=snapshot(flow, opt))
 
 
 def _roll_back(fit: _FlowFit) -> None:
@@ -787,12 +254,12 @@ def _record(fit: _FlowFit, elbo: float, lr: float) -> None:
     """Book a good step: snapshot every 50 steps, the smoothed ELBO, the traces and the best so far."""
     s = fit.settings
     if fit.step % 50 == 0:
-        fit.good = _snapshot(fit.flow, fit.opt)
+        fit.good = snapshot(fit.flow, fit.opt)
     fit.smooth = elbo if fit.smooth is None else s.smoothing * fit.smooth + (1 - s.smoothing) * elbo
     fit.losses.append(-elbo)
     fit.elbo_smooth.append(fit.smooth)
     fit.lrs.append(lr)
-    if fit.smooth > fit.best_smooth + s.tol or fit.step < _temper_end(fit):  # patience counts from the posterior
+    if fit.smooth > fit.best_smooth + s.tol or fit.step < temper_end(fit):  # patience counts from the posterior
         fit.best_smooth, fit.best_step = fit.smooth, fit.step
     fit.step += 1
 
@@ -800,7 +267,7 @@ def _record(fit: _FlowFit, elbo: float, lr: float) -> None:
 def _converged(fit: _FlowFit) -> bool:
     """The stopping rule: past min_iter and warm-up, no gain of ``tol`` in the smoothed ELBO for ``patience``."""
     s = fit.settings
-    return fit.step >= max(s.min_iter, s.warmup, _temper_end(fit)) and fit.step - fit.best_step > s.patience
+    return fit.step >= max(s.min_iter, s.warmup, temper_end(fit)) and fit.step - fit.best_step > s.patience
 
 
 def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int, mixture: dict | None = None,
@@ -808,7 +275,7 @@ def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int, mixtu
     """The loop: step until ``max_iter`` or the stopping rule, checkpointing on the clock (with ``mixture``, the
     mixture fit's own state); why it stopped."""
     s = fit.settings
-    twin = _StopGradientTwin(fit.flow)
+    twin = StopGradientTwin(fit.flow)
 
     def observe() -> None:
         if monitor is not None:
@@ -821,7 +288,7 @@ def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int, mixtu
     stopped = "max_iter"
     while fit.step < s.max_iter:
         lr = s.lr * _lr_factor(fit.step, s) * fit.lr_scale
-        loss = _step(fit, twin, lr)
+        loss = fit_step(fit, twin, lr)
         if loss is None:
             _roll_back(fit)
             if fit.failures > s.max_failures:
@@ -841,7 +308,7 @@ def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int, mixtu
             stopped = "converged"
             break
         if checkpoint_path is not None and time.perf_counter() - t_last_save >= s.checkpoint_every_s:
-            _save_fit_checkpoint(fit, checkpoint_path, mixture)
+            save_fit_checkpoint(fit, checkpoint_path, mixture)
             t_last_save = time.perf_counter()
     bar.close()
     if fit.step % monitor_every != 0:
@@ -886,32 +353,6 @@ def _fit_result(fit: _FlowFit, stopped: str) -> LatentFit:
     )
 
 
-def _find_modes(target: LatentTarget, s: FlowSettings, g: torch.Generator, evals0: int) -> tuple[list, dict]:
-    """The Laplace modes to start from (``[None]`` for ``init="identity"``) and their attributes."""
-    if s.init != "laplace":
-        return [None], {}
-    modes = laplace_modes(target, s, g)
-    attrs = {"laplace_log_joint_map": modes[0].log_joint,
-             "laplace_forward_evals": target.n_forward_evals - evals0}
-    if len(modes) > 1:
-        modes, attrs["mode_screen_weights"] = _screen_modes(target, s, g, modes)
-    return modes, attrs
-
-
-def _screen_modes(target: LatentTarget, s: FlowSettings, g: torch.Generator,
-                  modes: list[LaplaceMode]) -> tuple[list[LaplaceMode], list[float]]:
-    """Before a flow is fitted per mode: each mode's share of the mass by importance sampling from the Laplace
-    approximations (`fit_mixture_weights`, ``weight_draws`` draws each), and the modes under ``mode_min_mass``
-    dropped (the first, the MAP's, always stays). The Laplace mass trusts a quadratic fit at a hill's top; on a
-    rugged posterior it is far too large for minor hills (phase retrieval: 2 % each by Laplace, 1e-6 by
-    importance sampling), and each kept mode costs a whole flow fit."""
-    flows = [_laplace_flow(target.latent_dim, s, m) for m in modes]
-    log_w, _ = fit_mixture_weights(target, flows, g, s.weight_draws, batch=max(s.batch_size, 32))
-    w = [float(v) for v in log_w.exp()]
-    keep = [m for j, m in enumerate(modes) if j == 0 or w[j] >= s.mode_min_mass]
-    return keep, [round(v, 6) for v in w]
-
-
 def _mixture_payload(modes: list[LaplaceMode], done: list[dict]) -> dict:
     """What a mixture fit's checkpoint adds: the modes and the finished components."""
     return {"locs": torch.stack([m.loc for m in modes]), "scale_trils": torch.stack([m.scale_tril for m in modes]),
@@ -931,18 +372,10 @@ def _component_record(fit: _FlowFit, stopped: str) -> dict:
             "lrs": torch.tensor(fit.lrs, dtype=torch.float64), "stopped": stopped, "failures": fit.failures}
 
 
-def _laplace_flow(latent_dim: int, s: FlowSettings, mode: LaplaceMode) -> LatentFlow:
-    """A flow at its Laplace start, built without touching the caller's global RNG (its state is loaded or it
-    stays the identity on top of the Laplace map)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LatentFlow(latent_dim, s, mode.loc, mode.scale_tril)
-
-
 def _mixture_view(target: LatentTarget, s: FlowSettings, modes: list[LaplaceMode], flows: list) -> MixtureFlow:
     """For the monitor: the fitted components so far, the one in training, and the rest at their Laplace start,
     weighted by Laplace mass (the fitted weights come at the end)."""
-    pending = [_laplace_flow(target.latent_dim, s, m) for m in modes[len(flows):]]
+    pending = [laplace_flow(target.latent_dim, s, m) for m in modes[len(flows):]]
     return MixtureFlow(flows + pending, torch.tensor([m.log_mass for m in modes]))
 
 
@@ -954,7 +387,7 @@ def _fit_components(target: LatentTarget, s: FlowSettings, g: torch.Generator, m
     done = list(ckpt["mixture"]["done"]) if ckpt is not None else []
     flows = []
     for m, rec in zip(modes, done, strict=False):
-        flow = _laplace_flow(target.latent_dim, s, m)
+        flow = laplace_flow(target.latent_dim, s, m)
         flow.load_state_dict(rec["state"])
         flows.append(_freeze(flow))
     fit, first = None, len(done)
@@ -965,7 +398,7 @@ def _fit_components(target: LatentTarget, s: FlowSettings, g: torch.Generator, m
         fit.evals_before = int(ckpt["n_forward_evals"]) if ckpt is not None else 0
         fit.wall_before = float(ckpt["wall_time_s"]) if ckpt is not None else 0.0
         if resume_here is not None:
-            _restore_fit(fit, ckpt, checkpoint_path)
+            restore_fit(fit, ckpt, checkpoint_path)
         view = None if monitor is None else _mixture_view(target, s, modes, flows + [fit.flow])
         offset = sum(len(r["losses"]) for r in done)
         watch = None if monitor is None else (lambda step, _flow, o=offset, v=view: monitor(o + step, v))
@@ -1052,17 +485,17 @@ def fit_flow(target: LatentTarget, settings: FlowSettings | None = None, generat
         raise GanflowError(f"monitor_every must be >= 1, got {monitor_every}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     clock = (time.perf_counter(), target.n_forward_evals)
-    ckpt = _load_resume_checkpoint(target, s, checkpoint_path) if resume else None
+    ckpt = load_resume_checkpoint(target, s, checkpoint_path) if resume else None
     if ckpt is not None and "mixture" in ckpt:
         modes = _modes_from_checkpoint(ckpt["mixture"])
         return _fit_mixture(target, s, g, modes, dict(ckpt.get("attrs", {})), ckpt, clock, checkpoint_path, monitor,
                             monitor_every)
-    modes, attrs = _find_modes(target, s, g, clock[1]) if ckpt is None and start is None else ([None], {})
+    modes, attrs = find_modes(target, s, g, clock[1]) if ckpt is None and start is None else ([None], {})
     if len(modes) > 1:
         return _fit_mixture(target, s, g, modes, attrs, None, clock, checkpoint_path, monitor, monitor_every)
     fit = _start_fit(target, s, g, ckpt, *clock, mode=modes[0], attrs=attrs, start=start)
     if ckpt is not None:
-        _restore_fit(fit, ckpt, checkpoint_path)
+        restore_fit(fit, ckpt, checkpoint_path)
     stopped = _optimise(fit, checkpoint_path, monitor, monitor_every)
     return _fit_result(fit, stopped)
 

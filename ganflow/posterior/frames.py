@@ -83,8 +83,9 @@ def identity_frame(target: LatentTarget) -> WhitenedTarget:
 
 def laplace_frame(target: LatentTarget, settings: LangevinSettings, generator: torch.Generator) -> WhitenedTarget:
     """The Laplace frame: the flow's screened multi-start MAP search and finite-difference Hessian
-    (`ganflow.posterior.flow.laplace_approximation`), ``L L^T = (-Hessian)^-1`` at the most massive mode."""
-    from .flow import FlowSettings, laplace_approximation
+    (`ganflow.posterior.modes.laplace_approximation`), ``L L^T = (-Hessian)^-1`` at the most massive mode."""
+    from .flow import FlowSettings
+    from .modes import laplace_approximation
 
     fs = FlowSettings(map_starts=settings.map_starts, map_iter=settings.map_iter,
                       map_restarts=settings.map_restarts, progress=False)

@@ -144,7 +144,8 @@ def _laplace_frame(target: LatentTarget, settings: NutsSettings, generator: torc
     the given ``modes``), most massive first, for ``init = "laplace"`` (else None)."""
     if settings.init != "laplace":
         return None
-    from .flow import FlowSettings, laplace_modes
+    from .flow import FlowSettings
+    from .modes import laplace_modes
 
     if modes is None:
         modes = laplace_modes(target, FlowSettings(map_starts=settings.init_map_starts), generator)

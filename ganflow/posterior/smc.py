@@ -64,7 +64,7 @@ from torch import Tensor
 from ..errors import GanflowError
 from ..progress import Progress
 from .base import LatentFit
-from .flow import _target_fingerprint
+from .fit_checkpoint import target_fingerprint
 from .frames import WhitenedTarget
 from .kernels import hmc_step, mala_step
 from .resampling import systematic_resample
@@ -293,7 +293,7 @@ def _save(path, st: _SmcState, target: LatentTarget, s: SmcSettings, generator: 
 
     save_checkpoint(path, {
         "kind": SMC_CHECKPOINT_KIND, "format_version": SMC_CHECKPOINT_VERSION, "settings": asdict(s),
-        "target": _target_fingerprint(target), "z": st.z.clone(), "log_lik": st.log_lik.clone(),
+        "target": target_fingerprint(target), "z": st.z.clone(), "log_lik": st.log_lik.clone(),
         "beta": st.beta, "step": st.step, "log_z": st.log_z, "log_z_var": st.log_z_var, "rng": generator.get_state(),
         "trace": {key: torch.tensor(v, dtype=torch.float64) for key, v in st.trace.items()},
         "n_forward_evals": evals, "wall_time_s": wall,
@@ -312,7 +312,7 @@ def _load(path, target: LatentTarget, s: SmcSettings, generator: torch.Generator
                  if key not in _RESUME_FREE and ck["settings"].get(key) != now.get(key))
     if bad:
         raise GanflowError(f"--resume: smc settings differ from the checkpoint's: {', '.join(bad)}")
-    if ck["target"] != _target_fingerprint(target):
+    if ck["target"] != target_fingerprint(target):
         raise GanflowError(f"--resume: {path} was run on other data, noise or prior")
     generator.set_state(ck["rng"])
     return _SmcState(z=ck["z"], log_lik=ck["log_lik"], beta=float(ck["beta"]), step=float(ck["step"]),
