@@ -12,7 +12,7 @@ latent posterior through the tempered laws
 2. **Evidence**: ``log Z_b' / Z_b ~ log mean_i w_i``, and ``log p(y) = sum_t`` of these (unbiased in ``Z``).
 3. **Resample** by ``w`` (systematic or multinomial): ``N`` equally weighted particles of ``pi_b'``.
 4. **Move**: MCMC transitions that leave ``pi_b'`` invariant, with the gradient (MALA, or HMC with ``leapfrog``
-   steps: the kernels of `ganflow.posterior.langevin`), in the frame ``z = m + L u`` of the particles' weighted
+   steps: `ganflow.posterior.kernels`, as Langevin), in the frame ``z = m + L u`` of the particles' weighted
    mean and covariance (re-estimated every stage before resampling, so the metric follows the population as it
    narrows onto the ridge; ``frame = "identity"`` for comparison). The step size (in ``u``) is multiplied by
    ``exp(ADAPT_GAIN (acceptance - target_accept))`` after every transition and carried to the next stage.
