@@ -27,7 +27,8 @@ File layout (``format = "ganflow-reference"``, ``version = 1``)::
     mode_mass            [K]        relative masses of the modes
     mode_<j>/draws       [C, S, k]  latent draws, chain by chain
     mode_<j>/potential   [C, S]     -log p(y, z) of each draw
-    mode_<j>/rhat, ess   [k]        split R-hat and bulk ESS per coordinate
+    mode_<j>/rhat, ess   [k]        rank-normalised split R-hat and bulk ESS per coordinate (files made before
+                                    these were ArviZ's defaults hold pyro's split R-hat and ESS)
     mode_<j>  attrs      rhat_max, ess_min, wall_s, n_forward_evals, divergences, step_size
 """
 
@@ -218,17 +219,17 @@ def reference_from_draws(target, problem: str, seed: int, draws: list[np.ndarray
     """A one-mode-per-entry reference from another sampler's chains (``draws`` ``[C, S, k]`` and ``log p(y, z)``
     ``[C, S]`` per mode; ``runs`` per mode: ``step_size``, ``divergences``, ``n_gradients`` per chain,
     ``wall_s``), e.g. the GPU's batched HMC (`scripts/gpu_elliptic_reference.py`). R-hat and ESS are those of
-    the stored draws. With more than one mode the masses are not estimated here: refused."""
-    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+    the stored draws (rank-normalised split R-hat, bulk ESS: `ganflow.chain_stats`). With more than one mode the
+    masses are not estimated here: refused."""
+    from ..chain_stats import ess_bulk, rhat_rank
 
     if len(draws) != 1:
         raise GanflowError("bench: a reference from draws takes one mode (mode masses need make_reference)")
     per_mode = []
     for d, run in zip(draws, runs, strict=True):
-        t = torch.from_numpy(d)
         per_mode.append({
-            "rhat_max": float(split_gelman_rubin(t, chain_dim=0, sample_dim=1).max()),
-            "ess_min": float(effective_sample_size(t, chain_dim=0, sample_dim=1).min()),
+            "rhat_max": float(rhat_rank(d).max()),
+            "ess_min": float(ess_bulk(d).min()),
             "wall_s": float(run["wall_s"]), "n_forward_evals": int(run["n_gradients"]) * int(settings["chains"]),
             "divergences": int(run["divergences"]), "step_size": float(run["step_size"])})
     attrs = {**_run_attrs(target, per_mode, json.dumps(settings), command),
@@ -241,8 +242,8 @@ def reference_from_draws(target, problem: str, seed: int, draws: list[np.ndarray
 def save_reference(ref: StoredReference, path: str) -> None:
     """Write ``ref`` to ``path`` (atomically)."""
     import h5py
-    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
+    from ..chain_stats import ess_bulk, rhat_rank
     from ..io import atomic_path
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -253,11 +254,10 @@ def save_reference(ref: StoredReference, path: str) -> None:
         f.create_dataset("mode_mass", data=ref.mode_mass)
         for j, (d, pot, mode_attrs) in enumerate(zip(ref.draws, ref.potential, ref.mode_attrs, strict=True)):
             g = f.create_group(f"mode_{j}")
-            t = torch.from_numpy(d)
             g.create_dataset("draws", data=d.astype(np.float32), compression="gzip")
             g.create_dataset("potential", data=pot)
-            g.create_dataset("rhat", data=split_gelman_rubin(t, chain_dim=0, sample_dim=1).numpy())
-            g.create_dataset("ess", data=effective_sample_size(t, chain_dim=0, sample_dim=1).numpy())
+            g.create_dataset("rhat", data=rhat_rank(d))  # rank-normalised split R-hat and bulk ESS, as NUTS records
+            g.create_dataset("ess", data=ess_bulk(d))
             g.attrs.update(mode_attrs)
 
 
