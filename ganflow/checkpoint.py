@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .errors import GanflowError
-from .io import atomic_path
+from .io import atomic_path, check_readable_file
 
 __all__ = ["save_checkpoint", "load_weights_only", "load_of_kind"]
 
@@ -35,13 +35,7 @@ def load_weights_only(path: str | os.PathLike, what: str, map_location="cpu"):
     A missing, empty, corrupt or truncated file is an error; so is a pickle payload (or any object beyond
     tensors and plain types), which ``weights_only`` refuses before it runs.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise GanflowError(f"{what} not found: {path}")
-    if os.path.isdir(path):
-        raise GanflowError(f"{what} is a directory: {path}")
-    if os.path.getsize(path) == 0:
-        raise GanflowError(f"{what} is empty: {path}")
+    path = check_readable_file(path, what)
     try:
         with warnings.catch_warnings():
             # torch warns about foreign pickle protocols before refusing them; the refusal is our message.

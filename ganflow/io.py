@@ -25,6 +25,7 @@ __all__ = [
     "atomic_path",
     "atomic_h5",
     "check_output_path",
+    "check_readable_file",
     "open_h5",
     "read_json_attr",
     "Observation",
@@ -81,8 +82,9 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
             yield f
 
 
-def open_h5(path: str | os.PathLike, what: str = "file") -> h5py.File:
-    """Open an HDF5 file for reading with a clear error for missing, empty or corrupt files."""
+def check_readable_file(path: str | os.PathLike, what: str) -> str:
+    """``path`` as a string when it names a non-empty file; a one-line `GanflowError` naming ``what`` when it is
+    missing, a directory or empty."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise GanflowError(f"{what} not found: {path}")
@@ -90,6 +92,12 @@ def open_h5(path: str | os.PathLike, what: str = "file") -> h5py.File:
         raise GanflowError(f"{what} is a directory: {path}")
     if os.path.getsize(path) == 0:
         raise GanflowError(f"{what} is empty: {path}")
+    return path
+
+
+def open_h5(path: str | os.PathLike, what: str = "file") -> h5py.File:
+    """Open an HDF5 file for reading with a clear error for missing, empty or corrupt files."""
+    path = check_readable_file(path, what)
     try:
         return h5py.File(path, "r")
     except OSError as e:
