@@ -66,7 +66,8 @@ def linear():
 
 
 def _run(target, seed: int = 0, **kw):
-    return run_smc(target, SmcSettings(n_particles=N, progress=False, **kw), torch.Generator().manual_seed(seed))
+    return run_smc(target, SmcSettings(**{"n_particles": N, "progress": False, **kw}),
+                   torch.Generator().manual_seed(seed))
 
 
 def _failures_2d(fit, ref: dict, log_z: float, efficiency: float) -> list[str]:
@@ -219,3 +220,54 @@ def test_stacked_smc_solve_resumes_by_observation(tmp_path, cli):
     with h5py.File(out) as f:
         assert f.attrs["method"] == "smc"
         assert all(np.isfinite(f[g].attrs["log_evidence"]) for g in ("obs_0000", "obs_0001"))
+
+
+def _sweep_failures(fit, ref: dict) -> list[str]:
+    """The curved problem's whitened moments within 4 se, the se from the chains' smallest bulk ESS."""
+    lam, V = np.linalg.eigh(ref["cov"])
+    u = (fit.samples.double().numpy() - ref["mean"]) @ V / np.sqrt(lam)
+    series = np.stack([u[:, 0], u[:, 1], u[:, 0] ** 2 - 1, u[:, 1] ** 2 - 1, u[:, 0] * u[:, 1]], 1)
+    se = series.std(0) / math.sqrt(fit.attrs["ess_min"])
+    return [f"moment {i}: {m:.3f} vs se {e:.3f}" for i, (m, e) in enumerate(zip(series.mean(0), se, strict=True))
+            if not abs(m) < 4 * e]
+
+
+def test_final_sweeps_are_posterior_chains(exact2d, monkeypatch):
+    """After b = 1, ``final_sweeps`` of frozen-step MCMC give ``N`` chains of ``S`` draws whose moments match
+    quadrature within the error their own ESS implies (an ESS well above ``N``: the sweeps add draws); sweeps
+    at the wrong temperature (b = 0.3, a wider law) fail the same check."""
+    p, ref, _ = exact2d["curved"]
+    target = LatentTarget(p.generator, p.operator, p.y, p.noise_sigma)
+    fit = _run(target, n_particles=400, final_sweeps=16, sweep_moves=3)
+    assert fit.samples.shape == (400 * 16, 2) and fit.attrs["n_chains"] == 400 and fit.attrs["final_sweeps"] == 16
+    assert fit.attrs["ess_min"] > 1.5 * 400 and 0.3 < fit.attrs["sweep_acceptance_rate"] < 0.95
+    assert _sweep_failures(fit, ref) == []
+    monkeypatch.setattr(smc_mod, "SWEEP_BETA", 0.3)
+    assert _sweep_failures(_run(target, n_particles=400, final_sweeps=16, sweep_moves=3), ref) != []
+
+
+def test_sweeps_resume_and_extend(tmp_path, monkeypatch):
+    """A run killed after its second final sweep resumes to the uninterrupted run's draws exactly; a finished
+    tempering's checkpoint takes more sweeps on resume (``final_sweeps`` may change; ``target_ess`` may not)."""
+    p = curved_problem()
+    target = LatentTarget(p.generator, p.operator, p.y, p.noise_sigma)
+    s = SmcSettings(n_particles=200, target_ess=0.5, progress=False, final_sweeps=4, sweep_moves=2)
+    whole = run_smc(target, s, torch.Generator().manual_seed(2))
+    ckpt = str(tmp_path / "smc.ckpt")
+    real_sweep, calls = smc_mod._sweep, []
+
+    def dying_sweep(*a):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_sweep(*a)
+
+    monkeypatch.setattr(smc_mod, "_sweep", dying_sweep)
+    with pytest.raises(KeyboardInterrupt):
+        run_smc(target, s, torch.Generator().manual_seed(2), checkpoint_path=ckpt)
+    monkeypatch.setattr(smc_mod, "_sweep", real_sweep)
+    resumed = run_smc(target, s, torch.Generator().manual_seed(9), checkpoint_path=ckpt, resume=True)
+    assert torch.equal(whole.samples, resumed.samples)
+    longer = run_smc(target, SmcSettings(**{**s.__dict__, "final_sweeps": 6}), checkpoint_path=ckpt, resume=True)
+    assert longer.samples.shape == (200 * 6, 2)
+    assert torch.equal(longer.samples.reshape(200, 6, 2)[:, :4], whole.samples.reshape(200, 4, 2))

@@ -2,11 +2,16 @@
 (`ganflow.posterior.smc`), the agreement of independent runs with each other and with a stored reference, and
 independent runs pooled into a stored reference (`ganflow.bench.stored.reference_from_draws`).
 
-A run file (HDF5, written atomically) holds ``draws`` ``[N, k]`` (the final particles), ``log_joint`` ``[N]``,
-``/trace/<name>`` (per stage) and attributes ``problem``, ``seed`` (the benchmark observation), ``run_seed``,
-``settings`` (JSON), ``log_evidence``, ``log_evidence_se``, ``n_stages``, ``n_forward_evals``, ``wall_s``.
+A run file (HDF5, written atomically) holds ``draws`` ``[N, k]`` (the final particles) or, with final sweeps,
+``[N * S, k]`` (particle by particle: `run_chains`), ``log_joint`` (one per draw), ``/trace/<name>`` (per stage)
+and attributes ``problem``, ``seed`` (the benchmark observation), ``run_seed``, ``settings`` (JSON),
+``log_evidence``, ``log_evidence_se``, ``n_stages``, ``n_forward_evals``, ``wall_s`` (and ``n_chains``,
+``final_sweeps``, ``rhat_max``, ``ess_min`` with sweeps).
 
 Agreement (issue 33, item 3): latent means within 0.1 reference sd, sds within 10 %, log-evidences within 0.5.
+The final sweeps are what make the first two reachable: the mean of ``k`` coordinates from two runs differs by
+``sqrt(2 / ESS)`` sd each, so the largest of 24 stays under 0.1 only with an ESS of ~1,200 a run, more than
+``N = 500`` resampled particles are worth.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["case_target", "run_case", "load_run", "agreement", "store_runs", "MEAN_SD_GOAL", "SD_REL_GOAL",
+__all__ = ["case_target", "run_case", "load_run", "agreement", "run_chains", "runs_agreement", "store_runs", "MEAN_SD_GOAL", "SD_REL_GOAL",
            "LOG_Z_GOAL"]
 
 MEAN_SD_GOAL, SD_REL_GOAL, LOG_Z_GOAL = 0.1, 0.10, 0.5
@@ -62,7 +67,8 @@ def run_case(problem: str, seed: int, run_seed: int, settings, output: str, resu
         f.attrs.update({"problem": problem, "seed": seed, "run_seed": run_seed,
                         "settings": json.dumps(dataclasses.asdict(settings)), "wall_s": fit.wall_time_s,
                         "n_forward_evals": fit.n_forward_evals,
-                        **{k: fit.attrs[k] for k in ("log_evidence", "log_evidence_se", "n_stages")}})
+                        **{k: fit.attrs[k] for k in ("log_evidence", "log_evidence_se", "n_stages", "n_chains",
+                                                      "final_sweeps", "rhat_max", "ess_min") if k in fit.attrs}})
     os.remove(ckpt)
     return load_run(output)
 
@@ -92,11 +98,29 @@ def agreement(draws: np.ndarray, ref_draws: np.ndarray, log_z: float | None = No
     return out
 
 
+def run_chains(run: dict) -> np.ndarray:
+    """A run's draws as chains ``[C, S, k]``: its particles' final sweeps (``n_chains`` chains of ``S`` draws),
+    or each final particle alone (``S = 1``) for a run without sweeps."""
+    d = run["draws"]
+    c = int(run.get("n_chains", len(d)))
+    return d.reshape(c, len(d) // c, d.shape[-1])
+
+
+def runs_agreement(runs: list[dict]) -> tuple[bool, dict]:
+    """Every pair of runs against each other (`agreement`, the first's sd as the scale): whether all pairs meet
+    every bound, and the rows by pair ``"i-j"``."""
+    rows = {f"{i}-{j}": agreement(runs[i]["draws"], runs[j]["draws"], runs[i]["log_evidence"],
+                                  runs[j]["log_evidence"])
+            for i in range(len(runs)) for j in range(i + 1, len(runs))}
+    ok = len(runs) >= 2 and all(r["means_agree"] and r["sds_agree"] and r["log_z_agree"] for r in rows.values())
+    return ok, rows
+
+
 def store_runs(paths: list[str], output: str | None = None) -> tuple[bool, str]:
-    """Independent runs of one case pooled into the case's stored reference: each run's particles are one
-    "chain" (split R-hat across runs compares them; the ESS along a run's particle order sees the duplicates
-    resampling leaves side by side). Written beside the bundled prior unless ``output``; `save_checked` keeps
-    it as ``*.unconverged.h5`` when R-hat or ESS miss the goals. Returns ``(converged, path)``."""
+    """Independent runs of one case pooled into the case's stored reference: every run's chains (`run_chains`)
+    side by side, its R-hat and ESS over them recorded; converged (`StoredReference.converged`) when at least
+    two runs agree pairwise within the issue's bounds. Written beside the bundled prior unless ``output``;
+    `save_checked` keeps it as ``*.unconverged.h5`` otherwise. Returns ``(converged, path)``."""
     from ..errors import GanflowError
     from .cases import _make_case
     from .stored import reference_from_draws, reference_path, save_checked
@@ -105,9 +129,11 @@ def store_runs(paths: list[str], output: str | None = None) -> tuple[bool, str]:
     problem, seed = runs[0]["problem"], int(runs[0]["seed"])
     if any((r["problem"], int(r["seed"])) != (problem, seed) for r in runs):
         raise GanflowError("store: the runs are of different cases")
-    n = min(len(r["draws"]) for r in runs)
-    draws = np.stack([r["draws"][:n] for r in runs])
-    log_joint = np.stack([r["log_joint"][:n] for r in runs])
+    chains = [run_chains(r) for r in runs]
+    if len({c.shape[1:] for c in chains}) != 1:
+        raise GanflowError("store: the runs have chains of different lengths (final_sweeps)")
+    draws = np.concatenate(chains)
+    log_joint = np.concatenate([r["log_joint"].reshape(c.shape[:2]) for r, c in zip(runs, chains, strict=True)])
     run = {"step_size": float(np.mean([r["trace"]["step_size"][-1] for r in runs])), "divergences": 0,
            "n_gradients": int(sum(r["n_forward_evals"] for r in runs) // len(runs)),
            "wall_s": float(sum(r["wall_s"] for r in runs))}
@@ -118,4 +144,6 @@ def store_runs(paths: list[str], output: str | None = None) -> tuple[bool, str]:
     target = case_target(problem, seed)
     ref = reference_from_draws(target, problem, seed, [draws], [log_joint], [run],
                                f"python scripts/smc_reference.py store {' '.join(paths)}", settings)
+    ok, rows = runs_agreement(runs)
+    ref.attrs.update(n_runs=len(runs), runs_agree=ok, run_agreement=json.dumps(rows))
     return save_checked(ref, output or reference_path(_make_case(problem, seed).prior_path, problem, seed))

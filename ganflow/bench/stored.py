@@ -98,7 +98,14 @@ class StoredReference:
         return {"mean_sd": mean_sd, "sd_rel": sd_rel}
 
     def converged(self) -> bool:
-        """Every mode: split R-hat < 1.01 and bulk ESS >= 1,000, from at least 4 chains."""
+        """NUTS (and batched HMC): every mode has split R-hat < 1.01 and bulk ESS >= 1,000 from at least 4 chains.
+        Tempered SMC (``sampler = "smc"``): at least two independent runs that agree with each other
+        (``runs_agree``, `ganflow.bench.smc_runs.agreement`). A run's particles are not long chains: R-hat over
+        them after a few final sweeps is inflated by their shortness (1.10-1.14 on the curved exact problem,
+        400 chains of 16 draws, whose moments the same draws match to Monte-Carlo error), while runs from other
+        seeds that end in the same place are what shows that tempering missed no mass."""
+        if self.attrs.get("sampler") == "smc":
+            return bool(self.attrs.get("runs_agree", False)) and int(self.attrs.get("n_runs", 0)) >= 2
         return bool(self.attrs["rhat_max"] < RHAT_GOAL and self.attrs["ess_min"] >= ESS_GOAL
                     and min(d.shape[0] for d in self.draws) >= MIN_CHAINS)
 

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..chain_stats import ess_bulk, rhat_rank
 from ..errors import GanflowError
 from ..progress import Progress
 from .base import LatentFit
@@ -74,9 +75,11 @@ __all__ = ["SmcSettings", "run_smc", "SMC_CHECKPOINT_KIND"]
 
 SMC_CHECKPOINT_KIND = "ganflow.smc_run"
 SMC_CHECKPOINT_VERSION = 1
-_RESUME_FREE = {"progress", "max_stages"}  # may differ on resume: they change nothing already computed
+# may differ on resume: they change nothing already computed (more or fewer final sweeps extend or end the chains)
+_RESUME_FREE = {"progress", "max_stages", "final_sweeps", "sweep_moves"}
 ADAPT_GAIN = 2.0  # step *= exp(ADAPT_GAIN (acceptance - target)): x0.3 at none accepted, x2.2 at all
 BISECTION_ITERS = 60
+SWEEP_BETA = 1.0  # the temperature of the final sweeps (the posterior; a module constant so a test can break it)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,10 @@ class SmcSettings:
             stage's start is below this.
         min_moves, max_moves: bounds on the transitions per stage.
         max_stages: stop with an error when ``b`` has not reached 1 after this many stages.
+        final_sweeps: after ``b`` reaches 1, this many sweeps of plain MCMC (step and frame frozen), each
+            particle's positions after every sweep forming its chain: ``N x final_sweeps`` draws with split R-hat
+            and ESS across ``N`` chains (0: the ``N`` final particles only).
+        sweep_moves: transitions per sweep (between recorded draws).
         progress: a line per stage on stderr (`ganflow.progress`; a bar on a terminal).
     """
 
@@ -110,6 +117,8 @@ class SmcSettings:
     min_moves: int = 2
     max_moves: int = 50
     max_stages: int = 1000
+    final_sweeps: int = 0
+    sweep_moves: int = 5
     progress: bool = True
 
     def validate(self) -> None:
@@ -134,6 +143,9 @@ class SmcSettings:
             raise GanflowError(f"smc: need 0 <= min_moves <= max_moves, got {self.min_moves}, {self.max_moves}")
         if self.max_stages < 1:
             raise GanflowError(f"smc.max_stages must be >= 1, got {self.max_stages}")
+        if self.final_sweeps < 0 or self.sweep_moves < 1:
+            raise GanflowError(f"smc: need final_sweeps >= 0 and sweep_moves >= 1, got {self.final_sweeps}, "
+                               f"{self.sweep_moves}")
 
 
 class _Tempered:
@@ -164,6 +176,9 @@ class _SmcState:
     evals_before: int = 0
     wall_before: float = 0.0
     trace: dict = field(default_factory=lambda: {k: [] for k in TRACE_KEYS})
+    chains: list = field(default_factory=list)  # [N, k] positions after each final sweep at b = 1
+    sweep_frame: tuple | None = None  # (loc, scale_tril) frozen for the final sweeps
+    sweep_acceptance: list = field(default_factory=list)
 
 
 TRACE_KEYS = ("beta", "ess", "moves", "acceptance", "step_size", "correlation", "log_evidence", "loss")
@@ -232,6 +247,14 @@ def _correlation(u0: Tensor, u: Tensor) -> float:
     return float(((a * b).sum(0) / denom).mean())
 
 
+def _transition(wt: WhitenedTarget, u: Tensor, lp: Tensor, g: Tensor, step: float, s: SmcSettings,
+                generator: torch.Generator):
+    """One MALA (``leapfrog = 1``) or HMC transition of every particle: ``(u, log p, grad, accepted)``."""
+    if s.leapfrog > 1:
+        return hmc_step(wt, u, lp, g, step, s.leapfrog, generator)
+    return mala_step(wt, u, lp, g, step, generator)
+
+
 def _move(target: LatentTarget, z: Tensor, frame: tuple[Tensor, Tensor], beta: float, step: float, s: SmcSettings,
           generator: torch.Generator) -> tuple[Tensor, float, dict]:
     """MCMC transitions of every particle that leave ``pi_beta`` invariant, in ``frame`` (`_frame`), until
@@ -242,10 +265,7 @@ def _move(target: LatentTarget, z: Tensor, frame: tuple[Tensor, Tensor], beta: f
     u, (lp, g) = u0, wt.log_joint_and_grad(u0)
     accepted, corr, m = [], 1.0, 0
     for m in range(1, s.max_moves + 1):
-        if s.leapfrog > 1:
-            u, lp, g, acc = hmc_step(wt, u, lp, g, step, s.leapfrog, generator)
-        else:
-            u, lp, g, acc = mala_step(wt, u, lp, g, step, generator)
+        u, lp, g, acc = _transition(wt, u, lp, g, step, s, generator)
         rate = float(acc.double().mean())
         accepted.append(rate)
         step *= math.exp(ADAPT_GAIN * (rate - s.target_accept))
@@ -275,6 +295,25 @@ def _stage(target: LatentTarget, st: _SmcState, s: SmcSettings, generator: torch
     return {"beta": beta_new, "ess": ess, "step_size": st.step, "log_evidence": st.log_z, "loss": loss, **info}
 
 
+def _sweep(target: LatentTarget, st: _SmcState, s: SmcSettings, generator: torch.Generator) -> float:
+    """One final sweep at ``b = 1``: ``sweep_moves`` transitions of every particle with the step and frame
+    frozen at the end of the tempering (so each particle is a plain Markov chain leaving the posterior invariant),
+    its positions appended to the chains. Returns the sweep's acceptance rate."""
+    if st.sweep_frame is None:
+        st.sweep_frame = _frame(st.z, torch.zeros(st.z.shape[0], dtype=torch.float64), s.frame)
+    wt = WhitenedTarget(_Tempered(target, SWEEP_BETA), *st.sweep_frame)
+    u = wt.to_frame(st.z)
+    lp, g = wt.log_joint_and_grad(u)
+    rates = []
+    for _ in range(s.sweep_moves):
+        u, lp, g, acc = _transition(wt, u, lp, g, st.step, s, generator)
+        rates.append(float(acc.double().mean()))
+    st.z = wt.to_latent(u).to(st.z.dtype).detach()
+    st.chains.append(st.z.clone())
+    st.sweep_acceptance.append(float(np.mean(rates)))
+    return st.sweep_acceptance[-1]
+
+
 def _start(target: LatentTarget, s: SmcSettings, generator: torch.Generator) -> _SmcState:
     """Set-up: ``N`` prior draws and their likelihoods at ``b = 0``."""
     k = target.latent_dim
@@ -297,6 +336,9 @@ def _save(path, st: _SmcState, target: LatentTarget, s: SmcSettings, generator: 
         "beta": st.beta, "step": st.step, "log_z": st.log_z, "log_z_var": st.log_z_var, "rng": generator.get_state(),
         "trace": {key: torch.tensor(v, dtype=torch.float64) for key, v in st.trace.items()},
         "n_forward_evals": evals, "wall_time_s": wall,
+        "chains": torch.stack(st.chains, 1) if st.chains else torch.zeros(0),
+        "sweep_frame": list(st.sweep_frame) if st.sweep_frame is not None else [],
+        "sweep_acceptance": torch.tensor(st.sweep_acceptance, dtype=torch.float64),
     })
 
 
@@ -318,7 +360,10 @@ def _load(path, target: LatentTarget, s: SmcSettings, generator: torch.Generator
     return _SmcState(z=ck["z"], log_lik=ck["log_lik"], beta=float(ck["beta"]), step=float(ck["step"]),
                      log_z=float(ck["log_z"]), log_z_var=float(ck["log_z_var"]),
                      evals_before=int(ck["n_forward_evals"]), wall_before=float(ck["wall_time_s"]),
-                     trace={key: ck["trace"][key].tolist() for key in TRACE_KEYS})
+                     trace={key: ck["trace"][key].tolist() for key in TRACE_KEYS},
+                     chains=list(ck["chains"].unbind(1)) if "chains" in ck and ck["chains"].numel() else [],
+                     sweep_frame=tuple(ck["sweep_frame"]) if ck.get("sweep_frame") else None,
+                     sweep_acceptance=ck["sweep_acceptance"].tolist() if "sweep_acceptance" in ck else [])
 
 
 def _figures(rec: dict, n: int) -> dict:
@@ -329,12 +374,21 @@ def _figures(rec: dict, n: int) -> dict:
 
 
 def _result(st: _SmcState, s: SmcSettings, n_evals: int, wall: float) -> LatentFit:
-    """The equally weighted final particles as the posterior draws, the evidence and the per-stage trace."""
+    """The equally weighted final particles as the posterior draws (or, after final sweeps, every chain's draws,
+    particle by particle: ``[N * S, k]``), the evidence and the per-stage trace."""
     tr = st.trace
     attrs = {"log_evidence": st.log_z, "log_evidence_se": math.sqrt(st.log_z_var), "n_stages": len(tr["beta"]),
              "n_particles": s.n_particles, "acceptance_rate": tr["acceptance"][-1], "step_size": st.step,
              "final_correlation": tr["correlation"][-1], "total_moves": int(sum(tr["moves"]))}
-    return LatentFit(method="smc", samples=st.z.detach().float(), attrs=attrs, settings=asdict(s),
+    samples = st.z
+    if st.chains:
+        chains = torch.stack(st.chains, 1).double()  # [N, S, k]
+        samples = chains.reshape(-1, chains.shape[-1])
+        attrs.update(n_chains=chains.shape[0], final_sweeps=chains.shape[1],
+                     sweep_acceptance_rate=float(np.mean(st.sweep_acceptance)))
+        if chains.shape[1] >= 4:  # split R-hat needs two halves of at least two draws
+            attrs.update(rhat_max=float(rhat_rank(chains.numpy()).max()), ess_min=float(ess_bulk(chains.numpy()).min()))
+    return LatentFit(method="smc", samples=samples.detach().float(), attrs=attrs, settings=asdict(s),
                      trace={key: np.asarray(v, np.float64) for key, v in tr.items()}, n_forward_evals=n_evals,
                      wall_time_s=wall)
 
@@ -371,4 +425,13 @@ def run_smc(target: LatentTarget, settings: SmcSettings | None = None, generator
                 _save(checkpoint_path, st, target, s, generator, evals(), wall())
             bar.set_postfix(**_figures(rec, s.n_particles))
             bar.update(1)
+    if len(st.chains) < s.final_sweeps:
+        with Progress(s.final_sweeps, "smc sweep at b = 1", enabled=s.progress, initial=len(st.chains),
+                      unit="sweep") as bar:
+            while len(st.chains) < s.final_sweeps:
+                rate = _sweep(target, st, s, generator)
+                if checkpoint_path is not None:
+                    _save(checkpoint_path, st, target, s, generator, evals(), wall())
+                bar.set_postfix(acceptance=f"{rate:.2f}")
+                bar.update(1)
     return _result(st, s, evals(), wall())
