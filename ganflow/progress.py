@@ -11,7 +11,9 @@ train-posterior, the reference scripts):
 
 The environment variable ``GANFLOW_PROGRESS`` (``bar``, ``lines`` or ``off``) overrides the choice.
 A line reads ``flow 1/2: 600/2000 (30 %), 12 s, ETA 28 s, elbo=-5.19``: the step, the time, the estimated time
-left and the figure that matters for the loop (``set_postfix``).
+left and the figure that matters for the loop (``set_postfix``). With ``announce_after_s``, a long loop also says
+once, that long after it started and in any mode but ``off``, how fast it runs here and when it will end:
+``train-prior: 3.3 step/s here; 2000 steps take ~10 min`` (what a user needs to decide whether to wait).
 
 Example:
     >>> import io
@@ -30,13 +32,27 @@ import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["Progress", "progress_mode", "LINE_FRACTION", "LINE_MIN_S", "LINE_MAX_S"]
+__all__ = ["Progress", "progress_mode", "format_duration", "LINE_FRACTION", "LINE_MIN_S", "LINE_MAX_S"]
 
 LINE_FRACTION = 0.1  # a plain line every 10 % of the loop ...
 LINE_MIN_S = 5.0  # ... but not more often than this (a fast loop writes a few lines, a 5-s loop none)
 LINE_MAX_S = 30.0  # a line at least this often while a slow loop runs
 
 _MODES = ("bar", "lines", "off")
+
+
+def format_duration(seconds: float) -> str:
+    """``"45 s"``, ``"12 min"``, ``"2.5 h"``: a duration as a person reads an estimate.
+
+    Example:
+        >>> format_duration(45), format_duration(720), format_duration(9000)
+        ('45 s', '12 min', '2.5 h')
+    """
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def progress_mode(enabled: bool = True, stream: TextIO | None = None) -> str:
@@ -69,8 +85,10 @@ class Progress:
 
     def __init__(self, total: int | None, desc: str, *, enabled: bool = True, initial: int = 0, unit: str = "it",
                  stream: TextIO | None = None, mode: str | None = None, min_interval_s: float = LINE_MIN_S,
-                 max_interval_s: float = LINE_MAX_S, fraction: float = LINE_FRACTION):
-        self.total, self.desc, self.n = total, desc, initial
+                 max_interval_s: float = LINE_MAX_S, fraction: float = LINE_FRACTION,
+                 announce_after_s: float | None = None):
+        self.total, self.desc, self.n, self.unit = total, desc, initial, unit
+        self._announce_after_s = announce_after_s
         self.stream = stream if stream is not None else sys.stderr
         self.mode = mode or progress_mode(enabled, self.stream)
         self.min_interval_s, self.max_interval_s, self.fraction = min_interval_s, max_interval_s, fraction
@@ -87,6 +105,8 @@ class Progress:
     def update(self, n: int = 1) -> None:
         """``n`` more steps done."""
         self.n += n
+        if self._announce_after_s is not None and self.mode != "off":
+            self._maybe_announce(time.monotonic())
         if self._bar is not None:
             self._bar.update(n)
         elif self.mode == "lines" and self._line_due(time.monotonic()):
@@ -118,6 +138,21 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _maybe_announce(self, now: float) -> None:
+        """Once, ``announce_after_s`` into the loop: the rate here and the expected time of the whole loop."""
+        elapsed, done = now - self._t0, self.n - self._initial
+        if elapsed < self._announce_after_s or done <= 0 or not self.total:
+            return
+        self._announce_after_s = None
+        rate = done / elapsed
+        left = (self.total - self.n) / rate
+        msg = (f"{self.desc}: {rate:.3g} {self.unit}/s here; {self.total - self._initial} {self.unit}s take "
+               f"~{format_duration(elapsed + left)} (~{format_duration(left)} left)")
+        if self._bar is not None:
+            self._bar.write(msg, file=self.stream)
+        else:
+            print(msg, file=self.stream, flush=True)
 
     def _line_due(self, now: float) -> bool:
         since = now - self._t_line

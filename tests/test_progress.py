@@ -57,6 +57,27 @@ def test_log_gets_a_line_every_tenth_with_eta_and_figure(clock):
     assert lines[-1] == "flow 1/2: 1000/1000 (100 %), 1000 s, done, elbo=-999.0"
 
 
+def test_long_loop_announces_its_expected_time_once(clock):
+    """``announce_after_s``: one line with the rate and the whole loop's expected time (4 steps/s, 2,000 steps:
+    500 s = 8 min); none when quiet, none for a loop without a total."""
+    out = io.StringIO()
+    with Progress(2000, "train-prior", stream=out, unit="step", announce_after_s=10.0,
+                  min_interval_s=1e9, max_interval_s=1e9) as bar:
+        for _ in range(100):
+            clock.t += 0.25
+            bar.update(1)
+    lines = [s for s in _lines(out.getvalue()) if "here" in s]
+    assert lines == ["train-prior: 4 step/s here; 2000 steps take ~8 min (~8 min left)"]
+    for kw in ({"enabled": False, "total": 2000}, {"total": None}):
+        out = io.StringIO()
+        total = kw.pop("total")
+        with Progress(total, "x", stream=out, announce_after_s=1.0, **kw) as bar:
+            for _ in range(10):
+                clock.t += 1.0
+                bar.update(1)
+        assert "here" not in out.getvalue()
+
+
 def test_fast_loop_writes_at_most_ten_lines_and_short_loop_none(clock):
     out = io.StringIO()
     with Progress(10_000, "train-prior", stream=out) as bar:

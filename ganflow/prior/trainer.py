@@ -71,6 +71,8 @@ from .wgan_gp import all_finite, ema_update, gradient_penalty, restore_snapshot,
 
 __all__ = ["TrainSettings", "TrainResult", "train_prior", "load_train_settings", "split_indices"]
 
+ANNOUNCE_S = 10.0  # seconds of training after which the expected total time is printed (the rate has settled)
+
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """A seeded random split of ``range(n)`` into (train, val) index tensors; ``val`` gets ``round(f n)``."""
@@ -307,7 +309,9 @@ def _train_loop(run: _Run, progress: bool) -> tuple[int, float, float]:
     from ..progress import Progress
 
     settings, ctx = run.settings, run.ctx
-    bar = Progress(settings.steps, "train-prior", enabled=progress and ctx.is_main, initial=run.start, unit="step")
+    # after ANNOUNCE_S, one line with the steps/s here and the expected time of the whole training
+    bar = Progress(settings.steps, "train-prior", enabled=progress and ctx.is_main, initial=run.start, unit="step",
+                   announce_after_s=ANNOUNCE_S)
     t_start = time.perf_counter()
     t_last_save = t_start
     w_est = float("nan")
