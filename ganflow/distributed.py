@@ -44,7 +44,6 @@ __all__ = [
     "broadcast_module",
     "check_in_sync",
     "replica_summary",
-    "replicas_agree",
     "shard",
     "shard_tensor",
     "check_device",
@@ -203,19 +202,10 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
 def replica_summary(module: nn.Module) -> Tensor:
     """``[||w||, s_1 . w, s_2 . w]`` of a module's parameters (float64; `ganflow.fingerprint`'s summary): two
     replicas that differ by more than rounding differ here by about ``||w_a - w_b||``."""
-    from .fingerprint import _summary
+    from .fingerprint import float_summary
 
     flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in module.parameters()])
-    return torch.tensor(_summary(flat.numpy()), dtype=torch.float64)
-
-
-def replicas_agree(lo: Tensor, hi: Tensor) -> bool:
-    """Whether per-module summaries ``[M, 3]`` reduced by MIN (``lo``) and MAX (``hi``) across ranks agree to
-    rounding (`ganflow.fingerprint.RTOL` of ``||w||``). Ranks on different CPU models round differently in the
-    last bit; a missed or rank-dependent gradient update moves the weights by ~1e-3 of their norm or more."""
-    from .fingerprint import RTOL
-
-    return bool(torch.all(hi - lo <= RTOL * hi[:, :1]))
+    return torch.tensor(float_summary(flat.numpy()), dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -233,7 +223,11 @@ def check_in_sync(modules: dict[str, nn.Module], device: torch.device | str = "c
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     if torch.equal(lo, hi):
         return
-    bad = [name for i, name in enumerate(modules) if not replicas_agree(lo[i : i + 1], hi[i : i + 1])]
+    # MIN and MAX across ranks agree to rounding (`ganflow.fingerprint.summaries_agree`): ranks on different CPU
+    # models round differently in the last bit; a missed or rank-dependent update moves ~1e-3 of ||w|| or more
+    from .fingerprint import summaries_agree
+
+    bad = [name for i, name in enumerate(modules) if not summaries_agree(lo[i].cpu().numpy(), hi[i].cpu().numpy())]
     if bad:
         raise GanflowError(f"data-parallel replicas diverged ({', '.join(bad)} differ across ranks)")
     for m in modules.values():

@@ -42,17 +42,28 @@ import numpy as np
 from torch import nn
 
 __all__ = ["prior_fingerprint", "operator_fingerprint", "module_fingerprint", "same_fingerprint",
-           "short_fingerprint", "RTOL"]
+           "short_fingerprint", "float_summary", "summaries_agree", "RTOL"]
 
 RTOL = 1e-5  # float32 rounding is 6e-8 of a value; computed buffers (QR, solves) stay well inside 1e-6
 _PREFIX = "gf2"
 
 
-def _summary(values: np.ndarray) -> list[float]:
-    """``[||t||_2, s_1 . t, s_2 . t]`` in float64, with signs from a seeded PCG64 (the same bits everywhere)."""
+def float_summary(values: np.ndarray) -> list[float]:
+    """``[||t||_2, s_1 . t, s_2 . t]`` in float64, with signs from a seeded PCG64 (the same bits everywhere): what
+    a fingerprint and the data-parallel replica check compare, to rounding (`summaries_agree`)."""
     t = values.astype(np.float64).reshape(-1)
     signs = np.random.default_rng(t.size).integers(0, 2, size=(2, t.size)) * 2.0 - 1.0
     return [float(np.linalg.norm(t)), *(float(v) for v in signs @ t)]
+
+
+def summaries_agree(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two stacks of `float_summary` rows ``[M, 3]`` are the same tensors to rounding: every entry within
+    `RTOL` of the larger norm of its row."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 3), np.asarray(b, np.float64).reshape(-1, 3)
+    if a.shape != b.shape:
+        return False
+    scale = np.maximum(a[:, :1], b[:, :1])
+    return bool(np.all(np.abs(a - b) <= RTOL * scale))
 
 
 def module_fingerprint(module: nn.Module, header: str) -> str:
@@ -66,7 +77,7 @@ def module_fingerprint(module: nn.Module, header: str) -> str:
         legacy.update(arr.tobytes())
         exact.update(f"{name}|{arr.dtype}|{arr.shape}".encode())
         if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
-            summaries += _summary(arr.view(arr.real.dtype) if np.iscomplexobj(arr) else arr)
+            summaries += float_summary(arr.view(arr.real.dtype) if np.iscomplexobj(arr) else arr)
         else:
             exact.update(arr.tobytes())
     return ":".join([_PREFIX, exact.hexdigest(), legacy.hexdigest(), ",".join(repr(v) for v in summaries)])
@@ -89,10 +100,7 @@ def same_fingerprint(stored: str, current: str) -> bool:
         return stored == current
     if then is None:  # written by an earlier version: bit-exact, as it was
         return stored == now[1]
-    if then[0] != now[0] or then[2].shape != now[2].shape:
-        return False
-    scale = np.maximum(then[2][:, :1], now[2][:, :1])  # ||t|| of each entry
-    return bool(np.all(np.abs(then[2] - now[2]) <= RTOL * scale))
+    return then[0] == now[0] and summaries_agree(then[2], now[2])
 
 
 def short_fingerprint(fp: str) -> str:
