@@ -235,3 +235,27 @@ def test_refiner_targets_compare_with_the_flow_judged_beyond_the_reference_error
     assert [r["met"] for r in refiner_rows(1.2, {"mean_sd": 0.004, "sd_rel": 0.003})] == [True, False]
     assert [r["met"] for r in refiner_rows(1.2, {"mean_sd": 0.006, "sd_rel": 0.009})] == [None, None]
     assert "R-hat 1.20" in refiner_rows(1.2, {"mean_sd": 0.0, "sd_rel": 0.0})[0]["target"]
+
+
+def test_smc_reference_is_judged_by_its_runs_agreement_not_r_hat():
+    """A stored SMC reference (R-hat over short particle chains reads ~1.1 by construction) judges the flow when
+    its independent runs agree, and judges nothing when they disagree; its own target is the runs' agreement."""
+    from ganflow.bench.targets import _targets
+
+    flow = {"problem": "elliptic", "method": "flow", "latent_mean_err_sd": 0.05, "latent_sd_rel_err_max": 0.5}
+
+    def rows(agree: bool):
+        nuts = {"problem": "elliptic", "method": "nuts", "rhat_max": 1.12, "ess_min": 3000.0, "reference": "stored",
+                "reference_sampler": "smc", "reference_converged": agree,
+                "run_agreement": {"0-1": {"mean_sd": 0.04 if agree else 0.3}}}
+        return _targets([flow, nuts])
+
+    ok = rows(True)
+    flow_rows = [r for r in ok if r["target"].startswith("flow latent")]
+    assert [r["met"] for r in flow_rows] == [True, False] and "not converged" not in flow_rows[0]["target"]
+    assert not any("R-hat" in r["target"] for r in ok)
+    ref_row = [r for r in ok if r["target"].startswith("SMC reference")]
+    assert len(ref_row) == 1 and ref_row[0]["met"] is True and ref_row[0]["measured"] == 0.04
+    bad = rows(False)
+    assert all(r["met"] is None for r in bad if r["target"].startswith("flow latent"))
+    assert [r["met"] for r in bad if r["target"].startswith("SMC reference")] == [False]

@@ -83,6 +83,8 @@ def _stored_nuts(case: _Case, path: str, plan: BenchPlan, seed: int, echo) -> tu
         "mode_mass": [float(v) for v in sref.mode_mass],
         "settings": json.loads(a["nuts_settings"]),
         "reference_self_split": sref.time_split(),
+        "reference_converged": sref.converged(),  # NUTS: R-hat and ESS; SMC: independent runs that agree
+        "run_agreement": json.loads(a["run_agreement"]) if "run_agreement" in a else None,
     })
     if case.z_true is not None:
         rec["z_true_err_sd"] = float(np.max(np.abs(ref.mean - case.z_true) / ref.sd))
