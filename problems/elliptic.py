@@ -19,8 +19,9 @@ the face between neighbouring cells P and Q (face length h, centre distance h) i
 the transmissibility ``T_PQ = 2 kappa_P kappa_Q / (kappa_P + kappa_Q)`` (harmonic mean); through a Dirichlet
 face (half-cell distance h/2 to the boundary value g) it is ``2 kappa_P (u_P - g)``; no-flux faces contribute
 nothing. Balancing the fluxes out of each cell against ``f_P h^2`` gives ``K(m) u = b(m)`` with K symmetric
-positive definite. ``K`` is assembled with scipy.sparse and factorised per sample with SuperLU
-(`scipy.sparse.linalg.splu`); the backward pass solves the adjoint system ``K^T lam = dl/du`` with the same
+positive definite. ``K`` is assembled with scipy.sparse into LAPACK band storage (half-bandwidth n) and
+factorised per sample by banded Cholesky (`scipy.linalg.lapack.dpbtrf`; SuperLU for a sample whose pivot
+fails); the backward pass solves the adjoint system ``K^T lam = dl/du`` with the same
 factors and returns ``dl/dm = -lam^T (dK/dm u - db/dm)``, with
 ``dT_PQ/dm_P = 2 kappa_P kappa_Q^2 / (kappa_P + kappa_Q)^2``.
 
@@ -64,6 +65,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
+from scipy.linalg import lapack
 from torch import Tensor, nn
 
 from ganflow import GanflowError
@@ -98,7 +100,7 @@ class FiniteVolumeSolver:
         source: f, a number or an array ``[n, n]`` of cell-centre values (midpoint rule).
 
     ``solve(m)`` takes ``m`` ``[B, n, n]`` (float64 numpy) and returns ``u`` ``[B, n, n]`` and the list of
-    SuperLU factors; ``gradient(m, u, factors, grad_u)`` returns ``dl/dm`` for ``grad_u = dl/du`` (one adjoint
+    factors (banded Cholesky); ``gradient(m, u, factors, grad_u)`` returns ``dl/dm`` for ``grad_u = dl/du`` (one adjoint
     solve each).
     """
 
@@ -143,6 +145,10 @@ class FiniteVolumeSolver:
         self.indptr = np.concatenate([[0], np.cumsum(np.bincount(key // N, minlength=N))]).astype(np.int32)
         n_coo = rows.size
         self._scatter = sp.csr_matrix((np.ones(n_coo), (inverse, np.arange(n_coo))), shape=(key.size, n_coo))
+        upper = rows <= cols  # the band storage keeps the upper triangle: ab[n + i - j, j] = K[i, j]
+        band_at = (n + rows - cols) * N + cols
+        self._band_scatter = sp.csr_matrix((np.ones(int(upper.sum())), (band_at[upper], np.arange(n_coo)[upper])),
+                                           shape=((n + 1) * N, n_coo))
         n_face, n_dir = p.size, d.size
         self._face_to_p = sp.csr_matrix((np.ones(n_face), (p, np.arange(n_face))), shape=(N, n_face))
         self._face_to_q = sp.csr_matrix((np.ones(n_face), (q, np.arange(n_face))), shape=(N, n_face))
@@ -152,36 +158,55 @@ class FiniteVolumeSolver:
         kp, kq = kappa[:, self.face_p], kappa[:, self.face_q]
         return 2.0 * kp * kq / (kp + kq), 2.0 * kappa[:, self.dir_cell]
 
-    def assemble(self, m: np.ndarray) -> tuple[list[sp.csc_matrix], np.ndarray]:
-        """``m`` ``[B, n, n]`` -> the matrices ``K(m_b)`` (CSC) and right-hand sides ``b(m)`` ``[B, n*n]``."""
+    def _values(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``m`` ``[B, n, n]`` -> the COO values of ``K(m_b)`` ``[B, n_coo]`` and the right-hand sides ``[B, n*n]``."""
         kappa = np.exp(m.reshape(m.shape[0], -1))
         t_face, t_dir = self._transmissibilities(kappa)
         coo = np.concatenate([t_face, t_face, -t_face, -t_face, t_dir], axis=1)
+        rhs = self.rhs_source[None, :] + (self._dir_to_cell @ (t_dir * self.dir_value).T).T
+        return coo, rhs
+
+    def assemble(self, m: np.ndarray) -> tuple[list[sp.csc_matrix], np.ndarray]:
+        """``m`` ``[B, n, n]`` -> the matrices ``K(m_b)`` (CSC) and right-hand sides ``b(m)`` ``[B, n*n]``."""
+        coo, rhs = self._values(m)
         data = np.ascontiguousarray((self._scatter @ coo.T).T)
         N = self.n * self.n
-        mats = [sp.csc_matrix((row, self.indices, self.indptr), shape=(N, N)) for row in data]
-        rhs = self.rhs_source[None, :] + (self._dir_to_cell @ (t_dir * self.dir_value).T).T
-        return mats, rhs
+        return [sp.csc_matrix((row, self.indices, self.indptr), shape=(N, N)) for row in data], rhs
+
+    def bands(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``K(m_b)`` in LAPACK's upper band storage ``[B, n + 1, n*n]`` (``ab[n + i - j, j] = K[i, j]``; cells
+        numbered row by row, so the half-bandwidth is ``n``) and the right-hand sides ``[B, n*n]``."""
+        coo, rhs = self._values(m)
+        N = self.n * self.n
+        return np.ascontiguousarray((self._band_scatter @ coo.T).T).reshape(-1, self.n + 1, N), rhs
 
     def solve(self, m: np.ndarray) -> tuple[np.ndarray, list]:
-        """``m`` ``[B, n, n]`` float64 -> ``u`` ``[B, n, n]`` and the SuperLU factors (for `gradient`)."""
-        mats, rhs = self.assemble(m)
-        # Sequential on purpose: a SuperLU object made in a worker thread leaks its memory in scipy (gh-15921;
-        # measured here: +8 MiB per batch of 16 at n = 32), and two threads gained nothing reliable on 2
-        # cores. K is SPD: a symmetric ordering without pivoting keeps the factorisation cheap and stable.
-        factors = [
-            spla.splu(K, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-            for K in mats
-        ]
-        u = np.stack([lu.solve(b) for lu, b in zip(factors, rhs, strict=True)]).reshape(m.shape)
+        """``m`` ``[B, n, n]`` float64 -> ``u`` ``[B, n, n]`` and each sample's factors (for `gradient`)."""
+        ab, rhs = self.bands(m)
+        # K is SPD with half-bandwidth n: a banded Cholesky (LAPACK dpbtrf) is half the time of SuperLU with a
+        # fill-reducing ordering at n = 32 (1.1 against 2.1 ms a sample; the ordering and symbolic analysis cannot
+        # be reused in scipy). Should a pivot fail (K SPD to rounding only), that sample takes SuperLU. One sample
+        # after another: SuperLU objects made in worker threads leak (scipy gh-15921).
+        factors = []
+        with _one_blas_thread():
+            for b, band in enumerate(ab):
+                chol, info = lapack.dpbtrf(band, lower=0)
+                if info == 0:
+                    factors.append(_BandCholesky(chol))
+                else:
+                    K = self.assemble(m[b : b + 1])[0][0]
+                    factors.append(spla.splu(K, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                                             options={"SymmetricMode": True}))
+            u = np.stack([f.solve(r) for f, r in zip(factors, rhs, strict=True)]).reshape(m.shape)
         return u, factors
 
     def gradient(self, m: np.ndarray, u: np.ndarray, factors: list, grad_u: np.ndarray) -> np.ndarray:
         """``dl/dm`` ``[B, n, n]`` from ``dl/du`` ``[B, n, n]`` via one adjoint solve per sample."""
         B = m.shape[0]
         g = grad_u.reshape(B, -1)
-        # adjoint: K^T lam = dl/du, with the forward factors
-        lam = np.stack([lu.solve(gb, trans="T") for lu, gb in zip(factors, g, strict=True)])
+        # adjoint: K^T lam = dl/du, with the forward factors (K = K^T)
+        with _one_blas_thread():
+            lam = np.stack([lu.solve(gb, trans="T") for lu, gb in zip(factors, g, strict=True)])
         kappa = np.exp(m.reshape(B, -1))
         uf = u.reshape(B, -1)
         p, q, d = self.face_p, self.face_q, self.dir_cell
@@ -194,6 +219,37 @@ class FiniteVolumeSolver:
         # Dirichlet face: residual 2 kappa_P (u_P - g), derivative in m_P is the residual itself.
         grad -= (self._dir_to_cell @ (2.0 * kappa[:, d] * lam[:, d] * (uf[:, d] - self.dir_value)).T).T
         return grad.reshape(m.shape)
+
+
+_BLAS_CONTROLLER = None
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread: a band of 32 is far too small to split, and OpenBLAS's
+    threads made the banded Cholesky 5-10x slower beside another busy process (measured: 11-32 against 1.1-1.8
+    ms a sample). The controller is built once (0.07 ms a use after that, against 4 ms for a fresh one)."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+class _BandCholesky:
+    """``K = U^T U`` from LAPACK ``dpbtrf`` (upper band storage), with a SuperLU object's ``solve(b, trans)``: K
+    is symmetric, so the transposed (adjoint) solve is the same solve."""
+
+    __slots__ = ("chol",)
+
+    def __init__(self, chol: np.ndarray):
+        self.chol = chol
+
+    def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
+        x, info = lapack.dpbtrs(self.chol, b, lower=0)
+        if info != 0:
+            raise RuntimeError(f"dpbtrs failed (info {info})")
+        return x
 
 
 # The cells along each side of a batch of fields [B, n, n] (row 0 at the bottom): an index for reading or writing.
@@ -423,8 +479,8 @@ class EllipticOperator(nn.Module):
         bc: ``"hippylib"`` (u = 0 bottom, u = 1 top, no-flux sides, f = 0) or ``"darcy"`` (u = 0, f = 1).
         sensors: ``"grid:K"``, ``"random:N"``, ``"hippylib"``, ``"full"`` or a list of ``[x, y]`` pairs.
         sensor_seed: seed of the random layouts (``random:N``, ``hippylib``).
-        backend: ``"auto"`` (SuperLU on the CPU, `BlockTridiagonalSolver` for fields on a GPU), ``"scipy"`` or
-            ``"torch"``. Both solve the same system to round-off, so the backend is not part of the operator's
+        backend: ``"auto"`` (banded Cholesky on the CPU, `BlockTridiagonalSolver` for fields on a GPU), ``"scipy"``
+            or ``"torch"``. Both solve the same system to round-off, so the backend is not part of the operator's
             settings (``extra_repr``, fingerprint): a reference made with one holds for the other.
 
     Buffers: ``sensor_xy`` ``[n_obs, 2]`` (empty for ``full``) and the interpolation matrix in ELL form,

@@ -291,3 +291,37 @@ def test_check_operator_cli_on_elliptic():
     assert rel[1] < rel[0] / 50 and rel[2] < rel[1] / 50 and min(rel) < 1e-7  # central difference: O(eps^2)
     bad = CliRunner().invoke(cli, ["check-operator", "no_such_problem"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+
+
+def test_banded_cholesky_matches_superlu_and_falls_back_to_it(monkeypatch):
+    """The CPU solver's banded Cholesky (LAPACK dpbtrf) gives SuperLU's pressures and adjoint gradients (an
+    independent sparse LU of the same assembled K) to round-off; a sample whose banded pivot fails is solved by
+    SuperLU instead, with the same result."""
+    import scipy.sparse.linalg as spla
+
+    from ganflow.problems import elliptic as el
+
+    op = EllipticOperator(n=12, sensors="grid:4")
+    m = EllipticProblem(n=12).sample_fields(3, torch.Generator().manual_seed(1)).double().numpy()
+    fv = op.solver
+    u, factors = fv.solve(m)
+    mats, rhs = fv.assemble(m)
+    u_lu = np.stack([spla.splu(K).solve(b) for K, b in zip(mats, rhs, strict=True)]).reshape(m.shape)
+    np.testing.assert_allclose(u, u_lu, rtol=0, atol=1e-12)
+    g = np.random.default_rng(0).standard_normal(m.shape)
+    lam_lu = np.stack([spla.splu(K).solve(gb) for K, gb in zip(mats, g.reshape(3, -1), strict=True)])
+    lam = np.stack([f.solve(gb, trans="T") for f, gb in zip(factors, g.reshape(3, -1), strict=True)])
+    np.testing.assert_allclose(lam, lam_lu, rtol=0, atol=1e-10 * np.abs(lam_lu).max())
+    real = el.lapack.dpbtrf
+    calls = []
+
+    def failing_second(band, lower=0):
+        calls.append(1)
+        chol, info = real(band, lower=lower)
+        return chol, (1 if len(calls) == 2 else info)
+
+    monkeypatch.setattr(el.lapack, "dpbtrf", failing_second)
+    u2, factors2 = fv.solve(m)
+    assert isinstance(factors2[1], type(spla.splu(mats[0]))) and not isinstance(factors2[0], type(factors2[1]))
+    np.testing.assert_allclose(u2, u, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fv.gradient(m, u2, factors2, g), fv.gradient(m, u, factors, g), rtol=1e-9, atol=1e-12)

@@ -23,8 +23,8 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["case_target", "run_case", "load_run", "agreement", "run_chains", "runs_agreement", "store_runs", "MEAN_SD_GOAL", "SD_REL_GOAL",
-           "LOG_Z_GOAL"]
+__all__ = ["case_target", "run_case", "load_run", "agreement", "run_chains", "runs_agreement", "store_runs",
+           "MEAN_SD_GOAL", "SD_REL_GOAL", "LOG_Z_GOAL"]
 
 MEAN_SD_GOAL, SD_REL_GOAL, LOG_Z_GOAL = 0.1, 0.10, 0.5
 

@@ -75,8 +75,10 @@ __all__ = ["SmcSettings", "run_smc", "SMC_CHECKPOINT_KIND"]
 
 SMC_CHECKPOINT_KIND = "ganflow.smc_run"
 SMC_CHECKPOINT_VERSION = 1
-# may differ on resume: they change nothing already computed (more or fewer final sweeps extend or end the chains)
-_RESUME_FREE = {"progress", "max_stages", "final_sweeps", "sweep_moves"}
+# may differ on resume: they change nothing already computed (more or fewer final sweeps extend or end the chains;
+# a stage's moves may be any transitions that leave its tempered law invariant, so a run whose particles stopped
+# decorrelating can go on with more of them)
+_RESUME_FREE = {"progress", "max_stages", "final_sweeps", "sweep_moves", "max_moves"}
 ADAPT_GAIN = 2.0  # step *= exp(ADAPT_GAIN (acceptance - target)): x0.3 at none accepted, x2.2 at all
 BISECTION_ITERS = 60
 SWEEP_BETA = 1.0  # the temperature of the final sweeps (the posterior; a module constant so a test can break it)
