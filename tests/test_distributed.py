@@ -29,7 +29,7 @@ from ganflow.solve import solve
 
 GP_TRAIN = "[train]\n" + "".join(
     f"{key} = {getattr(GP_SETTINGS, key)!r}\n"
-    for key in ("latent_dim", "steps", "batch_size", "mlp_hidden", "mlp_depth", "lr_g", "lr_d")
+    for key in ("latent_dim", "steps", "batch_size", "n_critic", "mlp_hidden", "mlp_depth", "lr_g", "lr_d")
 )
 
 

@@ -49,7 +49,7 @@ def gp_file(tmp_path):
 
 # The settings of the quality test (and of test_distributed's two-process run of the same training).
 GP_SETTINGS = TrainSettings(
-    latent_dim=8, steps=400, batch_size=128, mlp_hidden=64, mlp_depth=2, lr_g=3e-3, lr_d=3e-3
+    latent_dim=8, steps=400, batch_size=128, n_critic=5, mlp_hidden=64, mlp_depth=2, lr_g=3e-3, lr_d=3e-3
 )
 N_GEN = 4000  # generator draws for the moment check
 N_TRAIN = 1800  # the 2,000 fields less the 10 % held out
