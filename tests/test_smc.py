@@ -139,6 +139,23 @@ def test_broken_smc_fails_the_same_checks(linear, monkeypatch, breakage, fails):
     assert any(f.startswith(fails) for f in failures), failures
 
 
+def _interrupted_run(monkeypatch, step: str, after: int, target, s, seed: int, ckpt: str) -> None:
+    """A checkpointed run killed (KeyboardInterrupt) when ``smc.<step>`` is called for the ``after + 1``-th time,
+    i.e. after ``after`` completed calls and their checkpoints; the real function is restored after."""
+    real, calls = getattr(smc_mod, step), []
+
+    def dying(*a):
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(smc_mod, step, dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_smc(target, s, torch.Generator().manual_seed(seed), checkpoint_path=ckpt)
+    monkeypatch.setattr(smc_mod, step, real)
+
+
 def test_resume_after_an_interrupted_stage_is_bit_identical(tmp_path, monkeypatch):
     """A run killed after its third stage boundary (the checkpoint is renamed into place before the next stage
     starts) and resumed ends exactly as the uninterrupted run; other settings or data are refused."""
@@ -147,18 +164,7 @@ def test_resume_after_an_interrupted_stage_is_bit_identical(tmp_path, monkeypatc
     s = SmcSettings(n_particles=300, target_ess=0.9, progress=False)
     whole = run_smc(target, s, torch.Generator().manual_seed(5))
     ckpt = str(tmp_path / "smc.ckpt")
-    real_stage, calls = smc_mod._stage, []
-
-    def dying_stage(*a):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_stage(*a)
-
-    monkeypatch.setattr(smc_mod, "_stage", dying_stage)
-    with pytest.raises(KeyboardInterrupt):
-        run_smc(target, s, torch.Generator().manual_seed(5), checkpoint_path=ckpt)
-    monkeypatch.setattr(smc_mod, "_stage", real_stage)
+    _interrupted_run(monkeypatch, "_stage", 3, target, s, 5, ckpt)
     resumed = run_smc(target, s, torch.Generator().manual_seed(123), checkpoint_path=ckpt, resume=True)
     assert torch.equal(whole.samples, resumed.samples)
     assert whole.attrs["log_evidence"] == resumed.attrs["log_evidence"]
@@ -254,18 +260,7 @@ def test_sweeps_resume_and_extend(tmp_path, monkeypatch):
     s = SmcSettings(n_particles=200, target_ess=0.5, progress=False, final_sweeps=4, sweep_moves=2)
     whole = run_smc(target, s, torch.Generator().manual_seed(2))
     ckpt = str(tmp_path / "smc.ckpt")
-    real_sweep, calls = smc_mod._sweep, []
-
-    def dying_sweep(*a):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_sweep(*a)
-
-    monkeypatch.setattr(smc_mod, "_sweep", dying_sweep)
-    with pytest.raises(KeyboardInterrupt):
-        run_smc(target, s, torch.Generator().manual_seed(2), checkpoint_path=ckpt)
-    monkeypatch.setattr(smc_mod, "_sweep", real_sweep)
+    _interrupted_run(monkeypatch, "_sweep", 2, target, s, 2, ckpt)
     resumed = run_smc(target, s, torch.Generator().manual_seed(9), checkpoint_path=ckpt, resume=True)
     assert torch.equal(whole.samples, resumed.samples)
     longer = run_smc(target, SmcSettings(**{**s.__dict__, "final_sweeps": 6}), checkpoint_path=ckpt, resume=True)
