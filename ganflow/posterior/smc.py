@@ -21,6 +21,11 @@ latent posterior through the tempered laws
    below ``max_correlation`` (pocoMC's criterion, Karamanis et al. 2022), at least ``min_moves`` and at most
    ``max_moves`` times.
 
+**Final sweeps** (``final_sweeps = S``): once ``b = 1``, every particle goes on as a plain MCMC chain with the
+last stage's step and the final particles' frame, both frozen, its position recorded after every ``sweep_moves``
+transitions: ``N x S`` draws (particle by particle) whose bulk ESS over the ``N`` chains is reported. The ``N``
+particles alone are worth ``N/4``-``N/2`` independent draws; a reference needs more.
+
 **The evidence's Monte-Carlo error** (``log_evidence_se``): when the moves leave the particles (nearly)
 independent draws of ``pi_b``, the stages' estimates are independent and, by the delta method, ``log mean w``
 has variance ``Var(w) / (N mean(w)^2) = 1 / ESS_t - 1 / N``; the error is the square root of the sum over the
