@@ -258,4 +258,6 @@ def test_smc_reference_is_judged_by_its_runs_agreement_not_r_hat():
     assert len(ref_row) == 1 and ref_row[0]["met"] is True and ref_row[0]["measured"] == 0.04
     bad = rows(False)
     assert all(r["met"] is None for r in bad if r["target"].startswith("flow latent"))
+    assert all(r["target"].endswith("(SMC reference: its independent runs disagree)")
+               for r in bad if r["target"].startswith("flow latent"))
     assert [r["met"] for r in bad if r["target"].startswith("SMC reference")] == [False]

@@ -74,3 +74,8 @@ def test_store_refuses_convergence_to_runs_that_disagree(curved_runs):
         dst["draws"][...] = d + 0.3 * d.std(0)
     converged, path = store_runs([r1, bad], str(tmp / "ref2.h5"))
     assert not converged and path.endswith(".unconverged.h5")
+    # its error as bench reads it is the runs' disagreement (the 0.3 sd moved in), not a time split of the sweeps
+    from ganflow.bench.smc_runs import case_target
+
+    split = load_reference(path, case_target("curved", 0), "curved", 0).time_split()
+    assert 0.25 < split["mean_sd"] < 0.35 and split["sd_rel"] < 0.1

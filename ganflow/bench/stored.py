@@ -88,7 +88,12 @@ class StoredReference:
         halves (pooled over chains), as ``mean_sd`` (the largest mean difference in the mode's sd) and ``sd_rel``
         (the largest relative sd difference), over the modes. For a run that has not converged this is what
         its own draws say about its error: Monte-Carlo noise (twice that of the whole run's mean) plus any drift
-        still under way. It cannot see a region no chain has reached."""
+        still under way. It cannot see a region no chain has reached. An SMC reference's chains are its particles'
+        few final sweeps, where a time split sees nothing of how far a run is off: its independent runs against
+        each other (``run_agreement``, the largest over the pairs) stand in."""
+        if self.attrs.get("sampler") == "smc" and "run_agreement" in self.attrs:
+            rows = json.loads(self.attrs["run_agreement"]).values()
+            return {k: max(float(r[k]) for r in rows) for k in ("mean_sd", "sd_rel")}
         mean_sd = sd_rel = 0.0
         for d in self.draws:
             first, second = (h.reshape(-1, d.shape[-1]) for h in (d[:, : d.shape[1] // 2], d[:, d.shape[1] // 2 :]))

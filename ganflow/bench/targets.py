@@ -86,8 +86,9 @@ def _refiner_targets(problem: str, refined: dict, flow: dict, nuts: dict | None)
     that mode): the reference is itself off by some ``d``, which moves both errors by at most ``d`` (triangle
     inequality, coordinate by coordinate), so only a
     difference beyond ``2 d`` is judged: met where the refined error is below the flow's by more, missed where
-    above by more, else not judged. ``d`` is the run's own time split (`StoredReference.time_split`), a lower
-    bound of its error. Against anything else (the plan's short NUTS run): not judged."""
+    above by more, else not judged. ``d`` is the run's disagreement with itself (`StoredReference.time_split`:
+    its halves in time, or an SMC reference's runs against each other), a lower bound of its error. Against
+    anything else (the plan's short NUTS run): not judged."""
     converged = _reference_converged(nuts)
     split = (nuts or {}).get("reference_self_split") if not converged else None
     out = []
@@ -101,11 +102,18 @@ def _refiner_targets(problem: str, refined: dict, flow: dict, nuts: dict | None)
             margin = 2 * split[d_key]
             ok = True if value <= flow_value - margin else False if value > flow_value + margin else None
             goal = f"<= {flow_value:.3f} (judged beyond +-{margin:.3f})"
-            tag = f" (long unconverged reference, R-hat {nuts['rhat_max']:.2f})"
+            tag = _unconverged_tag(nuts, "long unconverged reference")
         else:
             ok, goal, tag = None, f"<= {flow_value:.3f}", ""
         out.append(_target(problem, f"refiner latent {what} vs the flow's{tag}", value, goal, ok))
     return out
+
+
+def _unconverged_tag(nuts: dict, what: str) -> str:
+    """How a target names an unconverged reference: an SMC one by its runs' disagreement, others by R-hat."""
+    if nuts.get("reference_sampler") == "smc":
+        return " (SMC reference: its independent runs disagree)"
+    return f" ({what}, R-hat {nuts['rhat_max']:.2f})"
 
 
 def _reference_converged(nuts: dict | None) -> bool:
@@ -139,10 +147,8 @@ def _flow_targets(problem: str, flow: dict, nuts: dict | None) -> list[dict]:
     # reference as much as the flow: it is reported, but neither met nor missed.
     unconverged = (nuts is not None and nuts.get("reference") in ("nuts", "stored")
                    and not _reference_converged(nuts))
-    sampler = "" if nuts is None or nuts.get("reference_sampler", "NUTS") == "NUTS" else "long-run "
-    tag = f" ({sampler or 'NUTS '}reference not converged, R-hat {nuts['rhat_max']:.2f})" if unconverged else ""
-    if unconverged and nuts.get("reference_sampler") == "smc":
-        tag = " (SMC reference: its independent runs disagree)"
+    sampler = "NUTS" if nuts is None or nuts.get("reference_sampler", "NUTS") == "NUTS" else "long-run"
+    tag = _unconverged_tag(nuts, f"{sampler} reference not converged") if unconverged else ""
 
     def judged(ok):
         return None if unconverged else ok
