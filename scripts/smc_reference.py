@@ -14,7 +14,8 @@ Measured (docs/posteriors.md, tempered SMC): phase retrieval, ``N = 1000`` MALA 
 0.097 / 0.166 sd and 7.8 / 9.7 % of the converged NUTS reference (run seeds 1 / 2). Elliptic, the recipe below
 (two seeds side by side, one core each): 62 min a run, log p(y) 181.47 and 181.27 (+- 0.13), but the runs' latent
 means differ by up to 0.47 sd and their sds by up to 24 %: not yet a reference (`store` writes *.unconverged.h5
-then). ``max_moves`` may be raised on ``--resume``.
+then). ``max_moves`` may be raised on ``--resume``, and ``final_sweeps`` too: the checkpoint outlives a finished
+run, so ``--resume`` with more sweeps extends its chains.
 
     printf '[smc]\nn_particles = 500\nleapfrog = 4\nmax_moves = 40\nfinal_sweeps = 20\nsweep_moves = 5\n' \
         > runs/smc/elliptic.toml

@@ -8,6 +8,8 @@ to call the reference converged.
 
 from __future__ import annotations
 
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -49,6 +51,16 @@ def curved_runs(tmp_path_factory):
     for r, path in zip((1, 2), paths, strict=True):
         run_case("curved", 0, r, s, path)
     return paths, tmp
+
+
+def test_a_finished_run_takes_more_sweeps_on_resume(tmp_path):
+    """The run's checkpoint outlives it, so a reference that needs more draws is extended, not rerun."""
+    s = SmcSettings(n_particles=100, progress=False, final_sweeps=3, sweep_moves=2)
+    path = str(tmp_path / "r.h5")
+    first = run_case("curved", 0, 1, s, path)
+    longer = run_case("curved", 0, 1, dataclasses.replace(s, final_sweeps=5), path, resume=True)
+    assert longer["draws"].shape == (100 * 5, 2) and longer["final_sweeps"] == 5
+    assert np.array_equal(run_chains(longer)[:, :3], run_chains(first))
 
 
 def test_stored_smc_reference_is_converged_when_runs_agree(curved_runs):

@@ -46,7 +46,8 @@ def case_target(problem: str, seed: int):
 
 def run_case(problem: str, seed: int, run_seed: int, settings, output: str, resume: bool = False) -> dict:
     """One SMC run on the case, checkpointed at ``output + ".ckpt"`` at every stage (``resume``: continue it),
-    written to ``output``; returns the run (`load_run`). The checkpoint is removed once the run file exists."""
+    written to ``output``; returns the run (`load_run`). The checkpoint is kept after the run: the same call with
+    ``resume`` and a larger ``final_sweeps`` extends every chain (a reference grows over several sessions)."""
     import h5py
 
     from ..io import atomic_path
@@ -69,7 +70,6 @@ def run_case(problem: str, seed: int, run_seed: int, settings, output: str, resu
                         "n_forward_evals": fit.n_forward_evals,
                         **{k: fit.attrs[k] for k in ("log_evidence", "log_evidence_se", "n_stages", "n_chains",
                                                       "final_sweeps", "rhat_max", "ess_min") if k in fit.attrs}})
-    os.remove(ckpt)
     return load_run(output)
 
 
