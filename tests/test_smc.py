@@ -248,8 +248,21 @@ def test_final_sweeps_are_posterior_chains(exact2d, monkeypatch):
     assert fit.samples.shape == (400 * 16, 2) and fit.attrs["n_chains"] == 400 and fit.attrs["final_sweeps"] == 16
     assert fit.attrs["ess_min"] > 1.5 * 400 and 0.3 < fit.attrs["sweep_acceptance_rate"] < 0.95
     assert _sweep_failures(fit, ref) == []
+    chains = fit.samples.double().numpy().reshape(400, 16, 2)
+    first_last = max(np.corrcoef(chains[:, 0, j], chains[:, -1, j])[0, 1] for j in range(2))
+    assert fit.attrs["sweep_correlation"] == pytest.approx(first_last, abs=1e-6)
     monkeypatch.setattr(smc_mod, "SWEEP_BETA", 0.3)
     assert _sweep_failures(_run(target, n_particles=400, final_sweeps=16, sweep_moves=3), ref) != []
+
+
+def test_chains_that_do_not_move_report_a_sweep_correlation_of_one(monkeypatch):
+    """``sweep_correlation`` is what says the ESS over the sweeps is too short-sighted: chains that never move
+    read 1."""
+    p = curved_problem()
+    target = LatentTarget(p.generator, p.operator, p.y, p.noise_sigma)
+    monkeypatch.setattr(smc_mod, "_transition", lambda wt, u, lp, g, *a: (u, lp, g, torch.zeros(len(u), dtype=bool)))
+    fit = _run(target, n_particles=100, final_sweeps=4, sweep_moves=1)
+    assert fit.attrs["sweep_correlation"] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_sweeps_resume_and_extend(tmp_path, monkeypatch):

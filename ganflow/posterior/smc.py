@@ -24,7 +24,11 @@ latent posterior through the tempered laws
 **Final sweeps** (``final_sweeps = S``): once ``b = 1``, every particle goes on as a plain MCMC chain with the
 last stage's step and the final particles' frame, both frozen, its position recorded after every ``sweep_moves``
 transitions: ``N x S`` draws (particle by particle) whose bulk ESS over the ``N`` chains is reported. The ``N``
-particles alone are worth ``N/4``-``N/2`` independent draws; a reference needs more.
+particles alone are worth ``N/4``-``N/2`` independent draws; a reference needs more. The bulk ESS sees no
+autocorrelation longer than the chains: ``sweep_correlation`` (the largest, over coordinates, correlation across
+particles between the first and the last sweep) says how far they are from that. On the elliptic case, 20 sweeps
+of 32-step HMC read ESS 983 with ``sweep_correlation`` 0.58, where the lag correlations put the integrated
+autocorrelation at 1,300-2,800 gradients, an ESS nearer 300: a second seed's run, not the ESS, is the check.
 
 **The evidence's Monte-Carlo error** (``log_evidence_se``): when the moves leave the particles (nearly)
 independent draws of ``pi_b``, the stages' estimates are independent and, by the delta method, ``log mean w``
@@ -247,11 +251,16 @@ def _frame(z: Tensor, log_w: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     return (loc, tril) if ok else (loc, eye)
 
 
-def _correlation(u0: Tensor, u: Tensor) -> float:
-    """Mean over coordinates of the correlation across particles between ``u0`` and ``u`` ``[N, k]``."""
+def _coordinate_correlations(u0: Tensor, u: Tensor) -> Tensor:
+    """``[k]``: each coordinate's correlation across particles between ``u0`` and ``u`` ``[N, k]``."""
     a, b = u0 - u0.mean(0), u - u.mean(0)
     denom = (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)
-    return float(((a * b).sum(0) / denom).mean())
+    return (a * b).sum(0) / denom
+
+
+def _correlation(u0: Tensor, u: Tensor) -> float:
+    """Mean over coordinates of the correlation across particles between ``u0`` and ``u`` ``[N, k]``."""
+    return float(_coordinate_correlations(u0, u).mean())
 
 
 def _transition(wt: WhitenedTarget, u: Tensor, lp: Tensor, g: Tensor, step: float, s: SmcSettings,
@@ -393,6 +402,8 @@ def _result(st: _SmcState, s: SmcSettings, n_evals: int, wall: float) -> LatentF
         samples = chains.reshape(-1, chains.shape[-1])
         attrs.update(n_chains=chains.shape[0], final_sweeps=chains.shape[1],
                      sweep_acceptance_rate=float(np.mean(st.sweep_acceptance)))
+        # chains shorter than their autocorrelation: the ESS below cannot see it and overstates (module docstring)
+        attrs["sweep_correlation"] = float(_coordinate_correlations(chains[:, 0], chains[:, -1]).max())
         if chains.shape[1] >= 4:  # split R-hat needs two halves of at least two draws
             attrs.update(rhat_max=float(rhat_rank(chains.numpy()).max()), ess_min=float(ess_bulk(chains.numpy()).min()))
     return LatentFit(method="smc", samples=samples.detach().float(), attrs=attrs, settings=asdict(s),
