@@ -168,18 +168,11 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
         ls = cfg.section(LangevinSettings, "langevin")
         init = frame = flow_fit = log_q = None
         if ls.init == "flow":  # the refiner: chains from the flow, in the frame of its draws' moments
-            fs = cfg.section(FlowSettings, "flow")
-            if not progress:
-                fs = dataclasses.replace(fs, progress=False)
-            flow_fit = fit_flow(target, fs, gen)
+            flow_fit = _start_flow(target, cfg, gen, progress)
             init, frame, log_q = flow_fit.sampler, moment_frame(flow_fit.sampler, gen), flow_fit.model.log_prob
         evals_before = target.n_forward_evals
         fit = run_langevin(target, ls, gen, init=init, frame=frame, init_log_prob=log_q, progress=progress)
-        if flow_fit is not None:
-            fit.n_forward_evals = target.n_forward_evals - evals_before + flow_fit.n_forward_evals
-            fit.wall_time_s += flow_fit.wall_time_s
-            fit.attrs["init_flow_elbo"] = flow_fit.attrs.get("elbo")
-        return fit
+        return _with_start_cost(fit, flow_fit, target, evals_before)
     if method == "nuts":
         from .posterior.nuts import NutsSettings, run_nuts
 
@@ -190,8 +183,29 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
         ss = cfg.section(SmcSettings, "smc")
         if not progress:
             ss = dataclasses.replace(ss, progress=False)
-        return run_smc(target, ss, gen, **(checkpoint or {}))
+        flow_fit = _start_flow(target, cfg, gen, progress) if ss.start == "flow" else None  # issue 34's correction
+        start = {} if flow_fit is None else {"init": flow_fit.sampler, "init_log_prob": flow_fit.model.log_prob}
+        evals_before = target.n_forward_evals
+        fit = run_smc(target, ss, gen, **(checkpoint or {}), **start)
+        return _with_start_cost(fit, flow_fit, target, evals_before)
     raise GanflowError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+
+
+def _start_flow(target: LatentTarget, cfg: Config, gen: torch.Generator, progress: bool) -> LatentFit:
+    """The flow (``[flow]`` settings) that a sampler starts from: Langevin's refiner, SMC's ``start = "flow"``."""
+    fs = cfg.section(FlowSettings, "flow")
+    if not progress:
+        fs = dataclasses.replace(fs, progress=False)
+    return fit_flow(target, fs, gen)
+
+
+def _with_start_cost(fit: LatentFit, flow_fit: LatentFit | None, target: LatentTarget, evals_before: int) -> LatentFit:
+    """A sampler's fit that started from a flow counts the flow's evaluations and time as its own."""
+    if flow_fit is not None:
+        fit.n_forward_evals = target.n_forward_evals - evals_before + flow_fit.n_forward_evals
+        fit.wall_time_s += flow_fit.wall_time_s
+        fit.attrs["init_flow_elbo"] = flow_fit.attrs.get("elbo")
+    return fit
 
 
 def solve(

@@ -16,6 +16,7 @@ spread of the particle means was up to 1.3 times the independent-draw error on c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -123,7 +124,7 @@ def _jump_to_one(monkeypatch):
 
 
 def _no_moves(monkeypatch):
-    monkeypatch.setattr(smc_mod, "_move", lambda target, z, frame, beta, step, s, g: (
+    monkeypatch.setattr(smc_mod, "_move", lambda target, z, frame, beta, step, s, g, *a: (
         z, step, {"moves": 0, "acceptance": math.nan, "correlation": 1.0}))
 
 
@@ -137,6 +138,55 @@ def test_broken_smc_fails_the_same_checks(linear, monkeypatch, breakage, fails):
     breakage(monkeypatch)
     failures = _failures_linear(_run(LatentTarget(G, A, y, sigma), max_moves=20), ex, log_z)
     assert any(f.startswith(fails) for f in failures), failures
+
+
+def _narrow_start(ex, scale: float = 0.5, shift: float = 0.5):
+    """A start law like a reverse-KL flow's: independent normals with ``scale`` times the posterior sds, centred
+    ``shift`` sds off; its sampler and ``log q``."""
+    mean = torch.as_tensor(ex.latent_mean, dtype=torch.float64) + shift * torch.as_tensor(ex.latent_std)
+    q = torch.distributions.Normal(mean, scale * torch.as_tensor(ex.latent_std, dtype=torch.float64))
+    return (lambda n, g: q.mean + q.stddev * torch.randn(n, len(mean), generator=g, dtype=torch.float64),
+            lambda z: q.log_prob(z.double()).sum(1))
+
+
+def _from_start(target, init, log_q, **kw):
+    s = SmcSettings(**{"n_particles": N, "progress": False, "start": "flow", **kw})
+    return run_smc(target, s, torch.Generator().manual_seed(0), init=init, init_log_prob=log_q)
+
+
+def test_smc_from_a_too_narrow_start_recovers_the_closed_form(linear, monkeypatch):
+    """Tempering from a start law half as wide as the posterior and half an sd off (what a reverse-KL flow
+    gives) through ``q^(1 - b) p(y, z)^b``: the closed-form moments and evidence, in fewer stages than from the
+    prior. Weights that forget ``p(z) / q(z)`` (tempering as if ``q`` were the prior) fail."""
+    G, A, y, sigma, ex, log_z = linear
+    target = LatentTarget(G, A, y, sigma)
+    fit = _from_start(target, *_narrow_start(ex))
+    assert _failures_linear(fit, ex, log_z) == []
+    assert 2 <= fit.attrs["n_stages"] < 18  # from the prior: 36 (measured 9 from this start)
+    real = smc_mod._log_likelihood
+    monkeypatch.setattr(smc_mod, "_log_likelihood", lambda target, z, log_q=None: real(target, z))
+    failures = _failures_linear(_from_start(target, *_narrow_start(ex)), ex, log_z)
+    assert any(f.startswith("log evidence") for f in failures), failures
+
+
+def test_smc_start_needs_its_flow_and_resumes_only_from_it(linear, tmp_path):
+    G, A, y, sigma, ex, _ = linear
+    target = LatentTarget(G, A, y, sigma)
+    with pytest.raises(GanflowError, match="needs the flow"):
+        run_smc(target, SmcSettings(n_particles=50, progress=False, start="flow"))
+    with pytest.raises(GanflowError, match="takes neither"):
+        run_smc(target, SmcSettings(n_particles=50, progress=False), init=_narrow_start(ex)[0],
+                init_log_prob=_narrow_start(ex)[1])
+    ckpt = str(tmp_path / "smc.ckpt")
+    s = SmcSettings(n_particles=100, progress=False, start="flow", max_stages=1)
+    with pytest.raises(GanflowError, match="max_stages"):
+        run_smc(target, s, checkpoint_path=ckpt, init=_narrow_start(ex)[0], init_log_prob=_narrow_start(ex)[1])
+    with pytest.raises(GanflowError, match="another flow"):
+        run_smc(target, dataclasses.replace(s, max_stages=50), checkpoint_path=ckpt, resume=True,
+                init=_narrow_start(ex, shift=0.6)[0], init_log_prob=_narrow_start(ex, shift=0.6)[1])
+    fit = run_smc(target, dataclasses.replace(s, max_stages=50), checkpoint_path=ckpt, resume=True,
+                  init=_narrow_start(ex)[0], init_log_prob=_narrow_start(ex)[1])
+    assert fit.trace["beta"][-1] == 1.0
 
 
 def _interrupted_run(monkeypatch, step: str, after: int, target, s, seed: int, ckpt: str) -> None:
@@ -206,6 +256,24 @@ def test_cli_solve_smc_writes_the_evidence(tmp_path, cli):
     cfg.write_text("[smc]\nn_particle = 200\n")
     r = cli("solve", "--obs", obs, "--prior", prior, "--method", "smc", "-o", tmp_path / "b.h5", "--config", cfg)
     assert r.returncode == 2 and "smc.n_particle" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_solve_smc_from_the_flow(tmp_path, cli):
+    """``[smc] start = "flow"``: solve fits the flow first, tempers from it, and counts its evaluations."""
+    import h5py
+
+    prior = "ganflow.problems.linear_gaussian:generator"
+    obs, out = tmp_path / "obs.h5", tmp_path / "post.h5"
+    assert cli("simulate", "--problem", "linear_gaussian", "--prior", prior, "-o", obs, "--seed", "1",
+               "--noise-relative", "0.05").returncode == 0
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[smc]\nn_particles = 200\nstart = "flow"\n[flow]\nmax_iter = 300\n'
+                   "[solve]\nn_samples = 500\nn_quantile = 200\n")
+    r = cli("solve", "--obs", obs, "--prior", prior, "--method", "smc", "-o", out, "--config", cfg, "--quiet")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["method"] == "smc" and np.isfinite(f.attrs["init_flow_elbo"])
+        assert f.attrs["n_forward_evals"] > 200 * int(f["trace/moves"][()].sum()) and f["trace/beta"][-1] == 1.0
 
 
 def test_stacked_smc_solve_resumes_by_observation(tmp_path, cli):
