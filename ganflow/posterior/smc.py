@@ -48,8 +48,10 @@ which happens within the tens of stages of a sharp posterior.
 **Own code, not pocoMC**: pocoMC 1.2.6 (Karamanis et al., MNRAS 2022) with its defaults and gradient-free moves
 reached ``b = 0.043`` in 12 minutes on the elliptic case (issue 33), needing 70-160 moves per stage; ganflow's
 target gives the gradient for little more than the value (one adjoint), batched over the particles, and its
-MALA / HMC kernels and frames are tested already. A normalising-flow frame (pocoMC's preconditioning) can be
-added as another ``frame`` when the covariance frame is measured short.
+MALA / HMC kernels and frames are tested already. A normalising-flow frame (pocoMC's preconditioning) was
+measured on the elliptic case and not added: fitted to the particles it is no better a density than their
+Gaussian, and fitted to 10,000 posterior draws its HMC moves decorrelated more slowly than the covariance
+frame's (docs/posteriors.md); longer trajectories (``leapfrog`` 16-32) are what helped there.
 
 Resumable: with ``checkpoint_path`` the whole state (particles, temperature, step, evidence sums, traces, RNG)
 is written atomically at every stage boundary; ``resume=True`` continues it (bit-identical on CPU).
