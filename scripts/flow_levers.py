@@ -120,7 +120,7 @@ def measure(case, ref, plan, overrides: dict, seed: int, cache: _SearchCache, tr
     return rec
 
 
-def measure_smc(case, ref, plan, fit_rec: dict, fit, overrides: dict, seed: int) -> dict:
+def measure_smc(case, ref, plan, fit_rec: dict, fit, overrides: dict, seed: int, smc_seed: int) -> dict:
     """SMC from the fitted flow ``fit`` (``start = "flow"``, ``overrides`` over the defaults); its draws' errors
     against ``ref`` and its cost with the flow's."""
     from ganflow.posterior.smc import SmcSettings, run_smc
@@ -128,7 +128,7 @@ def measure_smc(case, ref, plan, fit_rec: dict, fit, overrides: dict, seed: int)
     s = parse_settings(SmcSettings, {"progress": False, **overrides, "start": "flow"}, "smc")
     target = _new_target(case)
     t0 = time.perf_counter()
-    out = run_smc(target, s, torch.Generator().manual_seed(seed + 13), init=fit.sampler,
+    out = run_smc(target, s, torch.Generator().manual_seed(smc_seed), init=fit.sampler,
                   init_log_prob=fit.model.log_prob)
     wall = time.perf_counter() - t0
     z = out.samples.double().numpy()
@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-every", type=int, default=0, help="accuracy every N steps (0: none)")
     ap.add_argument("--json", help="append one JSON record per setting to this file")
     ap.add_argument("--smc", default=None, help='also SMC from each flow, [smc] overrides "key=value,..."')
+    ap.add_argument("--smc-seed", type=int, default=13, help="the SMC run's own seed [13]")
     args = ap.parse_args(argv)
     plan = bench_plan()
     case = _make_case(PROBLEM, args.seed)
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
             print("  trace (step, mean err, sd err):", rec["trace"], flush=True)
         records = [rec]
         if args.smc is not None:
-            sm = measure_smc(case, ref, plan, rec, fit, parse_overrides(args.smc), args.seed)
+            sm = measure_smc(case, ref, plan, rec, fit, parse_overrides(args.smc), args.seed, args.smc_seed)
             print(f"  + smc {args.smc} | {sm['latent_mean_err_sd']:.3f} | {sm['latent_sd_rel_err_max']:.3f} / "
                   f"{sm['latent_sd_rel_err_median']:.3f} | log p(y) {sm['log_evidence']:.2f} +- "
                   f"{sm['log_evidence_se']:.2f} | {sm['n_forward_evals']} | {sm['wall_s']:.1f} | "
