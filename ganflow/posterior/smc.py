@@ -26,7 +26,9 @@ flow ``q`` instead of the prior, ``pi_b(z) ∝ q(z)^(1 - b) p(y, z)^b``, so the 
 ``(p(y, z) / q(z))^(b' - b)`` and the evidence ``log p(y)`` is estimated as before (``q`` is normalised). Where the
 flow is close (a reverse-KL fit: too narrow, slightly off) few stages remain (on the 16-d linear-Gaussian test a
 start half as wide and half an sd off takes 9 stages and 61 k evaluations against 36 and 244 k from the prior), and
-the moves spread what the flow squeezed: a correction of the flow that is right whenever SMC is.
+the moves spread what the flow squeezed. It corrects the flow's width and position, not a mode the flow missed:
+``q^(1 - b)`` holds the particles where ``q`` has mass until ``b`` is near 1, when a barrier already separates
+the modes (twin exact problem, a one-mode flow: one stage, still one mode).
 
 **Final sweeps** (``final_sweeps = S``): once ``b = 1``, every particle goes on as a plain MCMC chain with the
 last stage's step and the final particles' frame, both frozen, its position recorded after every ``sweep_moves``
