@@ -333,6 +333,25 @@ def test_chains_that_do_not_move_report_a_sweep_correlation_of_one(monkeypatch):
     assert fit.attrs["sweep_correlation"] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes_as_its_default(tmp_path):
+    """A run checkpointed before ``start`` existed ran from the prior: it resumes with ``start = "prior"``."""
+    from ganflow.checkpoint import save_checkpoint
+
+    p = curved_problem()
+    target = LatentTarget(p.generator, p.operator, p.y, p.noise_sigma)
+    s = SmcSettings(n_particles=100, progress=False, final_sweeps=2)
+    ckpt = str(tmp_path / "smc.ckpt")
+    run_smc(target, s, torch.Generator().manual_seed(0), checkpoint_path=ckpt)
+    old = torch.load(ckpt, weights_only=True)
+    del old["settings"]["start"]
+    save_checkpoint(ckpt, old)
+    fit = run_smc(target, dataclasses.replace(s, final_sweeps=3), checkpoint_path=ckpt, resume=True)
+    assert fit.samples.shape == (300, 2)
+    with pytest.raises(GanflowError, match="start"):
+        run_smc(target, dataclasses.replace(s, final_sweeps=4, start="flow"), checkpoint_path=ckpt, resume=True,
+                init=lambda n, g: torch.randn(n, 2, generator=g), init_log_prob=lambda z: -0.5 * (z * z).sum(1))
+
+
 def test_sweeps_resume_and_extend(tmp_path, monkeypatch):
     """A run killed after its second final sweep resumes to the uninterrupted run's draws exactly; a finished
     tempering's checkpoint takes more sweeps on resume (``final_sweeps`` may change; ``target_ess`` may not)."""

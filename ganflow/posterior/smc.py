@@ -410,8 +410,8 @@ def _load(path, target: LatentTarget, s: SmcSettings, generator: torch.Generator
         raise GanflowError(f"--resume: no SMC checkpoint at {path}")
     ck = load_of_kind(path, "smc checkpoint", "ganflow SMC checkpoint", SMC_CHECKPOINT_KIND, SMC_CHECKPOINT_VERSION)
     now = asdict(s)
-    bad = sorted(key for key in set(ck["settings"]) | set(now)
-                 if key not in _RESUME_FREE and ck["settings"].get(key) != now.get(key))
+    then = {**asdict(SmcSettings()), **ck["settings"]}  # a setting added since ran as its default (``start``)
+    bad = sorted(key for key in set(then) | set(now) if key not in _RESUME_FREE and then.get(key) != now.get(key))
     if bad:
         raise GanflowError(f"--resume: smc settings differ from the checkpoint's: {', '.join(bad)}")
     if ck["target"] != target_fingerprint(target):
