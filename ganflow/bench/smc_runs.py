@@ -69,7 +69,8 @@ def run_case(problem: str, seed: int, run_seed: int, settings, output: str, resu
                         "settings": json.dumps(dataclasses.asdict(settings)), "wall_s": fit.wall_time_s,
                         "n_forward_evals": fit.n_forward_evals,
                         **{k: fit.attrs[k] for k in ("log_evidence", "log_evidence_se", "n_stages", "n_chains",
-                                                      "final_sweeps", "rhat_max", "ess_min") if k in fit.attrs}})
+                                                      "final_sweeps", "rhat_max", "ess_min", "sweep_correlation")
+                           if k in fit.attrs}})
     return load_run(output)
 
 
