@@ -5,7 +5,7 @@
     # independent runs against each other (and against the stored reference, when one exists)
     python scripts/smc_reference.py compare runs/smc/elliptic_r1.h5 runs/smc/elliptic_r2.h5 [--reference]
     # pool runs into the case's stored reference (beside the bundled prior; *.unconverged.h5 unless it converged)
-    python scripts/smc_reference.py store runs/smc/elliptic_r*.h5 [-o PATH]
+    python scripts/smc_reference.py store runs/smc/elliptic_r*.h5 [-o PATH] [--thin K]
 
 ``--config FILE.toml`` takes an ``[smc]`` table (`ganflow.posterior.smc.SmcSettings`); ``--particles`` and
 ``--leapfrog`` override it. Run heavy runs under ``flock /tmp/ganflow-cpu.lock`` on the shared 2-core machine.
@@ -86,7 +86,7 @@ def cmd_compare(a) -> int:
 def cmd_store(a) -> int:
     from ganflow.bench.smc_runs import store_runs
 
-    converged, path = store_runs(a.runs, a.output)
+    converged, path = store_runs(a.runs, a.output, a.thin)
     print(f"wrote {path} ({'converged' if converged else 'not converged: split R-hat or ESS miss the goals'})")
     return 0
 
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     s = sub.add_parser("store", help="pool runs into the case's stored reference")
     s.add_argument("runs", nargs="+")
     s.add_argument("-o", "--output", default=None)
+    s.add_argument("--thin", type=int, default=1, help="store every THIN-th sweep of each chain [1]")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     from ganflow.errors import GanflowError

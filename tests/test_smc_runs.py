@@ -73,6 +73,9 @@ def test_stored_smc_reference_is_converged_when_runs_agree(curved_runs):
 
     ref = load_reference(path, case_target("curved", 0), "curved", 0)
     assert ref.converged() and ref.draws[0].shape == (800, 16, 2) and ref.attrs["n_runs"] == 2
+    _, thinned = store_runs([r1, r2], str(tmp / "thin.h5"), thin=4)
+    ref4 = load_reference(thinned, case_target("curved", 0), "curved", 0)
+    assert ref4.draws[0].shape == (800, 4, 2) and np.array_equal(ref4.draws[0], ref.draws[0][:, ::4])
 
 
 def test_store_refuses_convergence_to_runs_that_disagree(curved_runs):

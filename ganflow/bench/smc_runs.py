@@ -117,11 +117,13 @@ def runs_agreement(runs: list[dict]) -> tuple[bool, dict]:
     return ok, rows
 
 
-def store_runs(paths: list[str], output: str | None = None) -> tuple[bool, str]:
+def store_runs(paths: list[str], output: str | None = None, thin: int = 1) -> tuple[bool, str]:
     """Independent runs of one case pooled into the case's stored reference: every run's chains (`run_chains`)
     side by side, its R-hat and ESS over them recorded; converged (`StoredReference.converged`) when at least
     two runs agree pairwise within the issue's bounds. Written beside the bundled prior unless ``output``;
-    `save_checked` keeps it as ``*.unconverged.h5`` otherwise. Returns ``(converged, path)``."""
+    `save_checked` keeps it as ``*.unconverged.h5`` otherwise. ``thin``: keep every ``thin``-th sweep of each
+    chain in the stored file (a bundled file stays small; the agreement is judged on every draw). Returns
+    ``(converged, path)``."""
     from ..errors import GanflowError
     from .cases import _make_case
     from .stored import reference_from_draws, reference_path, save_checked
@@ -130,11 +132,14 @@ def store_runs(paths: list[str], output: str | None = None) -> tuple[bool, str]:
     problem, seed = runs[0]["problem"], int(runs[0]["seed"])
     if any((r["problem"], int(r["seed"])) != (problem, seed) for r in runs):
         raise GanflowError("store: the runs are of different cases")
+    if thin < 1:
+        raise GanflowError(f"store: --thin must be >= 1, got {thin}")
     chains = [run_chains(r) for r in runs]
     if len({c.shape[1:] for c in chains}) != 1:
         raise GanflowError("store: the runs have chains of different lengths (final_sweeps)")
-    draws = np.concatenate(chains)
-    log_joint = np.concatenate([r["log_joint"].reshape(c.shape[:2]) for r, c in zip(runs, chains, strict=True)])
+    draws = np.concatenate([c[:, ::thin] for c in chains])
+    log_joint = np.concatenate([r["log_joint"].reshape(c.shape[:2])[:, ::thin] for r, c in zip(runs, chains,
+                                                                                                 strict=True)])
     run = {"step_size": float(np.mean([r["trace"]["step_size"][-1] for r in runs])), "divergences": 0,
            "n_gradients": int(sum(r["n_forward_evals"] for r in runs) // len(runs)),
            "wall_s": float(sum(r["wall_s"] for r in runs))}
