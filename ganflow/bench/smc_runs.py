@@ -27,6 +27,7 @@ __all__ = ["case_target", "run_case", "load_run", "agreement", "run_chains", "ru
            "MEAN_SD_GOAL", "SD_REL_GOAL", "LOG_Z_GOAL"]
 
 MEAN_SD_GOAL, SD_REL_GOAL, LOG_Z_GOAL = 0.1, 0.10, 0.5
+LOG_JOINT_BATCH = 1000
 
 
 def case_target(problem: str, seed: int):
@@ -57,8 +58,9 @@ def run_case(problem: str, seed: int, run_seed: int, settings, output: str, resu
     ckpt = output + ".ckpt"
     fit = run_smc(target, settings, torch.Generator().manual_seed(run_seed), checkpoint_path=ckpt, resume=resume)
     z = fit.samples.double()
-    with torch.no_grad():
-        log_joint = target.log_joint(fit.samples.to(target.y.dtype)).double().numpy()
+    with torch.no_grad():  # in batches: 32,000 elliptic draws at once took 18 GB and the OOM killer
+        log_joint = torch.cat([target.log_joint(b.to(target.y.dtype)).double()
+                               for b in fit.samples.split(LOG_JOINT_BATCH)]).numpy()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with atomic_path(output) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("draws", data=z.numpy())
