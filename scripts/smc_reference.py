@@ -18,8 +18,8 @@ log p(y) 180.61 / 180.58 (+- 0.15): not yet a reference (`store` writes *.unconv
 be raised on ``--resume``, and ``final_sweeps`` too: the checkpoint outlives a finished run, so ``--resume`` with
 more sweeps extends its chains.
 
-    printf '[smc]\nn_particles = 400\nleapfrog = 32\nstep_size = 0.05\nmax_moves = 6\nfinal_sweeps = 80\nsweep_moves = 2\n' \
-        > runs/smc/elliptic_l32_80.toml
+    printf '[smc]\nn_particles = 400\nleapfrog = 32\nstep_size = 0.05\nmax_moves = 6\n' > runs/smc/elliptic_l32_80.toml
+    printf 'final_sweeps = 80\nsweep_moves = 2\n' >> runs/smc/elliptic_l32_80.toml
     for r in 3 4; do OMP_NUM_THREADS=1 nohup .venv/bin/python scripts/smc_reference.py run --problem elliptic \
         --run-seed $r --config runs/smc/elliptic_l32_80.toml -o runs/smc/elliptic_l32_r$r.h5 \
         > runs/smc/elliptic_l32_r$r.log 2>&1 & done   # later: raise final_sweeps in the toml, add --resume
