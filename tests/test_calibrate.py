@@ -181,3 +181,20 @@ def test_cli_detects_overconfident_posterior(tmp_path):
 def test_bad_settings(tmp_path, args, msg, cli):
     r = cli("calibrate", "--problem", "linear_gaussian", "--prior", PRIOR, "-o", str(tmp_path / "c"), *args)
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_smc_from_flow_is_calibrated():
+    """SBC with ``method = "smc"`` tempering from the flow (the correction of issue 34): the FITTED flow cut to
+    20 steps is too narrow on its own; the SMC moves restore nominal latent coverage, within 4 exact-SBC
+    standard errors both ways (measured 0.97 at 95 %). The 20-step flow alone covers 0.71 at 95 %: what the test
+    would see if calibrate ignored the method.)"""
+    T = 8
+    cfg = {**FITTED, "flow": {**FITTED["flow"], "max_iter": 20, "min_iter": 20},
+           "smc": {"start": "flow", "n_particles": 500, "progress": False}}
+    out = calibrate("linear_gaussian", PRIOR, CalibrateSettings(n_truths=T, noise_sigma=NOISE_SIGMA, method="smc"),
+                    cfg, seed=1)
+    assert out["method"] == "smc" and out["solve_config"]["smc"]["start"] == "flow"
+    se = _sbc_coverage_se(T)
+    for lvl in ("90", "95"):
+        got, nominal = out["coverage"]["latent"][lvl], int(lvl) / 100
+        assert abs(got - nominal) < 4 * se["latent"][lvl], (lvl, got, se["latent"][lvl])

@@ -2,6 +2,7 @@
 
 import click
 
+from ..solve import METHODS
 from .common import config_option, seed_option
 
 __all__ = ["predict", "calibrate"]
@@ -112,9 +113,9 @@ def predict(posterior, qois, n, reweight, prior, problem, operator, batch_size, 
 )
 @click.option(
     "--method",
-    type=click.Choice(["flow", "langevin", "nuts"]),
+    type=click.Choice(METHODS),
     default=None,
-    help="Posterior method [default flow].",
+    help="Posterior method [default flow]; smc takes its [smc] table (start = \"flow\" tempers from the flow).",
 )
 @click.option("--noise-sigma", type=float, default=None, help="Absolute noise sigma.")
 @click.option(
@@ -154,9 +155,8 @@ def calibrate(
     """Simulation-based calibration: coverage of 50/90/95 % intervals and rank histograms over T truths.
 
     Config tables: [calibrate] (n_truths, method, noise_sigma, noise_relative, shrink, n_rank_draws, ...),
-    and the solve tables ([solve], [flow], [langevin], [nuts], [operator], [problem]); by default a cheaper
-    flow
-    (max_iter 500) and 1,000 posterior draws per truth.
+    and the solve tables ([solve], [flow], [langevin], [nuts], [smc], [operator], [problem]); by default a
+    cheaper flow (max_iter 500) and 1,000 posterior draws per truth.
     """
     from ..calibrate import run_calibration_cli
 
