@@ -187,7 +187,7 @@ def test_smc_from_flow_is_calibrated():
     """SBC with ``method = "smc"`` tempering from the flow (the correction of issue 34): the FITTED flow cut to
     20 steps is too narrow on its own; the SMC moves restore nominal latent coverage, within 4 exact-SBC
     standard errors both ways (measured 0.97 at 95 %). The 20-step flow alone covers 0.71 at 95 %: what the test
-    would see if calibrate ignored the method.)"""
+    would see if calibrate ignored the method."""
     T = 8
     cfg = {**FITTED, "flow": {**FITTED["flow"], "max_iter": 20, "min_iter": 20},
            "smc": {"start": "flow", "n_particles": 500, "progress": False}}
