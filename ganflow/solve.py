@@ -183,7 +183,8 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
         ss = cfg.section(SmcSettings, "smc")
         if not progress:
             ss = dataclasses.replace(ss, progress=False)
-        flow_fit = _start_flow(target, cfg, gen, progress) if ss.start == "flow" else None  # issue 34's correction
+        # issue 34's correction; the fitted flow is kept beside the checkpoint, so --resume does not refit it
+        flow_fit = _start_flow(target, cfg, gen, progress, checkpoint) if ss.start == "flow" else None
         start = {} if flow_fit is None else {"init": flow_fit.sampler, "init_log_prob": flow_fit.model.log_prob}
         evals_before = target.n_forward_evals
         fit = run_smc(target, ss, gen, **(checkpoint or {}), **start)
@@ -191,12 +192,29 @@ def _run_method(method: str, target: LatentTarget, cfg: Config, gen: torch.Gener
     raise GanflowError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
 
 
-def _start_flow(target: LatentTarget, cfg: Config, gen: torch.Generator, progress: bool) -> LatentFit:
-    """The flow (``[flow]`` settings) that a sampler starts from: Langevin's refiner, SMC's ``start = "flow"``."""
+def _start_flow(target: LatentTarget, cfg: Config, gen: torch.Generator, progress: bool,
+                checkpoint: dict | None = None) -> LatentFit:
+    """The flow (``[flow]`` settings) that a sampler starts from: Langevin's refiner, SMC's ``start = "flow"``.
+
+    With ``checkpoint`` (the sampler's options) the fitted flow is saved to ``start_flow_path`` of its path, and
+    a resume loads it from there instead of fitting again."""
+    from .posterior.fit_checkpoint import load_fitted_flow, save_fitted_flow
+
+    path = None if checkpoint is None else start_flow_path(checkpoint["checkpoint_path"])
+    if path is not None and checkpoint["resume"] and os.path.exists(path):
+        return load_fitted_flow(target, path)
     fs = cfg.section(FlowSettings, "flow")
     if not progress:
         fs = dataclasses.replace(fs, progress=False)
-    return fit_flow(target, fs, gen)
+    fit = fit_flow(target, fs, gen)
+    if path is not None:
+        save_fitted_flow(fit, target, path)
+    return fit
+
+
+def start_flow_path(checkpoint_path: str | os.PathLike) -> str:
+    """Where a sampler checkpointed at ``checkpoint_path`` keeps the flow it started from."""
+    return os.fspath(checkpoint_path) + ".flow"
 
 
 def _with_start_cost(fit: LatentFit, flow_fit: LatentFit | None, target: LatentTarget, evals_before: int) -> LatentFit:

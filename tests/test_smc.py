@@ -274,6 +274,7 @@ def test_cli_solve_smc_from_the_flow(tmp_path, cli):
     with h5py.File(out) as f:
         assert f.attrs["method"] == "smc" and np.isfinite(f.attrs["init_flow_elbo"])
         assert f.attrs["n_forward_evals"] > 200 * int(f["trace/moves"][()].sum()) and f["trace/beta"][-1] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "obs.h5", "post.h5"]  # no .ckpt, no .ckpt.flow
 
 
 def test_stacked_smc_solve_resumes_by_observation(tmp_path, cli):
@@ -366,3 +367,37 @@ def test_sweeps_resume_and_extend(tmp_path, monkeypatch):
     longer = run_smc(target, SmcSettings(**{**s.__dict__, "final_sweeps": 6}), checkpoint_path=ckpt, resume=True)
     assert longer.samples.shape == (200 * 6, 2)
     assert torch.equal(longer.samples.reshape(200, 6, 2)[:, :4], whole.samples.reshape(200, 4, 2))
+
+
+def test_resume_from_the_flow_reuses_the_saved_flow(tmp_path, monkeypatch):
+    """``start = "flow"`` with a checkpoint keeps the fitted flow beside it (``<ckpt>.flow``); ``--resume`` loads
+    it instead of fitting again (a refit costs the fit twice, and on another machine would be another flow) and
+    still counts its evaluations; a flow file fitted to other data is refused."""
+    import importlib
+
+    from ganflow.simulate import simulate
+
+    solve_mod = importlib.import_module("ganflow.solve")  # the module (the package exports its function `solve`)
+
+    prior = "ganflow.problems.linear_gaussian:generator"
+    obs = simulate("linear_gaussian", prior=solve_mod.load_prior(prior), noise_relative=0.05, seed=3)
+    cfg = {"smc": {"n_particles": 200, "start": "flow", "max_stages": 1},
+           "flow": {"init": "identity", "max_iter": 30, "min_iter": 30, "warmup": 10, "lr": 1e-2},
+           "solve": {"n_samples": 300, "n_quantile": 100}}
+    ckpt = str(tmp_path / "post.h5.ckpt")
+    with pytest.raises(GanflowError, match="max_stages"):
+        solve_mod.solve(obs, prior, method="smc", config=cfg, progress=False, checkpoint_path=ckpt)
+    flow_file = solve_mod.start_flow_path(ckpt)
+    flow_evals = torch.load(flow_file, weights_only=True)["n_forward_evals"]
+    assert flow_evals > 0
+
+    def no_refit(*a, **k):
+        raise AssertionError("the flow was fitted again on resume")
+
+    monkeypatch.setattr(solve_mod, "fit_flow", no_refit)
+    cfg["smc"]["max_stages"] = 100
+    result = solve_mod.solve(obs, prior, method="smc", config=cfg, progress=False, checkpoint_path=ckpt, resume=True)
+    assert result.fit.trace["beta"][-1] == 1.0 and result.attrs["n_forward_evals"] > flow_evals
+    other = simulate("linear_gaussian", prior=solve_mod.load_prior(prior), noise_relative=0.05, seed=4)
+    with pytest.raises(GanflowError, match="other data"):
+        solve_mod.solve(other, prior, method="smc", config=cfg, progress=False, checkpoint_path=ckpt, resume=True)

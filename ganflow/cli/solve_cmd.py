@@ -8,7 +8,7 @@ import numpy as np
 from ..config import Config
 from ..errors import GanflowError
 from ..io import check_output_path, is_obs_stack
-from ..solve import CHECKPOINTED, METHODS, SOLVE_TABLES, SolveSettings, resolve_amortized
+from ..solve import CHECKPOINTED, METHODS, SOLVE_TABLES, SolveSettings, resolve_amortized, start_flow_path
 from ..solve import solve as solve_posterior
 from .common import config_option, force_option, kw_option, parse_kv, seed_option
 
@@ -83,8 +83,9 @@ def solve(obs_path, prior, problem, operator, method, output, kw, config_path, s
                              seed=seed, progress=not quiet, checkpoint_path=checkpoint, resume=resume,
                              amortized=amortized, refine=refine)
     result.save(output, force=force)
-    if checkpoint is not None and os.path.exists(checkpoint):  # the result is safe: the fit state is not needed
-        os.remove(checkpoint)
+    for path in (checkpoint, start_flow_path(checkpoint)) if checkpoint is not None else ():
+        if os.path.exists(path):  # the result is safe: the fit state (and SMC's start flow) is not needed
+            os.remove(path)
     a = result.attrs
     line = (f"{result.method}: {a['n_forward_evals']} forward evaluations, fit {a['fit_wall_time_s']:.1f} s, "
             f"total {a['wall_time_s']:.1f} s")

@@ -17,7 +17,8 @@ from ..errors import GanflowError
 from .target import LatentTarget
 
 __all__ = ["FLOW_CHECKPOINT_KIND", "FLOW_CHECKPOINT_VERSION", "load_flow_checkpoint", "load_resume_checkpoint",
-           "restore_fit", "save_fit_checkpoint", "snapshot", "target_fingerprint"]
+           "restore_fit", "save_fit_checkpoint", "snapshot", "target_fingerprint", "save_fitted_flow",
+           "load_fitted_flow", "FITTED_FLOW_KIND"]
 
 if TYPE_CHECKING:
     from .flow import FlowSettings, _FlowFit
@@ -136,3 +137,44 @@ def save_fit_checkpoint(fit: _FlowFit, checkpoint_path, mixture: dict | None = N
         "wall_time_s": fit.wall_time_s(),
         **({"mixture": mixture} if mixture is not None else {}),
     })
+
+
+FITTED_FLOW_KIND = "ganflow.fitted_flow"
+
+
+def save_fitted_flow(fit, target: LatentTarget, path) -> None:
+    """A finished flow fit (`LatentFit` of ``fit_flow``) that a sampler started from (SMC's ``start = "flow"``),
+    so that a resumed run reuses it instead of refitting: refitting costs the fit again, and on another machine
+    gives another flow, which the SMC checkpoint (its particles' ``log q``) would refuse."""
+    from ..checkpoint import save_checkpoint
+
+    save_checkpoint(path, {
+        "kind": FITTED_FLOW_KIND, "format_version": 1, "target": target_fingerprint(target),
+        "latent_dim": target.latent_dim, "settings": dict(fit.settings), "state": dict(fit.state),
+        "n_forward_evals": int(fit.n_forward_evals), "wall_time_s": float(fit.wall_time_s),
+        "attrs": {k: v for k, v in fit.attrs.items() if isinstance(v, (int, float, str, bool))},
+    })
+
+
+def load_fitted_flow(target: LatentTarget, path):
+    """The `LatentFit` saved by `save_fitted_flow` (weights only), refused if it was fitted to other data."""
+    from ..checkpoint import load_of_kind
+    from .base import LatentFit
+    from .flow import flow_from_state
+
+    ckpt = load_of_kind(path, "start flow", "ganflow fitted-flow file", FITTED_FLOW_KIND, 1)
+    if ckpt.get("target") != target_fingerprint(target):
+        raise GanflowError(f"--resume: {path} was fitted to other data, noise or prior")
+    try:
+        model = flow_from_state(int(ckpt["latent_dim"]), ckpt["settings"], ckpt["state"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GanflowError(f"start flow {path} does not fit this flow ({first[:160]})") from None
+
+    def sampler(n: int, gen: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            return model.sample(n, gen)[0]
+
+    return LatentFit(method="flow", sampler=sampler, attrs=dict(ckpt["attrs"]), state=ckpt["state"],
+                     settings=ckpt["settings"], n_forward_evals=int(ckpt["n_forward_evals"]),
+                     wall_time_s=float(ckpt["wall_time_s"]), model=model)
