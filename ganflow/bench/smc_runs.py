@@ -151,7 +151,8 @@ def store_runs(paths: list[str], output: str | None = None, thin: int = 1) -> tu
                 "log_evidence_se": [float(r["log_evidence_se"]) for r in runs]}
     target = case_target(problem, seed)
     ref = reference_from_draws(target, problem, seed, [draws], [log_joint], [run],
-                               f"python scripts/smc_reference.py store {' '.join(paths)}", settings)
+                               f"python scripts/smc_reference.py store {' '.join(paths)}"
+                               + (f" --thin {thin}" if thin > 1 else ""), settings)
     ok, rows = runs_agreement(runs)
     ref.attrs.update(n_runs=len(runs), runs_agree=ok, run_agreement=json.dumps(rows))
     return save_checked(ref, output or reference_path(_make_case(problem, seed).prior_path, problem, seed))
