@@ -388,8 +388,8 @@ def test_resume_from_the_flow_reuses_the_saved_flow(tmp_path, monkeypatch):
     with pytest.raises(GanflowError, match="max_stages"):
         solve_mod.solve(obs, prior, method="smc", config=cfg, progress=False, checkpoint_path=ckpt)
     flow_file = solve_mod.start_flow_path(ckpt)
-    flow_evals = torch.load(flow_file, weights_only=True)["n_forward_evals"]
-    assert flow_evals > 0
+    saved = torch.load(flow_file, weights_only=True)
+    assert saved["n_forward_evals"] > 0
 
     def no_refit(*a, **k):
         raise AssertionError("the flow was fitted again on resume")
@@ -397,7 +397,9 @@ def test_resume_from_the_flow_reuses_the_saved_flow(tmp_path, monkeypatch):
     monkeypatch.setattr(solve_mod, "fit_flow", no_refit)
     cfg["smc"]["max_stages"] = 100
     result = solve_mod.solve(obs, prior, method="smc", config=cfg, progress=False, checkpoint_path=ckpt, resume=True)
-    assert result.fit.trace["beta"][-1] == 1.0 and result.attrs["n_forward_evals"] > flow_evals
+    assert result.fit.trace["beta"][-1] == 1.0 and result.attrs["n_forward_evals"] > saved["n_forward_evals"]
+    assert result.attrs["init_flow_elbo"] == saved["attrs"]["elbo"]  # the resumed run reports the saved flow
     other = simulate("linear_gaussian", prior=solve_mod.load_prior(prior), noise_relative=0.05, seed=4)
-    with pytest.raises(GanflowError, match="other data"):
+    # the flow file's own check (the SMC checkpoint would refuse other data too, with another message)
+    with pytest.raises(GanflowError, match=r"ckpt\.flow was fitted to other data"):
         solve_mod.solve(other, prior, method="smc", config=cfg, progress=False, checkpoint_path=ckpt, resume=True)

@@ -60,7 +60,7 @@ from .amortized_training import (
 )
 from .base import LatentFit
 from .conditional_flow import ConditionalLatentFlow, ConditionedFlow
-from .flow import FlowSettings, fit_flow
+from .flow import FlowSettings, fit_flow, flow_sampler
 from .target import LatentTarget
 
 # Training (amortized_training) and the network (conditional_flow) live in their own modules; what users import
@@ -127,12 +127,7 @@ class AmortizedPosterior:
         """The amortised posterior for one observation as a `LatentFit` (method ``amortized``)."""
         t0 = time.perf_counter()
         conditioned = ConditionedFlow(self.model, y, share=True).eval()
-
-        def sampler(n: int, gen: torch.Generator) -> Tensor:
-            with torch.no_grad():
-                return conditioned.sample(n, gen)[0]
-
-        return LatentFit(method="amortized", sampler=sampler, attrs=self._attrs(refined=False),
+        return LatentFit(method="amortized", sampler=flow_sampler(conditioned), attrs=self._attrs(refined=False),
                          trace={"loss": np.zeros(0)}, settings=asdict(self.model.settings), n_forward_evals=0,
                          wall_time_s=time.perf_counter() - t0, model=_NoGradSampler(conditioned))
 

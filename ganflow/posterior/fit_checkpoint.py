@@ -160,7 +160,7 @@ def load_fitted_flow(target: LatentTarget, path):
     """The `LatentFit` saved by `save_fitted_flow` (weights only), refused if it was fitted to other data."""
     from ..checkpoint import load_of_kind
     from .base import LatentFit
-    from .flow import flow_from_state
+    from .flow import flow_from_state, flow_sampler
 
     ckpt = load_of_kind(path, "start flow", "ganflow fitted-flow file", FITTED_FLOW_KIND, 1)
     if ckpt.get("target") != target_fingerprint(target):
@@ -170,11 +170,6 @@ def load_fitted_flow(target: LatentTarget, path):
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise GanflowError(f"start flow {path} does not fit this flow ({first[:160]})") from None
-
-    def sampler(n: int, gen: torch.Generator) -> torch.Tensor:
-        with torch.no_grad():
-            return model.sample(n, gen)[0]
-
-    return LatentFit(method="flow", sampler=sampler, attrs=dict(ckpt["attrs"]), state=ckpt["state"],
+    return LatentFit(method="flow", sampler=flow_sampler(model), attrs=dict(ckpt["attrs"]), state=ckpt["state"],
                      settings=ckpt["settings"], n_forward_evals=int(ckpt["n_forward_evals"]),
                      wall_time_s=float(ckpt["wall_time_s"]), model=model)

@@ -316,6 +316,16 @@ def _optimise(fit: _FlowFit, checkpoint_path, monitor, monitor_every: int, mixtu
     return stopped
 
 
+def flow_sampler(model: nn.Module) -> Callable[[int, torch.Generator], Tensor]:
+    """A `LatentFit` sampler of a fitted flow (or mixture, or conditioned flow): ``n`` draws, no gradient."""
+
+    def sampler(n: int, gen: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            return model.sample(n, gen)[0]
+
+    return sampler
+
+
 def _freeze(flow: nn.Module) -> nn.Module:
     flow.eval()
     for p in flow.parameters():
@@ -326,11 +336,7 @@ def _freeze(flow: nn.Module) -> nn.Module:
 def _fit_result(fit: _FlowFit, stopped: str) -> LatentFit:
     """Write-out: freeze the flow and hand back its sampler, traces, attributes and state."""
     flow = _freeze(fit.flow)
-
-    def sampler(n: int, gen: torch.Generator) -> Tensor:
-        with torch.no_grad():
-            return flow.sample(n, gen)[0]
-
+    sampler = flow_sampler(flow)
     fit.attrs.update({
         "iterations": fit.step,
         "stopped": stopped,
@@ -434,11 +440,7 @@ def _fit_mixture(target: LatentTarget, s: FlowSettings, g: torch.Generator, mode
     })
     if monitor is not None:
         monitor(int(fit.attrs["iterations"]), mixture)
-
-    def sampler(n: int, gen: torch.Generator) -> Tensor:
-        with torch.no_grad():
-            return mixture.sample(n, gen)[0]
-
+    sampler = flow_sampler(mixture)
     return LatentFit(
         method="flow", sampler=sampler,
         trace={"loss": cat("losses"), "elbo_smooth": cat("elbo_smooth"), "lr": cat("lrs"),
