@@ -156,6 +156,7 @@ def _learn_recalibration(intervals: list, attrs: dict, s: CalibrateSettings, tru
         "scale": float(scale), "level": 0.95, "method": "split-conformal scale about the posterior mean",
         "problem": str(attrs.get("problem", attrs.get("operator", ""))),
         "operator_kwargs": dict(attrs.get("operator_kwargs") or {}),
+        **({"operator_settings": dict(attrs["operator_settings"])} if "operator_settings" in attrs else {}),
         "representation_error": str(attrs.get("representation_error", "none")),
         "noise_sigma": s.noise_sigma, "noise_relative": s.noise_relative,
         "truths": os.path.basename(os.fspath(truths)), "n_learn": len(learn), "n_check": len(check),

@@ -33,6 +33,7 @@ __all__ = [
     "registered_problems",
     "load_problem",
     "load_operator",
+    "operator_settings",
     "load_generator_spec",
     "instantiate",
     "normalize_spec",
@@ -253,6 +254,29 @@ def load_operator(spec: str | None = None, *, problem=None, problem_kwargs=None,
     except TypeError as e:
         raise GanflowError(f"operator options for problem '{problem.name}': {e}") from e
     return _checked_operator(op)
+
+
+def operator_settings(problem, kwargs: dict | None = None) -> dict:
+    """Every setting of ``problem.make_operator(**kwargs)``, its defaults filled in, as plain JSON values.
+
+    Two sets of operator options that differ only in what was left to a default (``{}`` and
+    ``{"sensors": "grid:8"}`` when that is the default) build the same operator and give the same settings, so a
+    record learnt for one (a recalibration scale) can be matched against the other. A factory whose signature
+    cannot be read gives the options as written.
+    """
+    import json
+
+    kwargs = dict(kwargs or {})
+    try:
+        bound = inspect.signature(problem.make_operator).bind(**kwargs)
+    except (TypeError, ValueError):
+        return json.loads(json.dumps(kwargs, default=str))
+    bound.apply_defaults()
+    settings = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        settings.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
 def _checked_operator(op):

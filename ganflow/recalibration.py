@@ -116,8 +116,12 @@ def recalibration_applies(rec: dict, op_info: dict, representation_error: str) -
     problem = str(op_info.get("problem", op_info.get("operator", "")))
     if problem != rec["problem"]:
         return f"learned for problem {rec['problem']}, not {problem}"
-    if dict(op_info.get("operator_kwargs") or {}) != dict(rec["operator_kwargs"]):
-        return f"learned for operator settings {rec['operator_kwargs']}, not {op_info.get('operator_kwargs')}"
+    # A record with every setting (defaults filled, `ganflow.plugins.operator_settings`) matches options that
+    # leave some to their defaults; an older record without them matches the options exactly as written.
+    key = "operator_settings" if "operator_settings" in rec and "operator_settings" in op_info else "operator_kwargs"
+    theirs, mine = dict(rec[key] or {}), dict(op_info.get(key) or {})
+    if mine != theirs:
+        return f"learned for operator settings {theirs}, not {mine}"
     if representation_error != rec["representation_error"]:
         return f"learned with the representation error {rec['representation_error']}"
     return None

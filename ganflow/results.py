@@ -23,8 +23,9 @@ Schema (docs/files.md; extended, never changed):
     (ganflow.diagnostics)
     /psis/field/mean, std, q025 ... [*field_shape]   PSIS-reweighted field statistics (``predict --reweight``)
     attrs: method, config (JSON), ganflow_version, seed, latent_dim, noise_sigma, n_forward_evals,
-           wall_time_s, field_shape (JSON), prior, problem, operator, operator_kwargs (JSON), problem_kwargs
-           (JSON), n_samples, n_quantile; with a known truth rel_l2_error, coverage_95, chi2_per_dof;
+           wall_time_s, field_shape (JSON), prior, problem, operator, operator_kwargs (JSON), operator_settings
+           (JSON: the options with make_operator's defaults filled in), problem_kwargs (JSON), n_samples,
+           n_quantile; with a known truth rel_l2_error, coverage_95, chi2_per_dof;
            method-specific scalars (e.g. step_size, rhat_max, ess_min, elbo); diagnostics psis_khat,
            is_ess_ratio, is_ess_ratio_raw, is_n_draws, ppc_p_value, ppc_chi2_per_dof, ppc_chi2_rep_per_dof,
            ppc_n_draws (see `ganflow.diagnostics`); representation_error ("on" | "off" | "none"),

@@ -25,7 +25,14 @@ from .errors import GanflowError
 from .field_stats import summarize_fields
 from .io import Observation, read_obs
 from .operators import check_compatible, check_observation
-from .plugins import check_spec_from_file, load_generator_spec, load_operator, normalize_spec
+from .plugins import (
+    check_spec_from_file,
+    load_generator_spec,
+    load_operator,
+    load_problem,
+    normalize_spec,
+    operator_settings,
+)
 from .posterior.base import LatentFit
 from .posterior.flow import FlowSettings, fit_flow
 from .posterior.target import LatentTarget
@@ -119,10 +126,12 @@ def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any
         return op, {"operator": normalize_spec(operator), "operator_kwargs": operator_kwargs or {}}
     if problem is not None:
         kw = operator_kwargs or {}
-        op = load_operator(problem=problem, problem_kwargs=problem_kwargs, **kw)
+        built = isinstance(problem, str)  # an object's options are refused by load_operator
+        obj = load_problem(problem, **(problem_kwargs or {})) if built else problem
+        op = load_operator(problem=obj, problem_kwargs=None if built else problem_kwargs, **kw)
         name = problem if isinstance(problem, str) else getattr(problem, "name", type(problem).__name__)
         return op, {"problem": normalize_spec(name) if isinstance(name, str) else name, "operator_kwargs": kw,
-                    "problem_kwargs": problem_kwargs or {}}
+                    "operator_settings": operator_settings(obj, kw), "problem_kwargs": problem_kwargs or {}}
     if obs is None or not obs.problem:
         raise GanflowError("no operator: give --problem or --operator (the observation names no problem)")
     recorded = obs.problem
@@ -132,8 +141,10 @@ def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any
     kw.update(operator_kwargs or {})
     pkw = dict(obs.problem_kwargs or {})
     pkw.update(problem_kwargs or {})
-    op = load_operator(problem=recorded, problem_kwargs=pkw, **kw)
-    return op, {"problem": recorded, "operator_kwargs": kw, "problem_kwargs": pkw}
+    obj = load_problem(recorded, **pkw)
+    op = load_operator(problem=obj, **kw)
+    return op, {"problem": recorded, "operator_kwargs": kw, "operator_settings": operator_settings(obj, kw),
+                "problem_kwargs": pkw}
 
 
 def _checkpoint_options(method: str, checkpoint_path, resume: bool) -> dict | None:

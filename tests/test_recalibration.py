@@ -26,9 +26,10 @@ from ganflow.recalibration import (
     conformal_scale,
     interval_scores,
     recalibrate_summary,
+    recalibration_applies,
     scaled_coverage,
 )
-from ganflow.solve import solve
+from ganflow.solve import resolve_operator, solve
 
 N, K_FULL, K, SIGMA = 16, 16, 10, 0.05
 # The latent posterior of a linear generator is Gaussian, so the flow's Laplace start is exact: no flow steps.
@@ -131,6 +132,7 @@ def test_calibrate_recalibrate_restores_coverage(truncated, tmp_path):
     assert abs(rec["check_coverage_after"]["95"] - 0.95) < 0.06
     assert rec["scale"] > 1.5
     assert rec["problem"] == "linear_gaussian" and rec["representation_error"] == "none"
+    assert rec["operator_settings"] == {"stride": 2, "blur_sigma": 1.0}  # BlurSubsample's defaults, filled in
 
 
 def test_solve_applies_a_matching_recalibration_only(truncated):
@@ -157,6 +159,25 @@ def test_solve_applies_a_matching_recalibration_only(truncated):
     np.testing.assert_allclose(on.summary.std, 2.5 * off.summary.std, rtol=1e-5)
     assert on.attrs["coverage_95"] > off.attrs["coverage_95"]
     assert other.attrs["recalibration"].startswith("not applied: learned for operator settings")
+
+
+@pytest.mark.parametrize("problem,learnt,same,other", [
+    ("linear_gaussian", {}, {"blur_sigma": 1.0}, {"blur_sigma": 2.0}),
+    # the bundled elliptic record's options against the demo's
+    ("elliptic", {"sensors": "grid:8", "sensor_seed": 0}, {"sensors": "grid:8"}, {"sensors": "grid:6"}),
+])
+def test_a_recalibration_matches_options_left_to_their_defaults(problem, learnt, same, other):
+    """A record with every operator setting applies to options that differ only in what they leave to a default,
+    and not to other settings; an older record (options as written, no settings) matches only the same text."""
+    info = {name: resolve_operator(None, problem=problem, operator_kwargs=kw)[1]
+            for name, kw in (("learnt", learnt), ("same", same), ("other", other))}
+    rec = {"scale": 1.3, "level": 0.95, "problem": problem, "operator_kwargs": learnt,
+           "operator_settings": info["learnt"]["operator_settings"], "representation_error": "none"}
+    assert recalibration_applies(rec, info["same"], "none") is None
+    assert recalibration_applies(rec, info["other"], "none").startswith("learned for operator settings")
+    old = {k: v for k, v in rec.items() if k != "operator_settings"}
+    assert recalibration_applies(old, info["learnt"], "none") is None
+    assert recalibration_applies(old, info["same"], "none") is not None
 
 
 def test_recalibration_is_stored_in_the_checkpoint(tmp_path):
