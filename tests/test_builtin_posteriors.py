@@ -26,7 +26,7 @@ def _bundled(problem):
 
 
 def test_phase_retrieval_posterior_with_bundled_prior():
-    """Three truths drawn from the bundled prior (z_true known), each observed through half the frequencies
+    """Two truths drawn from the bundled prior (z_true known), each observed through half the frequencies
     with 2 % noise: the posterior mean is close modulo the twin and the 95 % bands hold the truth at about
     the nominal rate (pixel fraction, averaged over the truths: Bayesian calibration is a statement about
     truths drawn from the prior, not about one field)."""
@@ -46,7 +46,9 @@ def test_phase_retrieval_posterior_with_bundled_prior():
     # judged on the pixels where the truth or its twin is non-zero, and "the truth's mode, not its twin's" on the
     # pixels where the two differ by more than 0.05 (the phantoms' levels are 0.1-1).
     errs, covs, cov_truth, cov_twins, chi2s = [], [], [], [], []
-    for seed in (4, 5, 6):
+    # Truth seeds 4 and 5: the two whose MAP search needs the 256 starts and the restarts (seed 6, an easy one,
+    # was dropped to keep the suite under 15 minutes: it cost ~160 s of one core and gave 0.033 / 0.99 / 0.91).
+    for seed in (4, 5):
         obs = simulate("phase_retrieval", prior=G, operator_kwargs=op_kw, problem_kwargs={"n": 32},
                        noise_relative=0.02, seed=seed)
         result = solve(obs, G, method="flow", config=Config(cfg), seed=0, progress=False)
