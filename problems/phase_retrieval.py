@@ -341,6 +341,9 @@ def error_modulo_twin(x_est: Tensor, x_true: Tensor, translations: bool = False)
     return _relative_error(best, ref_sq).to(torch.float32)
 
 
+OBJECTS = ("phantoms", "shapes")
+
+
 class PhaseRetrievalProblem:
     """Fourier phase retrieval of Shepp-Logan-like phantoms (registered as ``phase_retrieval``).
 
@@ -348,6 +351,9 @@ class PhaseRetrievalProblem:
         n: field side, an even integer >= 4 (``field_shape = (n, n)``); the paper scale is 256.
         n_inner: number of candidate inner ellipses per phantom (see `sample_phantoms`).
         support_threshold: the level above which a pixel counts towards the ``support_area`` QoI.
+        objects: the example fields: ``"phantoms"`` (`sample_phantoms`, the default and the bundled prior's) or
+            ``"shapes"`` (`ganflow.problems.shapes.sample_shapes`: textured rectangles, triangles and rings, a
+            family the defaults were not tuned on; no bundled prior).
 
     Example:
         >>> p = PhaseRetrievalProblem(n=8)
@@ -357,8 +363,11 @@ class PhaseRetrievalProblem:
 
     name = "phase_retrieval"
 
-    def __init__(self, n: int = 32, n_inner: int = 4, support_threshold: float = 0.05):
+    def __init__(self, n: int = 32, n_inner: int = 4, support_threshold: float = 0.05, objects: str = "phantoms"):
         self.n = _check_n(n, "phase_retrieval")
+        if objects not in OBJECTS:
+            raise GanflowError(f"phase_retrieval: objects must be one of {', '.join(OBJECTS)}, got {objects!r}")
+        self.objects = objects
         if isinstance(n_inner, bool) or not isinstance(n_inner, Integral) or n_inner < 0:
             raise GanflowError(f"phase_retrieval: n_inner must be an integer >= 0, got {n_inner!r}")
         if isinstance(support_threshold, bool) or not isinstance(support_threshold, Real):
@@ -381,7 +390,12 @@ class PhaseRetrievalProblem:
         return PhaseRetrievalOperator(self.n, oversampling, mask_fraction, mask_seed, intensity, mask)
 
     def sample_fields(self, n: int, generator: torch.Generator) -> Tensor:
-        """``n`` phantoms ``[n, self.n, self.n]`` float32 from `sample_phantoms`."""
+        """``n`` example fields ``[n, self.n, self.n]`` float32: `sample_phantoms` or, with ``objects="shapes"``,
+        `ganflow.problems.shapes.sample_shapes`."""
+        if self.objects == "shapes":
+            from .shapes import sample_shapes
+
+            return sample_shapes(n, self.n, generator)
         return sample_phantoms(n, self.n, generator, self.n_inner)
 
     def qois(self) -> dict:
@@ -397,9 +411,10 @@ class PhaseRetrievalProblem:
 
     # Optional hooks used by `ganflow demo` (ganflow itself knows no physics) ---------------------------
     def bundled_prior(self) -> str | None:
-        """The demo prior shipped with ganflow for this ``n`` (``problems/data/phase_retrieval_<n>.pt``)."""
+        """The demo prior shipped with ganflow for this ``n`` (``problems/data/phase_retrieval_<n>.pt``, learnt
+        from phantoms); None for the shapes."""
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"phase_retrieval_{self.n}.pt")
-        return path if os.path.isfile(path) else None
+        return path if self.objects == "phantoms" and os.path.isfile(path) else None
 
     def metrics(self, x_est: Tensor, x_true: Tensor) -> dict:
         """Errors that respect the ambiguities: relative L2 error modulo the twin image (and translations)."""
