@@ -61,15 +61,12 @@ def cmd_run(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from ganflow.bench.smc_runs import agreement, case_target, load_run
+    from ganflow.bench.smc_runs import agreement, case_target, load_run, pair_agreement
     from ganflow.bench.stored import load_reference, long_run_path, reference_path
 
     runs = [load_run(p) for p in a.runs]
-    rows = {}
-    for i in range(len(runs)):
-        for j in range(i + 1, len(runs)):
-            rows[f"{a.runs[i]} vs {a.runs[j]}"] = agreement(runs[i]["draws"], runs[j]["draws"],
-                                                           runs[i]["log_evidence"], runs[j]["log_evidence"])
+    rows = {f"{a.runs[i]} vs {a.runs[j]}": pair_agreement(runs[i], runs[j])
+            for i in range(len(runs)) for j in range(i + 1, len(runs))}
     if a.reference:
         from ganflow.bench.cases import _make_case
 

@@ -34,6 +34,14 @@ def test_runs_agree_within_the_bounds_and_not_outside():
     assert not runs_agreement([_fake(a, -3.0), _fake(1.2 * b, -3.0)])[0]
     assert not runs_agreement([_fake(a, -3.0), _fake(b, -3.8)])[0]
     assert not runs_agreement([_fake(a, -3.0)])[0]  # one run cannot check itself
+    # neither run is the reference: a mean shift of 0.097 sd of a is 0.102 sd of the narrower run; the pair fails
+    # in either order (judged on a's sd alone, it would pass)
+    narrow, shifted = 0.95 * b, a.copy()
+    shifted[:, 2] += 0.097 - a[:, 2].mean() + narrow[:, 2].mean()
+    for pair in ([_fake(shifted, -3.0), _fake(narrow, -3.0)], [_fake(narrow, -3.0), _fake(shifted, -3.0)]):
+        ok, rows = runs_agreement(pair)
+        assert not ok and not rows["0-1"]["means_agree"] and 0.1 < rows["0-1"]["mean_sd"] < 0.104, rows
+        assert rows["0-1"]["sds_agree"] and rows["0-1"]["log_z_agree"]
 
 
 def test_run_chains_shapes_sweeps_particle_by_particle():
