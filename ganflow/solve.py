@@ -126,9 +126,9 @@ def resolve_operator(obs: Observation | None, operator: Any = None, problem: Any
         return op, {"operator": normalize_spec(operator), "operator_kwargs": operator_kwargs or {}}
     if problem is not None:
         kw = operator_kwargs or {}
-        built = isinstance(problem, str)  # an object's options are refused by load_operator
-        obj = load_problem(problem, **(problem_kwargs or {})) if built else problem
-        op = load_operator(problem=obj, problem_kwargs=None if built else problem_kwargs, **kw)
+        from_spec = isinstance(problem, str)  # an object already built: load_operator refuses its options
+        obj = load_problem(problem, **(problem_kwargs or {})) if from_spec else problem
+        op = load_operator(problem=obj, problem_kwargs=None if from_spec else problem_kwargs, **kw)
         name = problem if isinstance(problem, str) else getattr(problem, "name", type(problem).__name__)
         return op, {"problem": normalize_spec(name) if isinstance(name, str) else name, "operator_kwargs": kw,
                     "operator_settings": operator_settings(obj, kw), "problem_kwargs": problem_kwargs or {}}
