@@ -16,7 +16,9 @@ Measured (docs/posteriors.md, tempered SMC): phase retrieval, ``N = 1000`` MALA 
 final sweeps (~95 min a run) the runs' means are 0.153 sd apart, after 80 (~130 min) 0.138 sd, after 160
 (~216 min) 0.105 sd, sds 6.3 %, log p(y) 180.61 / 180.58 (+- 0.15): not yet a reference (`store --thin 4` wrote
 them as the bundled *.unconverged.h5, which bench reads until a converged one exists); after 240 (~303 min)
-0.1004 sd judged on either run's sd, sds 5.3 %: on the bound, at the runs' Monte-Carlo error (ESS ~830 each).
+0.1004 sd judged on either run's sd, sds 5.3 %: on the bound, at the runs' Monte-Carlo error (ESS ~830 each);
+after 320 (~386 min, session 16) 0.090 sd, sds 4.6 %, log p(y) 0.03 apart: converged, and `store --thin 8` wrote
+the bundled elliptic_seed0.h5 (800 chains x 40 draws, 4 MB).
 ``max_moves`` may be raised on ``--resume``, and ``final_sweeps`` too: the checkpoint outlives a finished run,
 so ``--resume`` with more sweeps extends its chains.
 
