@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .calibrate_state import CHECKPOINT_NAME, load_records, run_identity, save_records
 from .config import Config, parse_settings
 from .errors import GanflowError
 from .io import atomic_path
@@ -174,6 +175,8 @@ def calibrate(
     progress: bool | Callable[[str], None] | None = None,
     truths: str | os.PathLike | None = None,
     recalibrate: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run SBC and return the summary dict (written as ``calibration.json`` by `run_calibration_cli`).
 
@@ -188,6 +191,9 @@ def calibrate(
     With ``recalibrate`` (held-out ``truths`` only) the solves run without any stored recalibration, and a
     conformal interval scale is learned on the even-numbered truths and checked on the odd ones
     (`ganflow.recalibration`; key ``recalibration``, which `run_calibration_cli` stores in the prior).
+    ``checkpoint``: the truths done are kept there after each one (`ganflow.calibrate_state`) and the file is
+    removed at the end; ``resume`` continues the run it holds (on one machine, with the numbers an uninterrupted
+    run gives).
     Returns keys ``coverage`` (``{"latent"|"field": {"50"|"90"|"95": fraction}}``), ``n_indicators``,
     ``rank_test`` (pooled), ``tracked`` (per-coordinate histograms), ``per_truth``, ``settings``, ``warning``.
     """
@@ -204,31 +210,18 @@ def calibrate(
     if s.noise_sigma is None and s.noise_relative is None:
         s = CalibrateSettings(**{**asdict(s), "noise_relative": 0.1})
     kinds = ("field",) if held_out is not None else ("latent", "field")
-    cover = {kind: {lvl: [] for lvl in LEVELS} for kind in kinds}
-    ranks = {kind: [] for kind in kinds}
-    per_truth, intervals = [], []
-    L = None
+    ckpt = os.fspath(checkpoint) if checkpoint is not None else None
+    identity = run_identity(problem=problem, prior=prior if isinstance(prior, str) else type(prior).__name__,
+                            truths=truths, settings=asdict(s), seed=seed, solve=solve_cfg.data, recalibrate=recalibrate)
+    records, wall_before = load_records(ckpt, identity, resume)
     t_start = time.perf_counter()
-    bar = Progress(s.n_truths, "calibrate", enabled=progress is True, unit="truth")
-    for t in range(s.n_truths):
-        t0 = time.perf_counter()
+    bar = Progress(s.n_truths, "calibrate", enabled=progress is True, unit="truth", initial=len(records))
+    for t in range(len(records), s.n_truths):
         source = {"truth": held_out[t]} if held_out is not None else {"prior": G}
-        obs = simulate(problem, operator_kwargs=solve_cfg.table("operator"), problem_kwargs=solve_cfg.table("problem"),
-                       noise_sigma=s.noise_sigma, noise_relative=s.noise_relative, seed=seed * 100_003 + t, **source)
-        result = solve(obs, G, method=s.method, config=solve_cfg, seed=seed * 100_003 + t + 50_000, progress=False)
-        draws = _draws(result, G, s.shrink, obs, seed * 100_003 + t)
-        L = min(s.n_rank_draws, draws["field"][0].shape[0])
-        for kind in kinds:
-            x, truth = draws[kind]
-            for lvl in LEVELS:
-                cover[kind][lvl].append(coverage_indicators(x, truth, lvl))
-            idx = np.linspace(0, x.shape[0] - 1, L).round().astype(int)  # evenly spaced: thins MCMC draws
-            ranks[kind].append(sbc_ranks(x[idx], truth))
-        per_truth.append(_truth_row(t, obs, result, t0))
-        if recalibrate:
-            intervals.append(({lvl: central_interval(draws["field"][0], lvl) for lvl in LEVELS}, draws["field"][1]))
-            rec_context = result.attrs
-        row, nan = per_truth[-1], float("nan")
+        records.append(_calibrate_truth(t, problem, G, source, s, solve_cfg, seed, kinds, recalibrate))
+        if ckpt is not None:
+            save_records(ckpt, identity, records, wall_before + time.perf_counter() - t_start)
+        row, nan = records[-1]["row"], float("nan")
         bar.set_postfix(rel_l2_error=f"{row.get('rel_l2_error', nan):.3f}",
                         coverage_95=f"{row.get('coverage_95', nan):.3f}")
         bar.update(1)
@@ -236,13 +229,43 @@ def calibrate(
             progress(f"truth {t + 1}/{s.n_truths}: {row['wall_time_s']:.1f} s, rel. L2 error "
                      f"{row.get('rel_l2_error', nan):.3f}, 95 % coverage {row.get('coverage_95', nan):.3f}")
     bar.close()
-    out = _summary(problem, prior, truths, s, seed, solve_cfg, G, cover, ranks, L)
-    out["per_truth"], out["wall_time_s"] = per_truth, time.perf_counter() - t_start
+    cover = {kind: {lvl: [r["cover"][kind][lvl] for r in records] for lvl in LEVELS} for kind in kinds}
+    ranks = {kind: [r["ranks"][kind] for r in records] for kind in kinds}
+    out = _summary(problem, prior, truths, s, seed, solve_cfg, G, cover, ranks, int(records[-1]["L"]))
+    out["per_truth"] = [r["row"] for r in records]
+    out["wall_time_s"] = wall_before + time.perf_counter() - t_start
     out["warning"] = _verdict(out)
     if recalibrate:
-        out["recalibration"] = _learn_recalibration(intervals, rec_context, s, truths)
+        out["recalibration"] = _learn_recalibration([r["interval"] for r in records],
+                                                    json.loads(records[-1]["attrs"]), s, truths)
+    if ckpt is not None and os.path.exists(ckpt):
+        os.remove(ckpt)
     out["_ranks"] = {kind: np.stack(ranks[kind]) for kind in ranks}  # for the figure; not written to JSON
     return out
+
+
+def _calibrate_truth(t: int, problem: str, G, source: dict, s: CalibrateSettings, solve_cfg: Config, seed: int,
+                     kinds: tuple, recalibrate: bool) -> dict:
+    """Simulate truth ``t``, solve it, and return what it adds to the calibration: its coverage indicators and
+    SBC ranks per kind, its summary row, and (``recalibrate``) its field intervals with the solve's context."""
+    t0 = time.perf_counter()
+    obs = simulate(problem, operator_kwargs=solve_cfg.table("operator"), problem_kwargs=solve_cfg.table("problem"),
+                   noise_sigma=s.noise_sigma, noise_relative=s.noise_relative, seed=seed * 100_003 + t, **source)
+    result = solve(obs, G, method=s.method, config=solve_cfg, seed=seed * 100_003 + t + 50_000, progress=False)
+    draws = _draws(result, G, s.shrink, obs, seed * 100_003 + t)
+    L = min(s.n_rank_draws, draws["field"][0].shape[0])
+    rec = {"cover": {}, "ranks": {}, "L": int(L)}
+    for kind in kinds:
+        x, truth = draws[kind]
+        rec["cover"][kind] = {lvl: coverage_indicators(x, truth, lvl) for lvl in LEVELS}
+        idx = np.linspace(0, x.shape[0] - 1, L).round().astype(int)  # evenly spaced: thins MCMC draws
+        rec["ranks"][kind] = sbc_ranks(x[idx], truth)
+    if recalibrate:
+        rec["interval"] = ({lvl: central_interval(draws["field"][0], lvl) for lvl in LEVELS}, draws["field"][1])
+        keys = ("problem", "operator", "operator_kwargs", "operator_settings", "representation_error")
+        rec["attrs"] = json.dumps({k: result.attrs[k] for k in keys if k in result.attrs}, default=str)
+    rec["row"] = _truth_row(t, obs, result, t0)
+    return rec
 
 
 def _summary(problem, prior, truths, s: CalibrateSettings, seed: int, solve_cfg: Config, G, cover: dict,
@@ -431,11 +454,13 @@ def run_calibration_cli(
     progress: bool | Callable[[str], None] | None,
     truths: str | None = None,
     recalibrate: bool = False,
+    resume: bool = False,
 ) -> dict:
     """`calibrate` with settings from ``[calibrate]`` overridden by options; writes
     ``outdir/calibration.json``
     and ``outdir/calibration.png``; returns the summary with their paths under ``json`` and ``figure``.
-    With ``recalibrate`` the learned scale is also stored in the prior checkpoint (key ``recalibration``)."""
+    With ``recalibrate`` the learned scale is also stored in the prior checkpoint (key ``recalibration``).
+    The truths done are kept in ``outdir/calibration.ckpt`` after each one; ``resume`` continues from it."""
     cfg = Config.from_file(config_path, known=CALIBRATE_TABLES)
     table = cfg.table("calibrate")
     for key, value in (("n_truths", n_truths), ("method", method), ("shrink", shrink)):
@@ -457,8 +482,10 @@ def run_calibration_cli(
         raise GanflowError(f"output path is a file: {outdir}")
     if recalibrate:
         _check_recalibration_target(prior, truths)
-    out = calibrate(problem, prior, settings, cfg, seed, progress, truths=truths, recalibrate=recalibrate)
-    # created only after the inputs proved valid, so a bad call leaves nothing behind
+    out = calibrate(problem, prior, settings, cfg, seed, progress, truths=truths, recalibrate=recalibrate,
+                    checkpoint=os.path.join(outdir, CHECKPOINT_NAME), resume=resume)
+    # created only after the inputs proved valid (the checkpoint makes it after the first truth), so a bad call
+    # leaves nothing behind
     os.makedirs(outdir, exist_ok=True)
     if recalibrate:
         _store_recalibration(prior, out["recalibration"])

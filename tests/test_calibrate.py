@@ -198,3 +198,65 @@ def test_smc_from_flow_is_calibrated():
     for lvl in ("90", "95"):
         got, nominal = out["coverage"]["latent"][lvl], int(lvl) / 100
         assert abs(got - nominal) < 4 * se["latent"][lvl], (lvl, got, se["latent"][lvl])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(n: int):
+    calls = []
+
+    def progress(line: str) -> None:
+        calls.append(line)
+        if len(calls) == n:
+            raise _Stop(line)
+
+    return progress
+
+
+@pytest.mark.parametrize("held_out", [False, True], ids=["prior-truths", "held-out-recalibrate"])
+def test_calibration_resumes_where_it_stopped(tmp_path, held_out):
+    """A calibration stopped after 2 of 4 truths and resumed from its checkpoint gives what the uninterrupted
+    run gives (same machine: every truth's seeds depend on its index only), with the recalibration learnt from
+    all 4 truths' intervals; a leftover checkpoint is never silently restarted or continued with other settings."""
+    from ganflow.errors import GanflowError
+
+    T, ckpt = 4, tmp_path / "c" / "calibration.ckpt"
+    extra = {}
+    if held_out:
+        G, _ = _exact_posterior_zero_obs()
+        np.save(tmp_path / "truths.npy", G(torch.randn(T, 16, generator=torch.Generator().manual_seed(5))).numpy())
+        extra = {"truths": tmp_path / "truths.npy", "recalibrate": True}
+    settings = CalibrateSettings(n_truths=T, noise_sigma=NOISE_SIGMA)
+    whole = calibrate("linear_gaussian", PRIOR, settings, CHEAP, seed=3, **extra)
+    with pytest.raises(_Stop):
+        calibrate("linear_gaussian", PRIOR, settings, CHEAP, seed=3, progress=_stop_after(2), checkpoint=ckpt,
+                  **extra)
+    with pytest.raises(GanflowError, match=r"interrupted calibration \(2 truths done\).*--resume"):
+        calibrate("linear_gaussian", PRIOR, settings, CHEAP, seed=3, checkpoint=ckpt, **extra)
+    with pytest.raises(GanflowError, match="made by another calibration"):
+        calibrate("linear_gaussian", PRIOR, settings, CHEAP, seed=4, checkpoint=ckpt, resume=True, **extra)
+    lines = []
+    resumed = calibrate("linear_gaussian", PRIOR, settings, CHEAP, seed=3, progress=lines.append, checkpoint=ckpt,
+                        resume=True, **extra)
+    assert [ln.split(":")[0] for ln in lines] == ["truth 3/4", "truth 4/4"]  # only the truths left were solved
+    assert not ckpt.exists()
+    assert [r["truth"] for r in resumed["per_truth"]] == list(range(T))
+    for a, b in zip(resumed["per_truth"], whole["per_truth"], strict=True):
+        np.testing.assert_allclose([a[k] for k in a if k != "wall_time_s"], [b[k] for k in b if k != "wall_time_s"],
+                                   rtol=1e-9)
+    for kind, cov in whole["coverage"].items():
+        assert resumed["coverage"][kind] == pytest.approx(cov, abs=1e-12)
+    for kind in resumed["_ranks"]:
+        np.testing.assert_array_equal(resumed["_ranks"][kind], whole["_ranks"][kind])
+    if held_out:
+        assert resumed["recalibration"]["n_learn"] == 2 and resumed["recalibration"]["n_check"] == 2
+        assert resumed["recalibration"]["scale"] == pytest.approx(whole["recalibration"]["scale"], rel=1e-9)
+        assert resumed["recalibration"]["problem"] == "linear_gaussian"
+
+
+def test_cli_calibrate_resume_without_a_checkpoint_is_one_line(tmp_path, cli):
+    r = cli("calibrate", "--problem", "linear_gaussian", "--prior", PRIOR, "--resume", "-o", str(tmp_path / "c"))
+    assert r.returncode == 2 and "no checkpoint of an interrupted calibration" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()

@@ -145,12 +145,17 @@ def predict(posterior, qois, n, reweight, prior, problem, operator, batch_size, 
     help="With --truths: learn a split-conformal scale of the field intervals on half the truths, check it on "
     "the other half, and store it in the prior checkpoint (docs/posteriors.md#recalibration).",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the calibration interrupted in -o (its calibration.ckpt keeps every truth done).",
+)
 @config_option()
 @seed_option()
 @click.option("--quiet", is_flag=True, help="No progress report.")
 def calibrate(
-    problem, prior, n_truths, truths, method, noise_sigma, noise_relative, shrink, outdir, recalibrate, config_path,
-    seed, quiet
+    problem, prior, n_truths, truths, method, noise_sigma, noise_relative, shrink, outdir, recalibrate, resume,
+    config_path, seed, quiet
 ):
     """Simulation-based calibration: coverage of 50/90/95 % intervals and rank histograms over T truths.
 
@@ -174,6 +179,7 @@ def calibrate(
         seed=seed,
         progress=not quiet,
         recalibrate=recalibrate,
+        resume=resume,
     )
     for kind in report["coverage"]:
         cov = report["coverage"][kind]
