@@ -238,7 +238,7 @@ def calibrate(
     if recalibrate:
         out["recalibration"] = _learn_recalibration([r["interval"] for r in records],
                                                     json.loads(records[-1]["attrs"]), s, truths)
-    if ckpt is not None and os.path.exists(ckpt):
+    if ckpt is not None:  # written after every truth, this call's or an earlier one's
         os.remove(ckpt)
     out["_ranks"] = {kind: np.stack(ranks[kind]) for kind in ranks}  # for the figure; not written to JSON
     return out

@@ -1,11 +1,11 @@
 """The per-truth records of a calibration run and their checkpoint, so ``ganflow calibrate --resume`` continues
 after a crash or ``kill -9`` where it stopped.
 
-A calibration of the default solve over 50 elliptic truths takes ~90 minutes of a 2-core CPU; each truth's
-contribution (coverage indicators, SBC ranks, its summary row, and its field intervals when a recalibration is
-learnt) is small and final once its solve is done. The checkpoint holds those records and an identity of the
-run (problem, prior, truths, settings, seed, solve config): truth ``t`` is simulated and solved with seeds that
-depend only on ``t``, so a resumed run gives on one machine the numbers an uninterrupted run gives.
+A calibration of the default solve over 50 elliptic truths takes ~100 minutes of a 2-core CPU (123 s a truth); each
+truth's contribution (coverage indicators, SBC ranks, its summary row, and its field intervals when a recalibration
+is learnt) is small and final once its solve is done. The checkpoint holds those records and an identity of the run
+(problem, prior, truths, settings, seed, solve config): truth ``t`` is simulated and solved with seeds that depend
+only on ``t``, so a resumed run gives on one machine the numbers an uninterrupted run gives.
 """
 
 from __future__ import annotations
