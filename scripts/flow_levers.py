@@ -1,12 +1,12 @@
-"""Measure one flow setting at a time on the benchmark's phase-retrieval observation (issue 34).
+"""Measure one flow setting at a time on the benchmark's GAN observations (issue 34).
 
     OMP_NUM_THREADS=2 flock /tmp/ganflow-cpu.lock .venv/bin/python scripts/flow_levers.py \
         "" "iw_group=16" "temper_fraction=0.3,temper_beta0=0.05" [--json levers.jsonl]
 
 Each positional argument is one set of ``[flow]`` overrides (``key=value`` pairs separated by commas; ``""`` is
-the benchmark plan's own phase-retrieval settings, `ganflow.bench.plan`) fitted in turn on the case ``ganflow
-bench --problem phase_retrieval`` solves (`_make_case`, seed 0, the observation adopted from the stored
-converged NUTS reference). Per setting it prints the worst latent mean error (in reference sd), the worst and
+the benchmark plan's own settings for the problem, `ganflow.bench.plan`) fitted in turn on the case ``ganflow
+bench --problem P`` solves (``--problem``: phase_retrieval, the default, or elliptic; `_make_case`, seed 0, the
+observation adopted from the stored converged reference: NUTS for phase retrieval, tempered SMC for elliptic). Per setting it prints the worst latent mean error (in reference sd), the worst and
 median relative sd error (2,000 draws, the bench's seeds: the same numbers as bench's flow row), the PSIS k-hat
 of 2,000 fresh draws, the fit's forward evaluations and its wall time.
 
@@ -42,7 +42,6 @@ from ganflow.config import parse_settings
 from ganflow.diagnostics import draw_flow, psis
 from ganflow.posterior.flow import FlowSettings, fit_flow
 
-PROBLEM = "phase_retrieval"
 # What the MAP search depends on (chunked Hessians: the chunk is max(batch_size, 32))
 _SEARCH_KEYS = ("init", "map_starts", "map_iter", "map_restarts", "max_modes", "mode_min_mass", "mode_barrier",
                 "weight_draws")
@@ -86,7 +85,7 @@ class _SearchCache:
 
 def measure(case, ref, plan, overrides: dict, seed: int, cache: _SearchCache, trace_every: int) -> dict:
     """One fit with ``overrides`` over the plan's settings; its errors against ``ref``, k-hat and cost."""
-    table = dict(plan.flow[PROBLEM], progress=False, **overrides)
+    table = dict(plan.flow[case.name], progress=False, **overrides)
     fs = parse_settings(FlowSettings, table, "flow")
     target = _new_target(case)
     trace = []
@@ -142,6 +141,7 @@ def measure_smc(case, ref, plan, fit_rec: dict, fit, overrides: dict, seed: int,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sets", nargs="*", default=[""], help='[flow] overrides, "key=value,key=value" ("" = the plan)')
+    ap.add_argument("--problem", choices=("phase_retrieval", "elliptic"), default="phase_retrieval")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace-every", type=int, default=0, help="accuracy every N steps (0: none)")
     ap.add_argument("--json", help="append one JSON record per setting to this file")
@@ -149,11 +149,11 @@ def main(argv=None) -> int:
     ap.add_argument("--smc-seed", type=int, default=13, help="the SMC run's own seed [13]")
     args = ap.parse_args(argv)
     plan = bench_plan()
-    case = _make_case(PROBLEM, args.seed)
+    case = _make_case(args.problem, args.seed)
     if isinstance(case, str):
         print(case, file=sys.stderr)
         return 1
-    _, ref = _stored_nuts(case, reference_path(case.prior_path, PROBLEM, args.seed), plan, args.seed,
+    _, ref = _stored_nuts(case, reference_path(case.prior_path, args.problem, args.seed), plan, args.seed,
                           lambda m: print(m, file=sys.stderr))
     cache = _SearchCache()
     flow_mod.find_modes = cache
