@@ -6,9 +6,11 @@
 Each positional argument is one set of ``[flow]`` overrides (``key=value`` pairs separated by commas; ``""`` is
 the benchmark plan's own settings for the problem, `ganflow.bench.plan`) fitted in turn on the case ``ganflow
 bench --problem P`` solves (``--problem``: phase_retrieval, the default, or elliptic; `_make_case`, seed 0, the
-observation adopted from the stored converged reference: NUTS for phase retrieval, tempered SMC for elliptic). Per setting it prints the worst latent mean error (in reference sd), the worst and
-median relative sd error (2,000 draws, the bench's seeds: the same numbers as bench's flow row), the PSIS k-hat
-of 2,000 fresh draws, the fit's forward evaluations and its wall time.
+observation adopted from the stored converged reference: NUTS for phase retrieval, tempered SMC for elliptic).
+Per setting it prints the worst latent mean error (in reference sd), the worst and median relative sd error
+(2,000 draws, the bench's seeds: the same numbers as bench's flow row), the PSIS k-hat of 2,000 fresh draws with
+their ELBO and importance estimate of ``log p(y)`` (to hold against the reference's own evidence: an ELBO above it
+says the reference missed mass), the fit's forward evaluations and its wall time.
 
 ``--smc "key=value,..."`` also corrects each fitted flow by tempered SMC started from it (``[smc] start = "flow"``
 with these overrides, `ganflow.posterior.smc`) and prints a second row for it: the same errors of its draws, the
@@ -105,8 +107,13 @@ def measure(case, ref, plan, overrides: dict, seed: int, cache: _SearchCache, tr
     zq, log_q = draw_flow(fit.model, plan.n_draws, torch.Generator().manual_seed(seed + 12))
     with torch.no_grad():
         log_p = torch.cat([target.log_joint(b) for b in zq.split(500)])
+    log_w = (log_p.double() - log_q.double()).numpy()
     rec.update({
-        "psis_khat": psis((log_p.double() - log_q.double()).numpy()).khat,
+        "psis_khat": psis(log_w).khat,
+        # E_q[log p(y, z) - log q(z)] <= log p(y): a flow whose ELBO exceeds the reference's evidence (SMC's
+        # log p(y)) says the reference missed mass; the importance estimate log mean w is one too (k-hat permitting)
+        "elbo": float(log_w.mean()),
+        "log_evidence_is": float(np.logaddexp.reduce(log_w) - np.log(len(log_w))),
         "n_forward_evals": evals,
         "wall_s": wall,
         "iterations": int(fit.attrs.get("iterations", 0)),
@@ -157,7 +164,8 @@ def main(argv=None) -> int:
                           lambda m: print(m, file=sys.stderr))
     cache = _SearchCache()
     flow_mod.find_modes = cache
-    print("overrides | mean err [sd] | sd err max / median | k-hat | evals | wall [s] | iterations")
+    print("overrides | mean err [sd] | sd err max / median | k-hat | ELBO / IS log p(y) | evals | wall [s] | "
+          "iterations")
     for text in args.sets or [""]:
         overrides = parse_overrides(text)
         rec = measure(case, ref, plan, overrides, args.seed, cache, args.trace_every)
@@ -165,7 +173,8 @@ def main(argv=None) -> int:
         rec["torch_threads"], rec["omp_num_threads"] = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
         rec["load_average"] = os.getloadavg()
         print(f"{text or '(plan)'} | {rec['latent_mean_err_sd']:.3f} | {rec['latent_sd_rel_err_max']:.3f} / "
-              f"{rec['latent_sd_rel_err_median']:.3f} | {rec['psis_khat']:.2f} | {rec['n_forward_evals']} | "
+              f"{rec['latent_sd_rel_err_median']:.3f} | {rec['psis_khat']:.2f} | {rec['elbo']:.2f} / "
+              f"{rec['log_evidence_is']:.2f} | {rec['n_forward_evals']} | "
               f"{rec['wall_s']:.1f} | {rec['iterations']} ({rec['stopped']})", flush=True)
         if rec["trace"]:
             print("  trace (step, mean err, sd err):", rec["trace"], flush=True)
