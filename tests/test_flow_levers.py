@@ -101,3 +101,28 @@ def test_renyi_dreg_gradient_is_the_renyi_bound_gradient():
     se = d.std(0) / math.sqrt(chunks)
     assert torch.all(d.mean(0).abs() < 4 * se), (d.mean(0), se)
     assert torch.all(torch.stack(plain).abs() > 10 * se)  # the gradient is resolved, not zero
+
+
+def test_a_mixture_says_when_it_drops_dreg_or_tempering():
+    """The twin problem's search finds both modes, so the fit is a mixture whose components run STL untempered:
+    a DReG or tempered request is named in a RuntimeWarning rather than dropped silently; plain settings say
+    nothing."""
+    import warnings
+
+    import pytest
+
+    problem = twin_problem()
+    short = FlowSettings(progress=False, max_iter=30, min_iter=0, warmup=0)
+
+    def fit(settings):
+        target = LatentTarget(problem.generator, problem.operator, problem.y, problem.noise_sigma)
+        return fit_flow(target, settings, torch.Generator().manual_seed(0))
+
+    for asked, settings in (("estimator = 'dreg'", dataclasses.replace(short, estimator="dreg")),
+                            ("temper_fraction > 0", dataclasses.replace(short, temper_fraction=0.5))):
+        with pytest.warns(RuntimeWarning, match=f"2 modes.*{asked}.*max_modes = 1") as rec:
+            result = fit(settings)
+        assert result.attrs["n_modes"] == 2, rec
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="flow: the MAP search found", category=RuntimeWarning)
+        assert fit(short).attrs["n_modes"] == 2
