@@ -1,0 +1,170 @@
+"""What a GAN case's latent posterior looks like, measured against its stored converged reference (issue 34).
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/posterior_geometry.py --problem elliptic typical   # or gaussian
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/posterior_geometry.py --problem elliptic map map_starts=32 map_restarts=8
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/posterior_geometry.py --problem elliptic oracle "" "kind='spline'"
+
+On the observation ``ganflow bench --problem P`` solves (seed 0, adopted from the stored reference):
+
+- ``typical``: ``log p(y, z)`` of 2,000 reference draws (mean, sd, max); with the reference's ``log p(y)`` their
+  mean gives the posterior's entropy, ``log p(y) - E log p(y, z)``.
+- ``gaussian``: the ELBO, importance estimate of ``log p(y)`` and PSIS k-hat of a Gaussian with the reference's
+  mean and covariance (and its entropy): how far from Gaussian, in the sense the flow's objective sees.
+- ``map [key=value ...]``: the flow's MAP search (the bench plan's ``[flow]`` settings, these overrides), each
+  mode's ``log p(y, z)``, distance from the reference mean (in reference sd), Laplace and importance-sampled mass;
+  and the best reference draw polished uphill (where the global maximum is).
+- ``oracle [settings ...]``: a flow (``[flow]`` settings as ``key=value,...``) fitted by maximum likelihood to
+  the reference's own draws (28,000 to train, the rest held out) and judged as the solve judges a flow: held-out
+  ``log q``, ELBO, importance ``log p(y)``, k-hat, moment errors. Can the flow family hold this posterior at all?
+
+The evidence ``log p(y)`` for the entropy is given by ``--log-evidence`` (elliptic: 180.6, the SMC runs').
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+from ganflow.bench.cases import _make_case
+from ganflow.bench.methods import _adopt_observation, _new_target
+from ganflow.bench.plan import bench_plan
+from ganflow.bench.stored import load_reference, reference_path
+from ganflow.config import parse_settings
+from ganflow.diagnostics import psis
+from ganflow.posterior.flow import FlowSettings
+from ganflow.posterior.flows import LatentFlow
+from ganflow.posterior.modes import find_modes, log_joints
+
+
+def _case(problem: str):
+    """The bench's case with the stored reference's observation adopted; its target and pooled draws."""
+    case = _make_case(problem, 0)
+    sref = load_reference(reference_path(case.prior_path, problem, 0), _new_target(case), problem, 0)
+    _adopt_observation(case, sref)
+    pooled = sref.pooled(sum(d.shape[0] * d.shape[1] for d in sref.draws), 4)
+    return _new_target(case), pooled
+
+
+def _log_p(target, z: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([log_joints(target, b.float()) for b in z.split(200)]).double().numpy()
+
+
+def _weights_line(log_w: np.ndarray) -> str:
+    log_w = log_w[np.isfinite(log_w)]
+    return (f"ELBO {log_w.mean():.2f}, IS log p(y) {np.logaddexp.reduce(log_w) - math.log(len(log_w)):.2f}, "
+            f"k-hat {psis(log_w).khat:.2f}")
+
+
+def typical(target, pooled, log_evidence: float) -> None:
+    sub = torch.tensor(pooled[np.random.default_rng(0).choice(len(pooled), 2000, replace=False)])
+    lp = _log_p(target, sub)
+    print(f"reference draws: log p(y, z) {lp.mean():.2f} +- {lp.std():.2f}, max {lp.max():.2f}; entropy "
+          f"{log_evidence - lp.mean():.1f} nats (log p(y) {log_evidence}); prior entropy "
+          f"{0.5 * pooled.shape[1] * math.log(2 * math.pi * math.e):.1f}")
+
+
+def gaussian(target, pooled) -> None:
+    mvn = torch.distributions.MultivariateNormal(torch.tensor(pooled.mean(0)), torch.tensor(np.cov(pooled.T)))
+    z = mvn.sample(torch.Size([2000]))
+    print(f"Gaussian at the reference's moments (entropy {float(mvn.entropy()):.1f}): "
+          + _weights_line(_log_p(target, z) - mvn.log_prob(z).numpy()))
+
+
+def _laplace_mass(target, mode, n: int = 2000) -> tuple[float, float]:
+    """(Laplace log Z, importance-sampled log Z from the Laplace Gaussian) of one mode."""
+    k = target.latent_dim
+    L = mode.scale_tril.double()
+    mvn = torch.distributions.MultivariateNormal(mode.loc.double(), scale_tril=L)
+    z = mvn.sample(torch.Size([n]))
+    log_w = _log_p(target, z) - mvn.log_prob(z).numpy()
+    log_w = log_w[np.isfinite(log_w)]
+    return mode.log_mass + 0.5 * k * math.log(2 * math.pi), float(np.logaddexp.reduce(log_w) - math.log(len(log_w)))
+
+
+def map_search(target, pooled, problem: str, overrides: dict) -> None:
+    m, sd = pooled.mean(0), pooled.std(0, ddof=1)
+    fs = parse_settings(FlowSettings, dict(bench_plan().flow[problem], progress=False, **overrides), "flow")
+    t0, e0 = time.perf_counter(), target.n_forward_evals
+    torch.manual_seed(0)
+    modes, _ = find_modes(target, fs, torch.Generator().manual_seed(4), 0)
+    print(f"search {overrides}: {time.perf_counter() - t0:.0f} s, {target.n_forward_evals - e0} evaluations, "
+          f"{len(modes)} mode(s)")
+    for mode in modes:
+        d = (mode.loc.double().numpy() - m) / sd
+        lap, is_ = _laplace_mass(target, mode)
+        print(f"  mode: log p(y, z) {mode.log_joint:.2f}, from the reference mean max {np.abs(d).max():.2f} sd "
+              f"(rms {np.sqrt((d ** 2).mean()):.2f}); log mass: Laplace {lap:.2f}, importance {is_:.2f}")
+    sub = torch.tensor(pooled[np.random.default_rng(0).choice(len(pooled), 2000, replace=False)]).float()
+    z = sub[int(np.argmax(_log_p(target, sub)))].clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = -target.log_joint(z[None]).sum()
+        loss.backward()
+        opt.step()
+    d = (z.detach().double().numpy() - m) / sd
+    print(f"best reference draw polished uphill: log p(y, z) {-loss.item():.2f}, from the mean max "
+          f"{np.abs(d).max():.2f} sd")
+
+
+def oracle(target, pooled, settings: dict, steps: int = 4000, n_train: int = 28000) -> None:
+    m, sd = pooled.mean(0), pooled.std(0, ddof=1)
+    perm = np.random.default_rng(0).permutation(len(pooled))
+    train, test = (torch.tensor(pooled[idx], dtype=torch.float32) for idx in (perm[:n_train], perm[n_train:]))
+    L = torch.linalg.cholesky(torch.tensor(np.cov(pooled.T), dtype=torch.float32))
+    torch.manual_seed(0)
+    q = LatentFlow(pooled.shape[1], FlowSettings(**settings), torch.tensor(m, dtype=torch.float32), L)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g, t0 = torch.Generator().manual_seed(1), time.perf_counter()
+    for _ in range(steps):
+        loss = -q.log_prob(train[torch.randint(0, len(train), (256,), generator=g)]).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(q.parameters(), 10.0)
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        held_out, fitted = float(q.log_prob(test).mean()), float(q.log_prob(train[:4000]).mean())
+        z, log_q = q.sample(2000, torch.Generator().manual_seed(2))
+    zn = z.double().numpy()
+    sd_err = np.abs(zn.std(0, ddof=1) / sd - 1)
+    print(f"oracle {settings}: held-out log q {held_out:.2f} (training draws {fitted:.2f}); "
+          + _weights_line(_log_p(target, z) - log_q.double().numpy())
+          + f"; mean err {np.max(np.abs(zn.mean(0) - m) / sd):.3f} sd, sd err {sd_err.max():.3f} / "
+          f"{np.median(sd_err):.3f}; {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _kv(items: list[str]) -> dict:
+    return {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in items)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--problem", choices=("elliptic", "phase_retrieval"), default="elliptic")
+    ap.add_argument("--log-evidence", type=float, default=180.6, help="the reference's log p(y) [180.6: elliptic]")
+    ap.add_argument("what", choices=("typical", "gaussian", "map", "oracle"))
+    ap.add_argument("args", nargs="*", help="map: key=value overrides; oracle: one settings string per flow")
+    args = ap.parse_args(argv)
+    target, pooled = _case(args.problem)
+    if args.what == "typical":
+        typical(target, pooled, args.log_evidence)
+    elif args.what == "gaussian":
+        gaussian(target, pooled)
+    elif args.what == "map":
+        map_search(target, pooled, args.problem, _kv(args.args))
+    else:
+        for spec in args.args or [""]:
+            oracle(target, pooled, _kv([p for p in spec.split(",") if p]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
