@@ -13,6 +13,10 @@ On the observation ``ganflow bench --problem P`` solves (seed 0, adopted from th
 - ``map [key=value ...]``: the flow's MAP search (the bench plan's ``[flow]`` settings, these overrides), each
   mode's ``log p(y, z)``, distance from the reference mean (in reference sd), Laplace and importance-sampled mass;
   and the best reference draw polished uphill (where the global maximum is).
+- ``hessian``: at 5 reference draws, the eigenvalues of ``-Hessian`` of ``log p(y, z)`` by central differences of
+  the gradient (steps 1e-2 and 1e-3; torch's second-order autograd through the elliptic solver disagrees with
+  them) and the singular values of the generator's Jacobian: the local scale of the density against the
+  posterior's sds.
 - ``oracle [settings ...]``: a flow (``[flow]`` settings as ``key=value,...``) fitted by maximum likelihood to
   the reference's own draws (28,000 to train, the rest held out) and judged as the solve judges a flow: held-out
   ``log q``, ELBO, importance ``log p(y)``, k-hat, moment errors. Can the flow family hold this posterior at all?
@@ -142,6 +146,24 @@ def oracle(target, pooled, settings: dict, steps: int = 4000, n_train: int = 280
           f"{np.median(sd_err):.3f}; {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def hessian(target, pooled, n: int = 5) -> None:
+    k = pooled.shape[1]
+    zs = torch.tensor(pooled[np.random.default_rng(1).choice(len(pooled), n, replace=False)], dtype=torch.float32)
+    print(f"reference sds {pooled.std(0, ddof=1).min():.2f}-{pooled.std(0, ddof=1).max():.2f}")
+    for z in zs:
+        row = []
+        for h in (1e-2, 1e-3):
+            pts = torch.cat([z + h * torch.eye(k), z - h * torch.eye(k)])
+            g = torch.cat([target.log_joint_and_grad(c)[1] for c in pts.split(32)]).double()
+            H = (g[:k] - g[k:]) / (2 * h)
+            ev = np.linalg.eigvalsh(-0.5 * (H + H.T).numpy())
+            row.append(f"h {h}: -Hessian eigenvalues {ev.min():.0f} .. {ev.max():.0f}, {(ev < 0).sum()} < 0, "
+                       f"{(ev > 100).sum()} > 100")
+        jac = torch.autograd.functional.jacobian(lambda v: target.generator(v[None]).reshape(-1), z)
+        sv = np.linalg.svd(jac.double().numpy(), compute_uv=False)
+        print(" | ".join(row) + f" | generator Jacobian singular values {sv.min():.3f} .. {sv.max():.1f}")
+
+
 def _kv(items: list[str]) -> dict:
     return {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in items)}
 
@@ -150,7 +172,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--problem", choices=("elliptic", "phase_retrieval"), default="elliptic")
     ap.add_argument("--log-evidence", type=float, default=180.6, help="the reference's log p(y) [180.6: elliptic]")
-    ap.add_argument("what", choices=("typical", "gaussian", "map", "oracle"))
+    ap.add_argument("what", choices=("typical", "gaussian", "map", "hessian", "oracle"))
     ap.add_argument("args", nargs="*", help="map: key=value overrides; oracle: one settings string per flow")
     args = ap.parse_args(argv)
     target, pooled = _case(args.problem)
@@ -158,6 +180,8 @@ def main(argv=None) -> int:
         typical(target, pooled, args.log_evidence)
     elif args.what == "gaussian":
         gaussian(target, pooled)
+    elif args.what == "hessian":
+        hessian(target, pooled)
     elif args.what == "map":
         map_search(target, pooled, args.problem, _kv(args.args))
     else:
