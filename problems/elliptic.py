@@ -338,6 +338,14 @@ class BlockTridiagonalSolver:
         return torch.stack(us[::-1], 1)[..., 0]
 
 
+def _first_order_only(grad_u: Tensor) -> None:
+    """Refuse a backward that builds a graph for a second derivative (``create_graph=True``): the adjoint below is
+    not itself differentiated, so the Hessian would silently lack the solver's terms (measured: wrong by factors).
+    torch's ``once_differentiable`` does not catch ``autograd.grad(g, z)``, which prunes its error node."""
+    if torch.is_grad_enabled() and grad_u.requires_grad:
+        raise RuntimeError("elliptic solver: its gradient cannot be differentiated twice (no second derivatives)")
+
+
 class _TorchSolveFunction(torch.autograd.Function):
     """``u = K(m)^{-1} b(m)`` by `BlockTridiagonalSolver`, with the adjoint-state gradient."""
 
@@ -352,6 +360,7 @@ class _TorchSolveFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_u: Tensor):
+        _first_order_only(grad_u)
         md, u = ctx.saved_tensors
         lam = ctx.solver.solve(*ctx.factors, grad_u.to(torch.float64))  # K is symmetric: K^T lam = dl/du
         with torch.enable_grad():
@@ -372,6 +381,7 @@ class _SolveFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_u: Tensor):
+        _first_order_only(grad_u)
         g = grad_u.detach().cpu().to(torch.float64).numpy()
         grad_m = ctx.solver.gradient(ctx.m_np, ctx.u_np, ctx.factors, g)
         return torch.from_numpy(grad_m).to(device=grad_u.device), None

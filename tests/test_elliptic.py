@@ -325,3 +325,16 @@ def test_banded_cholesky_matches_superlu_and_falls_back_to_it(monkeypatch):
     assert isinstance(factors2[1], type(spla.splu(mats[0]))) and not isinstance(factors2[0], type(factors2[1]))
     np.testing.assert_allclose(u2, u, rtol=0, atol=1e-12)
     np.testing.assert_allclose(fv.gradient(m, u2, factors2, g), fv.gradient(m, u, factors, g), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
+def test_a_second_derivative_through_the_solver_is_refused_not_wrong(backend):
+    """The adjoint gradient is not itself differentiated, so a Hessian through the solver would silently lack its
+    terms (measured on the elliptic benchmark case: wrong by factors against finite differences). A backward that
+    builds a graph for one (``create_graph=True``) raises instead; first derivatives are unaffected."""
+    op = EllipticOperator(n=5, bc="hippylib", sensors="grid:2", backend=backend)
+    m = torch.randn(1, 5, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64).requires_grad_(True)
+    (g,) = torch.autograd.grad((op(m) ** 2).sum(), m)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="twice"):
+        torch.autograd.grad((op(m) ** 2).sum(), m, create_graph=True)

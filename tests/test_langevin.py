@@ -465,3 +465,30 @@ def test_hmc_refiner_is_exact_from_an_off_centre_narrow_start():
     assert fit.attrs["leapfrog"] == 8
     mean_err, sd_err = _moment_errors(fit.samples.double().numpy(), post)
     assert mean_err < 4 / math.sqrt(n) and sd_err < 4 / math.sqrt(2 * n), (mean_err, sd_err)
+
+
+def test_auto_entropy_avoids_hessians_a_target_cannot_take():
+    """On a target whose log density refuses a second derivative (the elliptic solver), ``entropy = "auto"``
+    takes the sample-covariance entropy instead of exact Hessians (which there would be wrong, not absent), and an
+    explicit ``"linearized"`` is a one-line error; a twice-differentiable target keeps the Hessians."""
+    from ganflow.posterior.langevin import _resolve_entropy
+    from ganflow.problems.elliptic import EllipticOperator
+
+    class Linear(torch.nn.Module):
+        latent_dim, field_shape = 3, (5, 5)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(0.3 * torch.randn(3, 25, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, z):
+            return (z @ self.w).reshape(-1, 5, 5)
+
+    op = EllipticOperator(n=5, bc="hippylib", sensors="grid:2")
+    target = LatentTarget(Linear(), op, op(torch.zeros(1, 5, 5)).float()[0], 0.1)
+    assert _resolve_entropy(LangevinSettings(), target) == "gaussian"
+    with pytest.raises(GanflowError, match="differentiated twice"):
+        _resolve_entropy(LangevinSettings(entropy="linearized"), target)
+    p = curved_problem()
+    smooth = LatentTarget(p.generator, p.operator, p.y, p.noise_sigma)
+    assert _resolve_entropy(LangevinSettings(), smooth) == "linearized"

@@ -101,6 +101,7 @@ from .step_size import (
     langevin_kl_estimate,
     search_step_size,
     step_schedule,
+    twice_differentiable,
 )
 from .target import LatentTarget
 
@@ -244,10 +245,16 @@ def _check_backoff(n_backed: int, n: int, sums: dict[str, np.ndarray], steps: li
         )
 
 
-def _resolve_entropy(settings: LangevinSettings, k: int) -> str:
+def _resolve_entropy(settings: LangevinSettings, target: LatentTarget) -> str:
+    k = target.latent_dim
     entropy = settings.entropy
     if entropy == "auto":
-        entropy = "linearized" if k <= settings.hessian_max_dim else "gaussian"
+        entropy = "linearized" if k <= settings.hessian_max_dim and twice_differentiable(target) else "gaussian"
+    elif entropy in ("linearized", "path") and not twice_differentiable(target):
+        raise GanflowError(
+            f"langevin.entropy = '{entropy}' needs exact Hessians, but the target's log density cannot be "
+            f"differentiated twice (its operator or generator is once-differentiable); use entropy = 'gaussian'"
+        )
     if entropy in ("linearized", "path") and k > settings.hessian_max_dim:
         raise GanflowError(
             f"langevin.entropy = '{entropy}' needs exact Hessians, but latent_dim {k} > hessian_max_dim "
@@ -310,7 +317,7 @@ def run_langevin(target: LatentTarget, settings: LangevinSettings | None = None,
     settings = settings or LangevinSettings()
     settings.validate()
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    entropy = _resolve_entropy(settings, target.latent_dim)
+    entropy = _resolve_entropy(settings, target)
     dtype = target.y.dtype if target.y.is_floating_point() else torch.get_default_dtype()
     evals0 = target.n_forward_evals
     t0 = time.perf_counter()

@@ -47,6 +47,19 @@ def _grad_and_hessian(target: LatentTarget, z: Tensor) -> tuple[Tensor, Tensor, 
     return lp.detach(), g.detach(), torch.stack(rows, 1).detach()
 
 
+def twice_differentiable(target: LatentTarget) -> bool:
+    """Whether autograd can take the Hessian of ``log p(y, z)`` (one probe at ``z = 0``): False where a part of the
+    model refuses a second derivative (a RuntimeError that says "twice": the elliptic solver's adjoint, whose
+    Hessian would otherwise be wrong, not absent; torch's own once-differentiable error says it too)."""
+    try:
+        _grad_and_hessian(target, torch.zeros(1, target.latent_dim))
+    except RuntimeError as err:
+        if "twice" in str(err):
+            return False
+        raise
+    return True
+
+
 def _gaussian_logdet_cov(x: Tensor) -> float:
     """``log det`` of the sample covariance of ``x`` ``[N, k]`` (float64); ``-inf`` if singular."""
     c = torch.cov(x.double().T).reshape(x.shape[1], x.shape[1])
