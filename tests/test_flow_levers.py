@@ -112,7 +112,7 @@ def test_a_mixture_says_when_it_drops_dreg_or_tempering():
     import pytest
 
     problem = twin_problem()
-    short = FlowSettings(progress=False, max_iter=30, min_iter=0, warmup=0)
+    short = FlowSettings(progress=False, max_iter=30, min_iter=0, warmup=0, map_iter=60, weight_draws=64)
 
     def fit(settings):
         target = LatentTarget(problem.generator, problem.operator, problem.y, problem.noise_sigma)

@@ -51,12 +51,15 @@ def twice_differentiable(target: LatentTarget) -> bool:
     """Whether autograd can take the Hessian of ``log p(y, z)`` (one probe at ``z = 0``): False where a part of the
     model refuses a second derivative (a RuntimeError that says "twice": the elliptic solver's adjoint, whose
     Hessian would otherwise be wrong, not absent; torch's own once-differentiable error says it too)."""
+    evals = target.n_forward_evals  # the probe is not the method's work: it leaves the count as it was
     try:
         _grad_and_hessian(target, torch.zeros(1, target.latent_dim))
     except RuntimeError as err:
         if "twice" in str(err):
             return False
         raise
+    finally:
+        target.n_forward_evals = evals
     return True
 
 
