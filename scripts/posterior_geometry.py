@@ -43,7 +43,7 @@ from ganflow.config import parse_settings
 from ganflow.diagnostics import psis
 from ganflow.posterior.flow import FlowSettings
 from ganflow.posterior.flows import LatentFlow
-from ganflow.posterior.modes import find_modes, log_joints
+from ganflow.posterior.modes import find_modes, latent_hessian, log_joints
 
 
 def _case(problem: str):
@@ -60,36 +60,42 @@ def _log_p(target, z: torch.Tensor) -> np.ndarray:
         return torch.cat([log_joints(target, b.float()) for b in z.split(200)]).double().numpy()
 
 
+def _subsample(pooled: np.ndarray, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.tensor(pooled[np.random.default_rng(seed).choice(len(pooled), n, replace=False)],
+                        dtype=torch.float32)
+
+
+def _log_mean_w(log_w: np.ndarray) -> float:
+    """The importance estimate of ``log p(y)``, ``log mean w`` over the finite weights."""
+    log_w = log_w[np.isfinite(log_w)]
+    return float(np.logaddexp.reduce(log_w) - math.log(len(log_w)))
+
+
 def _weights_line(log_w: np.ndarray) -> str:
     log_w = log_w[np.isfinite(log_w)]
-    return (f"ELBO {log_w.mean():.2f}, IS log p(y) {np.logaddexp.reduce(log_w) - math.log(len(log_w)):.2f}, "
-            f"k-hat {psis(log_w).khat:.2f}")
+    return f"ELBO {log_w.mean():.2f}, IS log p(y) {_log_mean_w(log_w):.2f}, k-hat {psis(log_w).khat:.2f}"
+
+
+def _gaussian_log_w(target, loc: torch.Tensor, scale_tril: torch.Tensor, n: int = 2000, seed: int = 7) -> np.ndarray:
+    """``log p(y, z) - log N(z; loc, L L^T)`` of ``n`` seeded draws of that Gaussian."""
+    mvn = torch.distributions.MultivariateNormal(loc.double(), scale_tril=scale_tril.double())
+    z = loc.double() + torch.randn(n, loc.shape[0], generator=torch.Generator().manual_seed(seed),
+                                   dtype=torch.float64) @ scale_tril.double().T
+    return _log_p(target, z) - mvn.log_prob(z).numpy()
 
 
 def typical(target, pooled, log_evidence: float) -> None:
-    sub = torch.tensor(pooled[np.random.default_rng(0).choice(len(pooled), 2000, replace=False)])
-    lp = _log_p(target, sub)
+    lp = _log_p(target, _subsample(pooled, 2000))
     print(f"reference draws: log p(y, z) {lp.mean():.2f} +- {lp.std():.2f}, max {lp.max():.2f}; entropy "
           f"{log_evidence - lp.mean():.1f} nats (log p(y) {log_evidence}); prior entropy "
           f"{0.5 * pooled.shape[1] * math.log(2 * math.pi * math.e):.1f}")
 
 
 def gaussian(target, pooled) -> None:
-    mvn = torch.distributions.MultivariateNormal(torch.tensor(pooled.mean(0)), torch.tensor(np.cov(pooled.T)))
-    z = mvn.sample(torch.Size([2000]))
-    print(f"Gaussian at the reference's moments (entropy {float(mvn.entropy()):.1f}): "
-          + _weights_line(_log_p(target, z) - mvn.log_prob(z).numpy()))
-
-
-def _laplace_mass(target, mode, n: int = 2000) -> tuple[float, float]:
-    """(Laplace log Z, importance-sampled log Z from the Laplace Gaussian) of one mode."""
-    k = target.latent_dim
-    L = mode.scale_tril.double()
-    mvn = torch.distributions.MultivariateNormal(mode.loc.double(), scale_tril=L)
-    z = mvn.sample(torch.Size([n]))
-    log_w = _log_p(target, z) - mvn.log_prob(z).numpy()
-    log_w = log_w[np.isfinite(log_w)]
-    return mode.log_mass + 0.5 * k * math.log(2 * math.pi), float(np.logaddexp.reduce(log_w) - math.log(len(log_w)))
+    cov = torch.tensor(np.cov(pooled.T))
+    entropy = 0.5 * (pooled.shape[1] * math.log(2 * math.pi * math.e) + float(torch.logdet(cov)))
+    log_w = _gaussian_log_w(target, torch.tensor(pooled.mean(0)), torch.linalg.cholesky(cov))
+    print(f"Gaussian at the reference's moments (entropy {entropy:.1f}): " + _weights_line(log_w))
 
 
 def map_search(target, pooled, problem: str, overrides: dict) -> None:
@@ -102,10 +108,11 @@ def map_search(target, pooled, problem: str, overrides: dict) -> None:
           f"{len(modes)} mode(s)")
     for mode in modes:
         d = (mode.loc.double().numpy() - m) / sd
-        lap, is_ = _laplace_mass(target, mode)
+        lap = mode.log_mass + 0.5 * target.latent_dim * math.log(2 * math.pi)
+        is_ = _log_mean_w(_gaussian_log_w(target, mode.loc, mode.scale_tril))
         print(f"  mode: log p(y, z) {mode.log_joint:.2f}, from the reference mean max {np.abs(d).max():.2f} sd "
               f"(rms {np.sqrt((d ** 2).mean()):.2f}); log mass: Laplace {lap:.2f}, importance {is_:.2f}")
-    sub = torch.tensor(pooled[np.random.default_rng(0).choice(len(pooled), 2000, replace=False)]).float()
+    sub = _subsample(pooled, 2000)
     z = sub[int(np.argmax(_log_p(target, sub)))].clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=1e-2)
     for _ in range(300):
@@ -147,16 +154,11 @@ def oracle(target, pooled, settings: dict, steps: int = 4000, n_train: int = 280
 
 
 def hessian(target, pooled, n: int = 5) -> None:
-    k = pooled.shape[1]
-    zs = torch.tensor(pooled[np.random.default_rng(1).choice(len(pooled), n, replace=False)], dtype=torch.float32)
     print(f"reference sds {pooled.std(0, ddof=1).min():.2f}-{pooled.std(0, ddof=1).max():.2f}")
-    for z in zs:
+    for z in _subsample(pooled, n, seed=1):
         row = []
         for h in (1e-2, 1e-3):
-            pts = torch.cat([z + h * torch.eye(k), z - h * torch.eye(k)])
-            g = torch.cat([target.log_joint_and_grad(c)[1] for c in pts.split(32)]).double()
-            H = (g[:k] - g[k:]) / (2 * h)
-            ev = np.linalg.eigvalsh(-0.5 * (H + H.T).numpy())
+            ev = np.linalg.eigvalsh(latent_hessian(target, z, h).numpy())
             row.append(f"h {h}: -Hessian eigenvalues {ev.min():.0f} .. {ev.max():.0f}, {(ev < 0).sum()} < 0, "
                        f"{(ev > 100).sum()} > 100")
         jac = torch.autograd.functional.jacobian(lambda v: target.generator(v[None]).reshape(-1), z)

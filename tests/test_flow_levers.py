@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
+import pytest
 import torch
 from exact_problems import curved_problem, quadrature_moments, twin_problem
 
@@ -107,10 +109,6 @@ def test_a_mixture_says_when_it_drops_dreg_or_tempering():
     """The twin problem's search finds both modes, so the fit is a mixture whose components run STL untempered:
     a DReG or tempered request is named in a RuntimeWarning rather than dropped silently; plain settings say
     nothing."""
-    import warnings
-
-    import pytest
-
     problem = twin_problem()
     short = FlowSettings(progress=False, max_iter=30, min_iter=0, warmup=0, map_iter=60, weight_draws=64)
 

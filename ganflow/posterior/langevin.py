@@ -250,16 +250,17 @@ def _resolve_entropy(settings: LangevinSettings, target: LatentTarget) -> str:
     entropy = settings.entropy
     if entropy == "auto":
         entropy = "linearized" if k <= settings.hessian_max_dim and twice_differentiable(target) else "gaussian"
-    elif entropy in ("linearized", "path") and not twice_differentiable(target):
-        raise GanflowError(
-            f"langevin.entropy = '{entropy}' needs exact Hessians, but the target's log density cannot be "
-            f"differentiated twice (its operator or generator is once-differentiable); use entropy = 'gaussian'"
-        )
-    if entropy in ("linearized", "path") and k > settings.hessian_max_dim:
-        raise GanflowError(
-            f"langevin.entropy = '{entropy}' needs exact Hessians, but latent_dim {k} > hessian_max_dim "
-            f"{settings.hessian_max_dim}; use entropy = 'gaussian' or raise hessian_max_dim"
-        )
+    elif entropy in ("linearized", "path"):
+        if k > settings.hessian_max_dim:
+            raise GanflowError(
+                f"langevin.entropy = '{entropy}' needs exact Hessians, but latent_dim {k} > hessian_max_dim "
+                f"{settings.hessian_max_dim}; use entropy = 'gaussian' or raise hessian_max_dim"
+            )
+        if not twice_differentiable(target):
+            raise GanflowError(
+                f"langevin.entropy = '{entropy}' needs exact Hessians, but the target's log density cannot be "
+                f"differentiated twice (its operator or generator refuses it); use entropy = 'gaussian'"
+            )
     if entropy == "gaussian" and settings.search_chains <= 2 * k:
         raise GanflowError(
             f"langevin.entropy = 'gaussian' needs search_chains > 2 * latent_dim = {2 * k}, "

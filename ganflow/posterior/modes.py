@@ -25,16 +25,22 @@ if TYPE_CHECKING:
     from .flow import FlowSettings
 
 
-def _latent_hessian_eig(target: LatentTarget, z: Tensor, fd_step: float, chunk: int) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of ``-Hessian`` of ``log p(y, z)`` at ``z`` by central differences of the gradient
-    (``2k`` points, in chunks: in one batch they were the memory peak of a 256x256 solve); eigenvalues floored
-    at 1, the prior's precision, which a Gauss-Newton Hessian never falls below."""
+def latent_hessian(target: LatentTarget, z: Tensor, fd_step: float, chunk: int = 32) -> Tensor:
+    """``-Hessian`` ``[k, k]`` (float64, symmetrised) of ``log p(y, z)`` at ``z`` ``[k]`` by central differences of
+    the gradient (``2k`` points, in chunks: in one batch they were the memory peak of a 256x256 solve). Differences,
+    not second-order autograd, which some operators refuse (the elliptic solver's adjoint)."""
     k = z.shape[0]
     eye = torch.eye(k)
     pts = torch.cat([z + fd_step * eye, z - fd_step * eye])
     g = torch.cat([target.log_joint_and_grad(c)[1] for c in pts.split(chunk)])
     H = (g[:k] - g[k:]).double() / (2 * fd_step)
-    evals, evecs = torch.linalg.eigh(-0.5 * (H + H.T))
+    return -0.5 * (H + H.T)
+
+
+def _latent_hessian_eig(target: LatentTarget, z: Tensor, fd_step: float, chunk: int) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of `latent_hessian`; eigenvalues floored at 1, the prior's precision, which a
+    Gauss-Newton Hessian never falls below."""
+    evals, evecs = torch.linalg.eigh(latent_hessian(target, z, fd_step, chunk))
     if not torch.isfinite(evals).all():
         raise GanflowError("Laplace approximation: the latent Hessian is not finite")
     return evals.clamp(min=1.0), evecs

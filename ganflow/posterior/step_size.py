@@ -48,12 +48,16 @@ def _grad_and_hessian(target: LatentTarget, z: Tensor) -> tuple[Tensor, Tensor, 
 
 
 def twice_differentiable(target: LatentTarget) -> bool:
-    """Whether autograd can take the Hessian of ``log p(y, z)`` (one probe at ``z = 0``): False where a part of the
-    model refuses a second derivative (a RuntimeError that says "twice": the elliptic solver's adjoint, whose
-    Hessian would otherwise be wrong, not absent; torch's own once-differentiable error says it too)."""
+    """Whether autograd can take the Hessian of ``log p(y, z)``: False where a part of the model refuses a second
+    derivative (a RuntimeError that says "twice": the elliptic solver's adjoint, whose Hessian would otherwise be
+    wrong, not absent). One probe at ``z = 0``: a gradient with ``create_graph`` and one row of the Hessian, not
+    all ``k``. (torch's ``once_differentiable`` cannot be detected this way: ``autograd.grad`` prunes its error.)"""
     evals = target.n_forward_evals  # the probe is not the method's work: it leaves the count as it was
     try:
-        _grad_and_hessian(target, torch.zeros(1, target.latent_dim))
+        with torch.enable_grad():
+            z = torch.zeros(1, target.latent_dim, requires_grad=True)
+            (g,) = torch.autograd.grad(target.log_joint(z).sum(), z, create_graph=True)
+            torch.autograd.grad(g[0, 0], z, allow_unused=True)
     except RuntimeError as err:
         if "twice" in str(err):
             return False
